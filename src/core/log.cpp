@@ -1,0 +1,13 @@
+#include "core/log.h"
+
+#include <chrono>
+#include <cstdio>
+
+namespace tessera {
+void log_info(const std::string& msg) { std::fprintf(stderr, "%s\n", msg.c_str()); }
+void log_warn(const std::string& msg) { std::fprintf(stderr, "warning: %s\n", msg.c_str()); }
+double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace tessera
