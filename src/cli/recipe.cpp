@@ -71,21 +71,40 @@ std::string format_double(double v) {
   char buf[64];
   auto res = std::to_chars(buf, buf + sizeof buf, v);
   std::string s(buf, res.ptr);
-  if (s.find_first_of(".e") == std::string::npos) s += ".0";
-  return s;
+  size_t e = s.find('e');
+  if (e == std::string::npos) return s.find('.') == std::string::npos ? s + ".0" : s;
+  // to_chars writes printf-style exponents ("3e-04", "1e+300"); "3e-4" and "1e300" are the same value.
+  std::string mantissa = s.substr(0, e), exponent = s.substr(e + 1);
+  std::string sign = exponent[0] == '-' ? "-" : "";
+  size_t digits = exponent.find_first_not_of("+-0");
+  return cat(mantissa, "e", sign, digits == std::string::npos ? "0" : exponent.substr(digits));
 }
 
 std::string quote_string(const std::string& s) {
   std::string out = "\"";
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\t': out += "\\t"; break;
-      case '\n': out += "\\n"; break;
-      case '\f': out += "\\f"; break;
-      case '\r': out += "\\r"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
       default:
         if (c < 0x20 || c == 0x7f) {
           char buf[8];
@@ -108,11 +127,16 @@ std::string quote_key(const std::string& k) {
 
 std::string value_text(const Node& n) {
   switch (n.kind) {
-    case Kind::integer: return std::to_string(n.i);
-    case Kind::floating: return format_double(n.d);
-    case Kind::boolean: return n.b ? "true" : "false";
-    case Kind::string: return quote_string(n.s);
-    case Kind::date_time: return n.s;
+    case Kind::integer:
+      return std::to_string(n.i);
+    case Kind::floating:
+      return format_double(n.d);
+    case Kind::boolean:
+      return n.b ? "true" : "false";
+    case Kind::string:
+      return quote_string(n.s);
+    case Kind::date_time:
+      return n.s;
     case Kind::array: {
       std::string out = "[";
       for (size_t k = 0; k < n.items.size(); ++k) out += (k ? ", " : "") + value_text(n.items[k]);
@@ -120,7 +144,8 @@ std::string value_text(const Node& n) {
     }
     case Kind::table: {
       std::string out = "{";
-      for (const auto& [k, v] : n.fields) out += (out.size() > 1 ? ", " : " ") + quote_key(k) + " = " + value_text(v);
+      for (const auto& [k, v] : n.fields)
+        out += (out.size() > 1 ? ", " : " ") + quote_key(k) + " = " + value_text(v);
       return out + (n.fields.empty() ? "}" : " }");
     }
   }
@@ -161,14 +186,36 @@ Node convert(const toml::node& t, const std::string& file, const std::string& se
       n.kind = Kind::array;
       for (const auto& v : *t.as_array()) n.items.push_back(convert(v, file, set, key));
       break;
-    case toml::node_type::string: n.kind = Kind::string; n.s = t.as_string()->get(); break;
-    case toml::node_type::integer: n.kind = Kind::integer; n.i = t.as_integer()->get(); break;
-    case toml::node_type::floating_point: n.kind = Kind::floating; n.d = t.as_floating_point()->get(); break;
-    case toml::node_type::boolean: n.kind = Kind::boolean; n.b = t.as_boolean()->get(); break;
-    case toml::node_type::date: n.kind = Kind::date_time; n.s = date_time_text(*t.as_date()); break;
-    case toml::node_type::time: n.kind = Kind::date_time; n.s = date_time_text(*t.as_time()); break;
-    case toml::node_type::date_time: n.kind = Kind::date_time; n.s = date_time_text(*t.as_date_time()); break;
-    case toml::node_type::none: break;
+    case toml::node_type::string:
+      n.kind = Kind::string;
+      n.s = t.as_string()->get();
+      break;
+    case toml::node_type::integer:
+      n.kind = Kind::integer;
+      n.i = t.as_integer()->get();
+      break;
+    case toml::node_type::floating_point:
+      n.kind = Kind::floating;
+      n.d = t.as_floating_point()->get();
+      break;
+    case toml::node_type::boolean:
+      n.kind = Kind::boolean;
+      n.b = t.as_boolean()->get();
+      break;
+    case toml::node_type::date:
+      n.kind = Kind::date_time;
+      n.s = date_time_text(*t.as_date());
+      break;
+    case toml::node_type::time:
+      n.kind = Kind::date_time;
+      n.s = date_time_text(*t.as_time());
+      break;
+    case toml::node_type::date_time:
+      n.kind = Kind::date_time;
+      n.s = date_time_text(*t.as_date_time());
+      break;
+    case toml::node_type::none:
+      break;
   }
   return n;
 }
@@ -202,12 +249,13 @@ std::string file_id(const std::string& path) {
   return ec ? path : p.string();
 }
 
-// Loads a recipe and its inherit chain; `stack` holds the files being loaded, for cycle detection.
+// Loads a recipe and its inherit chain; `stack_` holds the files being loaded, for cycle detection.
 class Loader {
  public:
   Node load_file(const std::string& path, const std::string& inherited_by) {
     if (!fs::is_regular_file(path))
-      TS_FAIL("recipe file '", path, "' not found", inherited_by.empty() ? "" : cat(" (inherited by ", inherited_by, ")"));
+      TS_FAIL("recipe file '", path, "' not found",
+              inherited_by.empty() ? "" : cat(" (inherited by ", inherited_by, ")"));
     std::ifstream in(path, std::ios::binary);
     std::ostringstream text;
     text << in.rdbuf();
@@ -246,11 +294,12 @@ class Loader {
   }
 
  private:
-  static std::vector<std::string> parents(const toml::node& inherit, const std::string& where, const std::string& name) {
+  static std::vector<std::string> parents(const toml::node& inherit, const std::string& where,
+                                          const std::string& name) {
     std::vector<std::string> out;
     if (auto s = inherit.value<std::string>()) {
       out.push_back(*s);
-    } else if (const toml::array* arr = inherit.as_array(); 
+    } else if (const toml::array* arr = inherit.as_array();
                arr && (arr->empty() || arr->is_homogeneous(toml::node_type::string))) {
       for (const auto& v : *arr) out.push_back(v.as_string()->get());
     } else {
@@ -266,7 +315,8 @@ class Loader {
 // The value is TOML when "v = <text>" parses to exactly that one key, otherwise the raw text as a string.
 Node override_value(const std::string& text, const std::string& arg, const std::string& key) {
   try {
-    toml::table t = toml::parse("v = " + text, "--set");
+    std::string doc = "v = " + text;
+    toml::table t = toml::parse(std::string_view(doc), std::string_view("--set"));
     if (t.size() == 1 && t.contains("v")) return convert(*t.get("v"), "", arg, key);
   } catch (const toml::parse_error&) {
     // not a TOML value: a plain string
@@ -297,8 +347,8 @@ void apply_override(Node& root, const std::string& arg) {
     if (it == n->fields.end()) break;
     n = &it->second;
     if (n->kind != Kind::table)
-      TS_FAIL("--set ", arg, ": key '", key, "': '", parts[k], "' is ", describe(*n), " (from ", n->origin.where(),
-              "), not a table");
+      TS_FAIL("--set ", arg, ": key '", key, "': '", parts[k], "' is ", describe(*n), " (from ",
+              n->origin.where(), "), not a table");
   }
   // Wrap the value in tables along the key and deep-merge it, as a child recipe would be.
   for (size_t k = parts.size(); k-- > 1;) {
@@ -320,13 +370,16 @@ size_t edit_distance(const std::string& a, const std::string& b) {
   for (size_t i = 1; i <= a.size(); ++i) {
     for (size_t j = 1; j <= b.size(); ++j) {
       d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1])});
-      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1])
+        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
     }
   }
   return d[a.size()][b.size()];
 }
 
-std::string last_component(const std::string& key) { return key.substr(key.rfind('.') + 1); }
+std::string last_component(const std::string& key) {
+  return key.substr(key.rfind('.') + 1);
+}
 
 template <class T, class Fmt>
 std::string range_text(T min, T max, T lowest, T highest, Fmt fmt) {
@@ -335,7 +388,9 @@ std::string range_text(T min, T max, T lowest, T highest, Fmt fmt) {
   return cat("must be in [", fmt(min), ", ", fmt(max), "]");
 }
 
-std::string int_text(int64_t v) { return std::to_string(v); }
+std::string int_text(int64_t v) {
+  return std::to_string(v);
+}
 
 std::string join(const std::vector<std::string>& v, const char* sep) {
   std::string out;
@@ -355,7 +410,8 @@ Recipe Recipe::load(const std::string& path, const std::vector<std::string>& ove
   return Recipe(path, std::make_shared<const Node>(std::move(root)));
 }
 
-Recipe Recipe::parse(const std::string& text, const std::string& name, const std::vector<std::string>& overrides) {
+Recipe Recipe::parse(const std::string& text, const std::string& name,
+                     const std::vector<std::string>& overrides) {
   Node root = Loader().load_text(text, name);
   for (const auto& o : overrides) apply_override(root, o);
   return Recipe(name, std::make_shared<const Node>(std::move(root)));
@@ -366,16 +422,23 @@ const Recipe::Node* Recipe::lookup(const std::string& key) {
   return find_node(*root_, key);
 }
 
-void Recipe::fail_missing(const std::string& key) const { TS_FAIL(path_, ": missing required key '", key, "'"); }
+void Recipe::fail_missing(const std::string& key) const {
+  TS_FAIL(path_, ": missing required key '", key, "'");
+}
 
-bool Recipe::has(const std::string& key) const { return find_node(*root_, key) != nullptr; }
+bool Recipe::has(const std::string& key) const {
+  return find_node(*root_, key) != nullptr;
+}
 
-void Recipe::allow_section(const std::string& prefix) { sections_.push_back(prefix); }
+void Recipe::allow_section(const std::string& prefix) {
+  sections_.push_back(prefix);
+}
 
 bool Recipe::is_known(const std::string& key) const {
   if (known_.count(key)) return true;
   return std::any_of(sections_.begin(), sections_.end(), [&](const std::string& s) {
-    return s.empty() || key == s || (key.size() > s.size() && key.compare(0, s.size(), s) == 0 && key[s.size()] == '.');
+    return s.empty() || key == s ||
+           (key.size() > s.size() && key.compare(0, s.size(), s) == 0 && key[s.size()] == '.');
   });
 }
 
@@ -384,7 +447,8 @@ int64_t Recipe::get_int(const std::string& key, int64_t def, int64_t min, int64_
   if (const Node* n = lookup(key)) {
     if (n->kind != Kind::integer) fail_value(key, *n, cat("expected an integer, got ", describe(*n)));
     v = n->i;
-    if (v < min || v > max) fail_value(key, *n, cat(range_text(min, max, INT64_MIN, INT64_MAX, int_text), ", got ", v));
+    if (v < min || v > max)
+      fail_value(key, *n, cat(range_text(min, max, INT64_MIN, INT64_MAX, int_text), ", got ", v));
   }
   used_[key] = v;
   return v;
@@ -399,9 +463,12 @@ double Recipe::get_double(const std::string& key, double def, double min, double
   constexpr double inf = std::numeric_limits<double>::infinity();
   double v = def;
   if (const Node* n = lookup(key)) {
-    if (n->kind == Kind::integer) v = static_cast<double>(n->i);
-    else if (n->kind == Kind::floating) v = n->d;
-    else fail_value(key, *n, cat("expected a number, got ", describe(*n)));
+    if (n->kind == Kind::integer)
+      v = static_cast<double>(n->i);
+    else if (n->kind == Kind::floating)
+      v = n->d;
+    else
+      fail_value(key, *n, cat("expected a number, got ", describe(*n)));
     bool bounded = min != -inf || max != inf;
     if (bounded && !(v >= min && v <= max))
       fail_value(key, *n, cat(range_text(min, max, -inf, inf, format_double), ", got ", format_double(v)));
@@ -425,7 +492,8 @@ bool Recipe::get_bool(const std::string& key, bool def) {
   return v;
 }
 
-std::string Recipe::get_string(const std::string& key, const std::string& def, const std::vector<std::string>& allowed) {
+std::string Recipe::get_string(const std::string& key, const std::string& def,
+                               const std::vector<std::string>& allowed) {
   std::string v = def;
   if (const Node* n = lookup(key)) {
     if (n->kind != Kind::string) fail_value(key, *n, cat("expected a string, got ", describe(*n)));
@@ -445,8 +513,8 @@ std::string Recipe::require_string(const std::string& key, const std::vector<std
 std::vector<int64_t> Recipe::get_int_list(const std::string& key, const std::vector<int64_t>& def) {
   std::vector<int64_t> v = def;
   if (const Node* n = lookup(key)) {
-    bool ok = n->kind == Kind::array &&
-              std::all_of(n->items.begin(), n->items.end(), [](const Node& x) { return x.kind == Kind::integer; });
+    bool ok = n->kind == Kind::array && std::all_of(n->items.begin(), n->items.end(),
+                                                    [](const Node& x) { return x.kind == Kind::integer; });
     if (!ok) fail_value(key, *n, cat("expected a list of integers, got ", describe(*n)));
     v.clear();
     for (const Node& x : n->items) v.push_back(x.i);
@@ -455,11 +523,12 @@ std::vector<int64_t> Recipe::get_int_list(const std::string& key, const std::vec
   return v;
 }
 
-std::vector<std::string> Recipe::get_string_list(const std::string& key, const std::vector<std::string>& def) {
+std::vector<std::string> Recipe::get_string_list(const std::string& key,
+                                                 const std::vector<std::string>& def) {
   std::vector<std::string> v = def;
   if (const Node* n = lookup(key)) {
-    bool ok = n->kind == Kind::array &&
-              std::all_of(n->items.begin(), n->items.end(), [](const Node& x) { return x.kind == Kind::string; });
+    bool ok = n->kind == Kind::array && std::all_of(n->items.begin(), n->items.end(),
+                                                    [](const Node& x) { return x.kind == Kind::string; });
     if (!ok) fail_value(key, *n, cat("expected a list of strings, got ", describe(*n)));
     v.clear();
     for (const Node& x : n->items) v.push_back(x.s);
@@ -483,7 +552,8 @@ void Recipe::check_no_unknown_keys() const {
     }
     // An empty table some getter read below (all defaults) was used, not mistyped.
     auto below = known_.lower_bound(key + ".");
-    if (n.kind == Kind::table && below != known_.end() && below->compare(0, key.size() + 1, key + ".") == 0) return;
+    if (n.kind == Kind::table && below != known_.end() && below->compare(0, key.size() + 1, key + ".") == 0)
+      return;
     unknown.push_back({&n.origin, key});
   };
   collect(collect, *root_, "");
@@ -506,9 +576,13 @@ void Recipe::check_no_unknown_keys() const {
     }
     if (hint.empty()) {
       for (const auto& k : known_)
-        if (last_component(k) == last_component(u.key)) { hint = k; break; }
+        if (last_component(k) == last_component(u.key)) {
+          hint = k;
+          break;
+        }
     }
-    lines.push_back(cat(u.origin->where(), ": unknown key '", u.key, "'", hint.empty() ? "" : cat(" (did you mean '", hint, "'?)")));
+    lines.push_back(cat(u.origin->where(), ": unknown key '", u.key, "'",
+                        hint.empty() ? "" : cat(" (did you mean '", hint, "'?)")));
   }
   if (lines.size() == 1) TS_FAIL(lines[0]);
   TS_FAIL(lines.size(), " unknown keys in recipe '", path_, "':\n  ", join(lines, "\n  "));
@@ -535,17 +609,23 @@ std::string Recipe::effective_toml() const {
     return std::visit(
         [](const auto& v) -> std::string {
           using T = std::decay_t<decltype(v)>;
-          if constexpr (std::is_same_v<T, int64_t>) return std::to_string(v);
-          else if constexpr (std::is_same_v<T, double>) return format_double(v);
-          else if constexpr (std::is_same_v<T, bool>) return v ? "true" : "false";
-          else if constexpr (std::is_same_v<T, std::string>) return quote_string(v);
+          if constexpr (std::is_same_v<T, int64_t>)
+            return std::to_string(v);
+          else if constexpr (std::is_same_v<T, double>)
+            return format_double(v);
+          else if constexpr (std::is_same_v<T, bool>)
+            return v ? "true" : "false";
+          else if constexpr (std::is_same_v<T, std::string>)
+            return quote_string(v);
           else {
             std::vector<std::string> items;
             for (const auto& x : v) {
-              if constexpr (std::is_same_v<T, std::vector<int64_t>>) items.push_back(std::to_string(x));
-              else items.push_back(quote_string(x));
+              if constexpr (std::is_same_v<T, std::vector<int64_t>>)
+                items.push_back(std::to_string(x));
+              else
+                items.push_back(quote_string(x));
             }
-            return "[" + join(items, ", ") + "]";
+            return cat("[", join(items, ", "), "]");
           }
         },
         u);
@@ -558,7 +638,8 @@ std::string Recipe::effective_toml() const {
       if (!prefix.empty()) os << (os.tellp() > 0 ? "\n[" : "[") << prefix << "]\n";
       for (const auto& [k, v] : t.values) os << quote_key(k) << " = " << text(*v) << "\n";
     }
-    for (const auto& [k, sub] : t.tables) self(self, sub, prefix.empty() ? quote_key(k) : cat(prefix, ".", quote_key(k)));
+    for (const auto& [k, sub] : t.tables)
+      self(self, sub, prefix.empty() ? quote_key(k) : cat(prefix, ".", quote_key(k)));
   };
   emit(emit, root, "");
   return os.str();

@@ -18,8 +18,8 @@ class Recipe {
   // Load a TOML file. `inherit = "rel/path.toml"` or `inherit = ["a.toml", "b.toml"]` at top level: paths
   // relative to the inheriting file; parents are merged in order (later wins), then the child's own keys win.
   // Tables merge key by key (deep merge), arrays/scalars replace. Cycles are an error naming the files.
-  // Then `overrides` ("a.b.c=value") are applied: value parsed as a TOML value (123, 1e-3, true, "str", [1,2]);
-  // a bare word that is not a valid TOML value is taken as a string (so --set job.name=foo works).
+  // Then `overrides` ("a.b.c=value") are applied: value parsed as a TOML value (123, 1e-3, true, "str",
+  // [1,2]); a bare word that is not a valid TOML value is taken as a string (so --set job.name=foo works).
   static Recipe load(const std::string& path, const std::vector<std::string>& overrides = {});
   // Same from a string; `name` stands in for the file name in messages, and relative `inherit` paths are
   // resolved against its directory.
@@ -37,7 +37,8 @@ class Recipe {
   double require_double(const std::string& key, double min = -std::numeric_limits<double>::infinity(),
                         double max = std::numeric_limits<double>::infinity());
   bool get_bool(const std::string& key, bool def);
-  std::string get_string(const std::string& key, const std::string& def, const std::vector<std::string>& allowed = {});
+  std::string get_string(const std::string& key, const std::string& def,
+                         const std::vector<std::string>& allowed = {});
   std::string require_string(const std::string& key, const std::vector<std::string>& allowed = {});
   std::vector<int64_t> get_int_list(const std::string& key, const std::vector<int64_t>& def);
   std::vector<std::string> get_string_list(const std::string& key, const std::vector<std::string>& def);
@@ -49,8 +50,8 @@ class Recipe {
   void allow_section(const std::string& prefix);
 
   // Throws one tessera::Error listing every key in the merged recipe that no getter asked for, each as
-  // "file:line: unknown key 'training.stpes' (did you mean 'training.steps'?)", or "--set k=v: unknown key ..."
-  // for overrides.
+  // "file:line: unknown key 'training.stpes' (did you mean 'training.steps'?)", or "--set k=v: unknown key
+  // ..." for overrides.
   void check_no_unknown_keys() const;
 
   // The effective recipe as TOML: every key read through a getter with the value used (defaults included),
@@ -62,9 +63,11 @@ class Recipe {
   struct Node;  // merged TOML tree; defined in recipe.cpp
 
  private:
-  using Used = std::variant<int64_t, double, bool, std::string, std::vector<int64_t>, std::vector<std::string>>;
+  using Used =
+      std::variant<int64_t, double, bool, std::string, std::vector<int64_t>, std::vector<std::string>>;
 
-  Recipe(std::string path, std::shared_ptr<const Node> root) : path_(std::move(path)), root_(std::move(root)) {}
+  Recipe(std::string path, std::shared_ptr<const Node> root)
+      : path_(std::move(path)), root_(std::move(root)) {}
   // Marks `key` known and returns its node, or nullptr when absent.
   const Node* lookup(const std::string& key);
   [[noreturn]] void fail_missing(const std::string& key) const;

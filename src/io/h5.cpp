@@ -22,8 +22,8 @@ namespace {
 class Handle {
  public:
   Handle(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
-  Handle(const Handle&) = delete;
-  Handle& operator=(const Handle&) = delete;
+  Handle(Handle&& o) noexcept : id_(std::exchange(o.id_, -1)), close_(o.close_) {}
+  Handle& operator=(Handle&&) = delete;
   ~Handle() {
     if (id_ >= 0) close_(id_);
   }
@@ -241,7 +241,7 @@ H5Writer::H5Writer(const std::string& path) : path_(path), tmp_path_(path + ".tm
   Handle fapl(check_id(H5Pcreate(H5P_FILE_ACCESS), context), H5Pclose);
   // The 1.8 format checksums the superblock and object headers (metadata corruption is detected too), and every
   // HDF5 >= 1.8, h5py included, reads it.
-  check(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V18, H5F_LIBVER_V18), context);
+  check(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_V110), context);
   // Closing the file closes anything still open in it, so commit() never renames a file that is still being written.
   check(H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG), context);
   file_ = check_id(H5Fcreate(tmp_path_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), context);

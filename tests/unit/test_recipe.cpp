@@ -1,6 +1,4 @@
 // Recipe loader: inherit chains, --set overrides, strict unknown-key checks, error messages, effective TOML.
-#include "cli/recipe.h"
-
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -10,7 +8,9 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <random>
 
+#include "cli/recipe.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
@@ -46,21 +46,25 @@ std::string error_of(const std::function<void()>& fn, std::initializer_list<std:
     fn();
   } catch (const tessera::Error& e) {
     std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "missing '" << p << "' in: " << msg;
+    for (const auto& p : parts)
+      EXPECT_NE(msg.find(p), std::string::npos) << "missing '" << p << "' in: " << msg;
     return msg;
   }
   ADD_FAILURE() << "no tessera::Error thrown";
   return "";
 }
 
-bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+bool same_bits(double a, double b) {
+  return std::memcmp(&a, &b, sizeof a) == 0;
+}
 
 TEST_F(RecipeTest, InheritChainMergesInOrderAcrossDirectories) {
   write("models/common/base.toml",
         "a = 1\nb = 1\nc = 1\nlist = [1, 2, 3]\n"
         "[model]\ndim = 64\nlayers = 2\nheads = 4\n[model.norm]\neps = 1e-5\nkind = \"rms\"\n");
   write("models/mid.toml",
-        "inherit = \"common/base.toml\"\nb = 2\nc = 2\nlist = [9]\n[model]\nlayers = 4\n[model.norm]\nkind = \"layer\"\n");
+        "inherit = \"common/base.toml\"\nb = 2\nc = 2\nlist = [9]\n[model]\nlayers = 4\n[model.norm]\nkind = "
+        "\"layer\"\n");
   std::string top = write("exp/run.toml", "inherit = \"../models/mid.toml\"\nc = 3\n[model]\nheads = 8\n");
 
   Recipe r = Recipe::load(top);
@@ -142,9 +146,9 @@ TEST_F(RecipeTest, SyntaxErrorNamesFileLineAndColumn) {
 TEST_F(RecipeTest, SetOverridesInheritedKeysWithTomlValues) {
   write("base.toml", "[training]\nsteps = 100\nlr = 0.5\n[job]\nname = \"base\"\n");
   std::string top = write("child.toml", "inherit = \"base.toml\"\n[training]\nbatch = 8\n");
-  Recipe r = Recipe::load(top, {"training.steps=5", "training.lr = 1e-3", "job.name=foo", "job.tag=\"a b\"",
-                                "job.flag=true", "job.dims=[1, 2]", "job.words=[\"x\", \"y\"]", "job.ver=1.2.3",
-                                "job.note=has spaces"});
+  Recipe r = Recipe::load(
+      top, {"training.steps=5", "training.lr = 1e-3", "job.name=foo", "job.tag=\"a b\"", "job.flag=true",
+            "job.dims=[1, 2]", "job.words=[\"x\", \"y\"]", "job.ver=1.2.3", "job.note=has spaces"});
   EXPECT_EQ(r.get_int("training.steps", 0), 5);
   EXPECT_EQ(r.get_double("training.lr", 0), 1e-3);
   EXPECT_EQ(r.get_int("training.batch", 0), 8);
@@ -169,7 +173,8 @@ TEST_F(RecipeTest, SetErrors) {
   error_of([] { Recipe::parse("", "r.toml", {"=3"}); }, {"--set '=3'", "empty key"});
   error_of([] { Recipe::parse("", "r.toml", {"a..b=3"}); }, {"--set 'a..b=3'"});
   // A scalar cannot silently become a table.
-  error_of([] { Recipe::parse("lr = 0.1\n", "r.toml", {"lr.x=1"}); }, {"--set lr.x=1", "'lr'", "not a table"});
+  error_of([] { Recipe::parse("lr = 0.1\n", "r.toml", {"lr.x=1"}); },
+           {"--set lr.x=1", "'lr'", "not a table"});
 }
 
 TEST_F(RecipeTest, SetOfUnknownKeyIsReportedAsSet) {
@@ -224,11 +229,13 @@ TEST_F(RecipeTest, AllowSectionAndHas) {
 }
 
 TEST_F(RecipeTest, WrongTypeNamesFileLineKeyAndValue) {
-  std::string f = write("t.toml", "[training]\n\nsteps = \"x\"\nlr = true\nflag = 1\nname = 3\ndims = [1, \"a\"]\n");
+  std::string f =
+      write("t.toml", "[training]\n\nsteps = \"x\"\nlr = true\nflag = 1\nname = 3\ndims = [1, \"a\"]\n");
   Recipe r = Recipe::load(f);
   error_of([&] { r.get_int("training.steps", 0); },
            {f + ":3: key 'training.steps': expected an integer, got string \"x\""});
-  error_of([&] { r.get_double("training.lr", 0); }, {f + ":4: key 'training.lr': expected a number, got boolean true"});
+  error_of([&] { r.get_double("training.lr", 0); },
+           {f + ":4: key 'training.lr': expected a number, got boolean true"});
   error_of([&] { r.get_bool("training.flag", false); }, {f + ":5:", "expected a boolean, got integer 1"});
   error_of([&] { r.get_string("training.name", ""); }, {f + ":6:", "expected a string, got integer 3"});
   error_of([&] { r.get_int_list("training.dims", {}); },
@@ -236,7 +243,8 @@ TEST_F(RecipeTest, WrongTypeNamesFileLineKeyAndValue) {
   error_of([&] { r.get_string_list("training.dims", {}); }, {"expected a list of strings"});
   error_of([&] { r.get_int("training", 0); }, {"expected an integer, got table"});
   // Floats are not silently truncated to integers.
-  error_of([] { Recipe::parse("n = 3.0\n", "r.toml").get_int("n", 0); }, {"r.toml:1: key 'n'", "got float 3.0"});
+  error_of([] { Recipe::parse("n = 3.0\n", "r.toml").get_int("n", 0); },
+           {"r.toml:1: key 'n'", "got float 3.0"});
 
   Recipe o = Recipe::parse("", "r.toml", {"training.steps=abc"});
   error_of([&] { o.get_int("training.steps", 0); },
@@ -255,14 +263,17 @@ TEST_F(RecipeTest, OutOfRange) {
   error_of([&] { r.get_double("lr", 1, 0.0); }, {"r.toml:2: key 'lr': must be >= 0.0, got -0.5"});
   error_of([&] { r.require_int("big", INT64_MIN, 10); }, {"key 'big': must be <= 10, got 100"});
   error_of([&] { r.get_double("drop", 0, 0.0, 1.0); }, {"must be in [0.0, 1.0], got 1.5"});
-  EXPECT_EQ(r.get_int("heads", 1, 0, 64), 0);  // bounds are inclusive
+  EXPECT_EQ(r.get_int("heads", 1, 0, 64), 0);   // bounds are inclusive
   EXPECT_EQ(r.get_int("absent", 0, 1, 64), 0);  // defaults are the caller's business
 }
 
 TEST_F(RecipeTest, AllowedStrings) {
   Recipe r = Recipe::parse("[optim]\nname = \"sgd\"\n", "r.toml");
-  error_of([&] { r.get_string("optim.name", "adamw", {"adamw", "muon"}); },
-           {"r.toml:2: key 'optim.name': must be one of adamw, muon, got \"sgd\""});
+  error_of(
+      [&] {
+        r.get_string("optim.name", "adamw", {"adamw", "muon"});
+      },
+      {"r.toml:2: key 'optim.name': must be one of adamw, muon, got \"sgd\""});
   error_of([&] { r.require_string("optim.name", {"adamw", "muon"}); }, {"must be one of adamw, muon"});
   EXPECT_EQ(r.get_string("optim.name", "", {"sgd", "adamw"}), "sgd");
   EXPECT_EQ(r.get_string("optim.other", "muon", {"adamw", "muon"}), "muon");
@@ -281,9 +292,12 @@ TEST_F(RecipeTest, EffectiveTomlRoundTripsExactly) {
   const std::string tricky = "say \"hi\"\\ C:\\path\ttab\nnewline \x01 \xc3\xa9 'single'";
   Recipe r = Recipe::parse(
       "inherit = []\n"
-      "[optim]\nlr = 3e-4\nbeta2 = 0.1\nwd = 1e300\neps = 5e-324\nmin_lr = -0.0\nsteps = 9223372036854775807\n"
+      "[optim]\nlr = 3e-4\nbeta2 = 0.1\nwd = 1e300\neps = 5e-324\nmin_lr = -0.0\nsteps = "
+      "9223372036854775807\n"
       "[model]\ndims = [1, -2, 3]\n",
-      "r.toml", {"job.name=" + std::string("\"say \\\"hi\\\"\\\\ C:\\\\path\\ttab\\nnewline \\u0001 \xc3\xa9 'single'\"")});
+      "r.toml",
+      {"job.name=" +
+       std::string("\"say \\\"hi\\\"\\\\ C:\\\\path\\ttab\\nnewline \\u0001 \xc3\xa9 'single'\"")});
 
   auto read_all = [&](Recipe& x) {
     struct Values {
@@ -317,6 +331,7 @@ TEST_F(RecipeTest, EffectiveTomlRoundTripsExactly) {
   std::string text = r.effective_toml();
   EXPECT_EQ(text.find("inherit"), std::string::npos) << text;
   EXPECT_NE(text.find("beta2 = 0.1\n"), std::string::npos) << "shortest exact form: " << text;
+  EXPECT_NE(text.find("lr = 3e-4\n"), std::string::npos) << text;
   EXPECT_EQ(text, r.effective_toml());  // deterministic
   EXPECT_LT(text.find("neg = "), text.find("[job]")) << "root values before tables: " << text;
   EXPECT_LT(text.find("[job]"), text.find("[model]")) << text;
@@ -325,8 +340,13 @@ TEST_F(RecipeTest, EffectiveTomlRoundTripsExactly) {
   Recipe back = Recipe::parse(text, "effective.toml");
   auto b = read_all(back);
   EXPECT_NO_THROW(back.check_no_unknown_keys()) << text;
-  for (auto [x, y] : {std::pair{a.lr, b.lr}, {a.beta2, b.beta2}, {a.wd, b.wd}, {a.eps, b.eps}, {a.min_lr, b.min_lr},
-                      {a.third, b.third}, {a.inf_default, b.inf_default}})
+  for (auto [x, y] : {std::pair{a.lr, b.lr},
+                      {a.beta2, b.beta2},
+                      {a.wd, b.wd},
+                      {a.eps, b.eps},
+                      {a.min_lr, b.min_lr},
+                      {a.third, b.third},
+                      {a.inf_default, b.inf_default}})
     EXPECT_TRUE(same_bits(x, y)) << x << " vs " << y << " in\n" << text;
   EXPECT_EQ(a.lr, 3e-4);
   EXPECT_EQ(a.beta2, 0.1);
@@ -339,6 +359,32 @@ TEST_F(RecipeTest, EffectiveTomlRoundTripsExactly) {
   EXPECT_EQ(b.dims, (std::vector<int64_t>{1, -2, 3}));
   EXPECT_EQ(b.tags, a.tags);
   EXPECT_EQ(back.effective_toml(), text);  // a fixed point
+}
+
+TEST_F(RecipeTest, EffectiveTomlRoundTripsRandomDoubles) {
+  std::mt19937_64 rng(42);
+  std::vector<double> values = {0.1,
+                                1.0 / 3.0,
+                                5e-324,
+                                2.2250738585072014e-308,
+                                1.7976931348623157e308,
+                                1e21,
+                                1e-7,
+                                123456789012345678.0,
+                                -2.5};
+  while (values.size() < 2000) {
+    uint64_t bits = rng();
+    double v;
+    std::memcpy(&v, &bits, sizeof v);
+    if (std::isfinite(v)) values.push_back(v);
+  }
+  Recipe r = Recipe::parse("", "r.toml");
+  for (size_t k = 0; k < values.size(); ++k) r.get_double("v.k" + std::to_string(k), values[k]);
+  Recipe back = Recipe::parse(r.effective_toml(), "effective.toml");
+  for (size_t k = 0; k < values.size(); ++k) {
+    double got = back.get_double("v.k" + std::to_string(k), std::nan(""));
+    ASSERT_TRUE(same_bits(got, values[k])) << values[k] << " came back as " << got;
+  }
 }
 
 TEST_F(RecipeTest, EffectiveTomlLayout) {
