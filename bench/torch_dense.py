@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training throughput of Hugging Face LlamaForCausalLM on CPU (fp32, SDPA attention, AdamW).
+r"""Training throughput of Hugging Face LlamaForCausalLM on CPU (fp32, SDPA attention, AdamW).
 
 The PyTorch side of the dense-model comparison with Tessera's trainer at the same configuration.
 Prints one JSON line per mode to stdout; the BLAS/threading setup goes to stderr.

@@ -124,7 +124,7 @@ hid_t memory_type(DType t) {
 }
 
 // Chunks of about 1 MiB: they fit HDF5's default chunk cache, and per-chunk overhead stays negligible. Leading
-// dimensions are split first so that a chunk is a contiguous run of the row-major data.
+// dimensions are split first, so a chunk is a contiguous run of the row-major data whenever one row fits.
 std::vector<hsize_t> chunk_dims(const Shape& shape, size_t elem_size) {
   constexpr size_t target = size_t{1} << 20;
   std::vector<hsize_t> chunk(shape.begin(), shape.end());
@@ -239,8 +239,9 @@ H5Writer::H5Writer(const std::string& path) : path_(path), tmp_path_(path + ".tm
   quiet_hdf5();
   std::string context = cat(where(path_), ": cannot create '", tmp_path_, "'");
   Handle fapl(check_id(H5Pcreate(H5P_FILE_ACCESS), context), H5Pclose);
-  // The 1.8 format checksums the superblock and object headers (metadata corruption is detected too), and every
-  // HDF5 >= 1.8, h5py included, reads it.
+  // The 1.10 format checksums all metadata (superblock, object headers and the chunk index), so corruption outside
+  // the data is detected too; a flipped chunk-index byte in the 1.8 format could silently turn data into fill
+  // values. Any HDF5 >= 1.10 reads it, and so does h5py.
   check(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_V110), context);
   // Closing the file closes anything still open in it, so commit() never renames a file that is still being written.
   check(H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG), context);
@@ -317,7 +318,7 @@ H5Reader::H5Reader(const std::string& path) : path_(path) {
   std::error_code ec;
   if (!std::filesystem::exists(path_, ec)) TS_FAIL(where(path_), ": no such file");
   file_ = check_id(H5Fopen(path_.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT),
-                   cat(where(path_), ": cannot open as HDF5 (not an HDF5 file, truncated or corrupted?)"));
+                   cat(where(path_), ": cannot open as HDF5"));
 }
 
 H5Reader::~H5Reader() { H5Fclose(file_); }

@@ -1,0 +1,188 @@
+// The `tessera` binary: subcommands wire recipes and checkpoints to stages (DESIGN.md §4 "CLI").
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include "cli/pretrain.h"
+#include "cli/sample.h"
+#include "core/log.h"
+#include "data/text_corpus.h"
+#include "io/checkpoint.h"
+#include "io/hf_export.h"
+#include "model/dense.h"
+
+using namespace tessera;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Rebuilds the model a checkpoint was saved with and loads its weights.
+struct LoadedModel {
+  std::string path;
+  CheckpointMeta meta;
+  std::unique_ptr<DenseModel> model;
+};
+LoadedModel load_model(const std::string& ckpt_or_run) {
+  LoadedModel l;
+  l.path = resolve_checkpoint(ckpt_or_run);
+  ModelConfig cfg = checkpoint_model_config(l.path);
+  l.model = std::make_unique<DenseModel>(cfg);
+  l.meta = load_checkpoint(l.path, cfg, l.model->params(), nullptr);
+  return l;
+}
+
+int cmd_eval(const std::string& ckpt, std::vector<std::string> data, const std::string& separator, int64_t seq_len,
+             int64_t batch_size, int64_t max_batches) {
+  LoadedModel l = load_model(ckpt);
+  const ModelConfig& cfg = l.model->config();
+  TextCorpusConfig dc;
+  std::string split = "all";
+  if (data.empty()) {
+    // No data given: the held-out split of the checkpoint's own training data.
+    Recipe r = Recipe::parse(l.meta.recipe, l.path + ":recipe");
+    r.allow_section("");
+    dc.files = r.get_string_list("data.train", {});
+    dc.separator = r.get_string("data.separator", "");
+    dc.val_fraction = r.get_double("data.val_fraction", 0.1);
+    dc.split_seed = static_cast<uint64_t>(r.get_int("data.split_seed", 0));
+    split = "val";
+  } else {
+    dc.files = data;
+    dc.separator = separator;
+    dc.val_fraction = 0.0;
+  }
+  TextCorpus corpus = TextCorpus::load(dc, ByteTokenizer());
+  const TokenSplit& s = split == "val" ? corpus.val : corpus.train;
+  if (seq_len <= 0) seq_len = cfg.max_seq_len;
+  PackedLoader loader(&s, seq_len, 0, true);
+  int64_t windows = loader.eval_windows(), bs = std::min(batch_size, windows);
+  int64_t batches = std::min(max_batches, windows / bs);
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    TokenBatch b = loader.eval_batch(i * bs, bs);
+    total += l.model->forward(b);
+    count += b.count_targets();
+  }
+  std::printf("{\"checkpoint\": \"%s\", \"step\": %lld, \"split\": \"%s\", \"tokens\": %lld, \"loss\": %.6f}\n",
+              l.path.c_str(), (long long)l.meta.step, split.c_str(), (long long)count, total / double(count));
+  return 0;
+}
+
+int cmd_sample(const std::string& ckpt, const std::string& prompt, const SamplingOptions& opt) {
+  LoadedModel l = load_model(ckpt);
+  ByteTokenizer tok;
+  std::vector<int32_t> ids = tok.encode(prompt);
+  std::vector<int32_t> out = sample_tokens(*l.model, ids, opt);
+  std::cout << tok.decode(out) << std::endl;
+  return 0;
+}
+
+int cmd_ckpt_info(const std::string& ckpt) {
+  std::string path = resolve_checkpoint(ckpt);
+  ModelConfig cfg = checkpoint_model_config(path);
+  CheckpointMeta meta = checkpoint_meta(path);
+  DenseModel model(cfg);
+  std::printf("checkpoint: %s\nstep: %lld\nseed: %llu\ntokenizer: %s\nmodel: %s, dim %lld, %lld layers, %lld heads "
+              "(%lld kv), ffn %lld, vocab %lld\nparameters: %lld\n",
+              path.c_str(), (long long)meta.step, (unsigned long long)meta.seed, meta.tokenizer.c_str(),
+              cfg.arch.c_str(), (long long)cfg.dim, (long long)cfg.n_layers, (long long)cfg.n_heads,
+              (long long)cfg.n_kv_heads, (long long)cfg.ffn_dim, (long long)cfg.vocab_size,
+              (long long)count_elements(model.params()));
+  return 0;
+}
+
+int cmd_inspect(const std::string& recipe_path, const std::vector<std::string>& overrides, int64_t seq_len) {
+  Recipe r = Recipe::load(recipe_path, overrides);
+  r.allow_section("");  // inspect reads the model only; other sections belong to stages
+  ModelConfig cfg = model_config_from_recipe(r, ByteTokenizer().vocab_size());
+  if (seq_len <= 0) seq_len = cfg.max_seq_len;
+  DenseModel model(cfg);
+  int64_t total = count_elements(model.params());
+  int64_t embedding = cfg.vocab_size * cfg.dim;
+  double kv_bytes = 2.0 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim() * 2;  // K and V in bf16
+  std::printf("{\"model\": \"%s\", \"total_params\": %lld, \"active_params\": %lld, \"non_embedding_params\": %lld, "
+              "\"train_flops_per_token\": %.6g, \"forward_flops_per_token\": %.6g, \"seq_len\": %lld, "
+              "\"kv_cache_bytes_per_token_bf16\": %.0f}\n",
+              recipe_path.c_str(), (long long)total, (long long)total, (long long)(total - embedding),
+              cfg.train_flops_per_token(seq_len), cfg.train_flops_per_token(seq_len) / 3, (long long)seq_len,
+              kv_bytes);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Tessera: pretraining and post-training of DeepSeek-V4-style models"};
+  app.require_subcommand(1);
+
+  TrainOptions train;
+  auto* c_train = app.add_subcommand("train", "run the stage(s) a recipe names (pretrain)");
+  c_train->add_option("recipe", train.recipe_path, "recipe TOML file");
+  c_train->add_option("--set", train.overrides, "override a recipe key: --set training.steps=100")->take_all();
+  c_train->add_option("--resume", train.resume_dir, "continue the run in this directory from its latest checkpoint");
+  c_train->add_option("--run-dir", train.run_dir, "run directory (default: job.run_dir, else runs/<job.name>)");
+  c_train->add_option("--stop-after", train.stop_after, "stop after this many steps without a final checkpoint");
+
+  std::string ckpt, separator, prompt = "\n", out_dir, format = "hf";
+  std::vector<std::string> data, overrides;
+  int64_t seq_len = 0, batch_size = 8, max_batches = 50;
+  auto* c_eval = app.add_subcommand("eval", "held-out loss of a checkpoint, printed as JSON");
+  c_eval->add_option("checkpoint", ckpt, "checkpoint file or run directory")->required();
+  c_eval->add_option("--data", data, "text files to evaluate on (default: the run's held-out split)");
+  c_eval->add_option("--separator", separator, "document separator line in --data");
+  c_eval->add_option("--seq-len", seq_len, "sequence length (default: the model's max_seq_len)");
+  c_eval->add_option("--batch-size", batch_size, "sequences per batch");
+  c_eval->add_option("--max-batches", max_batches, "evaluate at most this many batches");
+
+  SamplingOptions sopt;
+  auto* c_sample = app.add_subcommand("sample", "generate text from a checkpoint");
+  c_sample->add_option("checkpoint", ckpt, "checkpoint file or run directory")->required();
+  c_sample->add_option("--prompt", prompt, "prompt text");
+  c_sample->add_option("--max-new-tokens", sopt.max_new_tokens, "tokens to generate");
+  c_sample->add_option("--temperature", sopt.temperature, "softmax temperature (0 = greedy)");
+  c_sample->add_option("--top-k", sopt.top_k, "keep the k most likely tokens (0 = all)");
+  c_sample->add_option("--top-p", sopt.top_p, "nucleus sampling mass (1 = off)");
+  c_sample->add_option("--seed", sopt.seed, "sampling seed");
+
+  auto* c_ckpt = app.add_subcommand("ckpt", "checkpoint tools");
+  c_ckpt->require_subcommand(1);
+  auto* c_info = c_ckpt->add_subcommand("info", "print what a checkpoint holds");
+  c_info->add_option("checkpoint", ckpt, "checkpoint file or run directory")->required();
+  auto* c_export = c_ckpt->add_subcommand("export", "export a checkpoint for other frameworks");
+  c_export->add_option("checkpoint", ckpt, "checkpoint file or run directory")->required();
+  c_export->add_option("--format", format, "export format")->check(CLI::IsMember({"hf"}));
+  c_export->add_option("--out", out_dir, "output directory")->required();
+
+  std::string recipe_path;
+  auto* c_inspect = app.add_subcommand("inspect", "parameter counts, FLOPs and KV-cache bytes of a model recipe");
+  c_inspect->add_option("recipe", recipe_path, "model or training recipe")->required();
+  c_inspect->add_option("--set", overrides, "override a recipe key")->take_all();
+  c_inspect->add_option("--seq-len", seq_len, "context length for FLOPs (default: max_seq_len)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (*c_train) {
+      if (train.recipe_path.empty() && train.resume_dir.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");
+      return run_pretrain(train);
+    }
+    if (*c_eval) return cmd_eval(ckpt, data, separator, seq_len, batch_size, max_batches);
+    if (*c_sample) return cmd_sample(ckpt, prompt, sopt);
+    if (*c_info) return cmd_ckpt_info(ckpt);
+    if (*c_export) {
+      export_hf(resolve_checkpoint(ckpt), out_dir);
+      std::printf("wrote %s/model.safetensors and %s/config.json\n", out_dir.c_str(), out_dir.c_str());
+      return 0;
+    }
+    if (*c_inspect) return cmd_inspect(recipe_path, overrides, seq_len);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

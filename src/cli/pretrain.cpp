@@ -1,0 +1,276 @@
+#include "cli/pretrain.h"
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/log.h"
+#include "io/checkpoint.h"
+#include "model/dense.h"
+#include "ops/ops.h"
+
+namespace tessera {
+namespace fs = std::filesystem;
+
+ModelConfig model_config_from_recipe(Recipe& r, int64_t tokenizer_vocab) {
+  ModelConfig m;
+  m.arch = r.get_string("model.arch", m.arch, {"dense"});
+  m.vocab_size = r.get_int("model.vocab_size", tokenizer_vocab, 1, int64_t(1) << 31);
+  if (m.vocab_size < tokenizer_vocab)
+    TS_FAIL(r.path(), ": model.vocab_size ", m.vocab_size, " is smaller than the tokenizer's ", tokenizer_vocab);
+  m.dim = r.require_int("model.dim", 1, 1 << 20);
+  m.n_layers = r.require_int("model.n_layers", 0, 4096);
+  m.n_heads = r.require_int("model.n_heads", 1, 4096);
+  m.n_kv_heads = r.get_int("model.n_kv_heads", m.n_heads, 1, 4096);
+  m.ffn_dim = r.require_int("model.ffn_dim", 1, 1 << 24);
+  m.max_seq_len = r.get_int("model.max_seq_len", m.max_seq_len, 1, 1 << 24);
+  m.rope_theta = r.get_double("model.rope_theta", m.rope_theta, 1.0);
+  m.norm_eps = r.get_double("model.norm_eps", m.norm_eps, 0.0, 1.0);
+  m.init_std = r.get_double("model.init_std", m.init_std, 0.0, 10.0);
+  try {
+    m.validate();
+  } catch (const Error& e) {
+    TS_FAIL(r.path(), ": ", e.what());
+  }
+  return m;
+}
+
+PretrainConfig pretrain_config_from_recipe(Recipe& r) {
+  PretrainConfig c;
+  r.get_string("stage", "pretrain", {"pretrain"});
+  c.name = r.get_string("job.name", fs::path(r.path()).stem().string());
+  c.run_dir = r.get_string("job.run_dir", "runs/" + c.name);
+  c.seed = static_cast<uint64_t>(r.get_int("job.seed", 0, 0));
+  r.get_string("tokenizer.kind", "byte", {"byte"});
+  c.model = model_config_from_recipe(r, ByteTokenizer().vocab_size());
+
+  c.data.files = r.get_string_list("data.train", {});
+  if (c.data.files.empty()) TS_FAIL(r.path(), ": data.train must list at least one text file");
+  c.data.separator = r.get_string("data.separator", "");
+  c.data.val_fraction = r.get_double("data.val_fraction", 0.1, 0.0, 0.9);
+  c.data.split_seed = static_cast<uint64_t>(r.get_int("data.split_seed", 0, 0));
+  c.document_mask = r.get_bool("data.document_mask", true);
+
+  c.steps = r.require_int("training.steps", 1);
+  c.batch_size = r.require_int("training.batch_size", 1);
+  c.seq_len = r.require_int("training.seq_len", 1, c.model.max_seq_len);
+  c.grad_accum = r.get_int("training.grad_accum", 1, 1);
+  c.grad_clip = r.get_double("training.grad_clip", 1.0, 0.0);
+
+  r.get_string("optimizer.name", "adamw", {"adamw"});
+  c.adamw.lr = r.require_double("optimizer.lr", 0.0, 10.0);
+  c.adamw.beta1 = r.get_double("optimizer.beta1", c.adamw.beta1, 0.0, 1.0);
+  c.adamw.beta2 = r.get_double("optimizer.beta2", c.adamw.beta2, 0.0, 1.0);
+  c.adamw.eps = r.get_double("optimizer.eps", c.adamw.eps, 0.0, 1.0);
+  c.adamw.weight_decay = r.get_double("optimizer.weight_decay", c.adamw.weight_decay, 0.0, 10.0);
+
+  c.schedule.lr = c.adamw.lr;
+  c.schedule.total_steps = c.steps;
+  c.schedule.warmup_steps = r.get_int("lr_scheduler.warmup_steps", 0, 0, c.steps);
+  c.schedule.decay_steps = r.get_int("lr_scheduler.decay_steps", c.steps - c.schedule.warmup_steps, 0, c.steps);
+  c.schedule.min_lr_ratio = r.get_double("lr_scheduler.min_lr_ratio", 0.1, 0.0, 1.0);
+
+  c.eval_every = r.get_int("eval.every", 100, 0);
+  c.eval_batches = r.get_int("eval.batches", 8, 1);
+  c.checkpoint_every = r.get_int("checkpoint.every", 0, 0);
+  c.checkpoint_keep = r.get_int("checkpoint.keep", 3, 0);
+  c.log_every = r.get_int("metrics.log_every", 10, 1);
+  c.peak_flops = r.get_double("metrics.peak_flops", 0.0, 0.0);
+  r.check_no_unknown_keys();
+  c.recipe_toml = r.effective_toml();
+  return c;
+}
+
+double measure_gemm_peak() {
+  const int64_t n = 768;
+  Tensor a = Tensor::zeros({n, n}, DType::f32), b = Tensor::zeros({n, n}, DType::f32), c = Tensor::zeros({n, n}, DType::f32);
+  ops::fill(a, 0.5), ops::fill(b, 0.25);
+  ops::gemm(a, false, b, false, c);  // warm up threads and caches
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    double t0 = now_seconds();
+    ops::gemm(a, false, b, false, c);
+    best = std::min(best, now_seconds() - t0);
+  }
+  return 2.0 * n * n * n / best;
+}
+
+namespace {
+
+std::string format_duration(double s) {
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(std::fmod(s, 3600) / 60));
+  else std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(std::fmod(s, 60)));
+  return buf;
+}
+
+void write_atomically(const fs::path& path, const std::string& text) {
+  fs::path tmp = path;
+  tmp += ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary);
+    out << text;
+    if (!out.flush()) TS_FAIL("cannot write '", tmp.string(), "'");
+  }
+  fs::rename(tmp, path);
+}
+
+// Keeps the metrics lines of steps <= last_step (what the checkpoint we resume from had seen).
+void truncate_metrics(const fs::path& path, int64_t last_step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    auto pos = line.find("\"step\":");
+    if (pos == std::string::npos) continue;
+    if (std::stoll(line.substr(pos + 7)) <= last_step) kept += line + "\n";
+  }
+  write_atomically(path, kept);
+}
+
+double evaluate(DenseModel& model, const PackedLoader& loader, int64_t batch_size, int64_t max_batches) {
+  int64_t windows = loader.eval_windows();
+  int64_t batches = std::min(max_batches, windows / batch_size);
+  int64_t bs = batches > 0 ? batch_size : windows;  // a held-out split smaller than one batch: one short batch
+  batches = std::max<int64_t>(batches, 1);
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    TokenBatch b = loader.eval_batch(i * bs, bs);
+    total += model.forward(b);
+    count += b.count_targets();
+  }
+  return total / double(count);
+}
+
+void remove_old_checkpoints(const std::string& run_dir, int64_t keep) {
+  if (keep <= 0) return;
+  std::vector<fs::path> found;
+  for (const auto& e : fs::directory_iterator(fs::path(run_dir) / "checkpoints"))
+    if (e.path().extension() == ".h5") found.push_back(e.path());
+  std::sort(found.begin(), found.end());
+  for (size_t i = 0; i + keep < found.size(); ++i) fs::remove(found[i]);
+}
+
+}  // namespace
+
+int run_pretrain(const TrainOptions& opts) {
+  const bool resuming = !opts.resume_dir.empty();
+  std::string recipe_path = opts.recipe_path;
+  if (resuming) {
+    if (!recipe_path.empty()) TS_FAIL("give either a recipe or --resume RUN_DIR, not both");
+    recipe_path = (fs::path(opts.resume_dir) / "recipe.toml").string();
+    if (!fs::exists(recipe_path)) TS_FAIL("--resume ", opts.resume_dir, ": no recipe.toml in that run directory");
+  }
+  Recipe recipe = Recipe::load(recipe_path, opts.overrides);
+  PretrainConfig cfg = pretrain_config_from_recipe(recipe);
+  if (resuming) cfg.run_dir = opts.resume_dir;
+  if (!opts.run_dir.empty()) cfg.run_dir = opts.run_dir;
+
+  std::string resume_from = resuming ? latest_checkpoint(cfg.run_dir) : "";
+  if (!resuming && !latest_checkpoint(cfg.run_dir).empty())
+    TS_FAIL("run directory '", cfg.run_dir, "' already holds checkpoints; continue it with `tessera train --resume ",
+            cfg.run_dir, "` or choose another job.run_dir");
+  fs::create_directories(cfg.run_dir);
+
+  ByteTokenizer tok;
+  TextCorpus corpus = TextCorpus::load(cfg.data, tok);
+  PackedLoader train_loader(&corpus.train, cfg.seq_len, cfg.seed, cfg.document_mask);
+  if (corpus.val.tokens.size() < size_t(cfg.seq_len + 1))
+    TS_FAIL("data: the held-out split has ", corpus.val.tokens.size(), " tokens, fewer than one sequence of ",
+            cfg.seq_len + 1, "; raise data.val_fraction or use more data");
+  PackedLoader val_loader(&corpus.val, cfg.seq_len, cfg.seed, cfg.document_mask);
+
+  DenseModel model(cfg.model);
+  ParamList params = model.params();
+  model.init(cfg.seed);
+  AdamW opt(params, cfg.adamw);
+  int64_t start_step = 0;
+  fs::path metrics_path = fs::path(cfg.run_dir) / "metrics.jsonl";
+  if (!resume_from.empty()) {
+    CheckpointMeta meta = load_checkpoint(resume_from, cfg.model, params, &opt);
+    if (meta.data_fingerprint != corpus.fingerprint)
+      TS_FAIL("checkpoint '", resume_from, "' was trained on different data than ", cfg.data.files[0],
+              " (token stream fingerprint differs); resuming would not continue the same run");
+    start_step = meta.step;
+    truncate_metrics(metrics_path, start_step);
+    log_info(cat("resuming from ", resume_from, " at step ", start_step));
+  } else {
+    write_atomically(metrics_path, "");
+  }
+  write_atomically(fs::path(cfg.run_dir) / "recipe.toml", cfg.recipe_toml);
+
+  const double peak = cfg.peak_flops > 0 ? cfg.peak_flops : measure_gemm_peak();
+  const int64_t tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len;
+  const double flops_per_token = cfg.model.train_flops_per_token(cfg.seq_len);
+  log_info(cat("model: ", count_elements(params), " parameters; ", cfg.steps, " steps of ", tokens_per_step,
+               " tokens; MFU against ", peak / 1e9, " GFLOP/s (", cfg.peak_flops > 0 ? "recipe" : "measured fp32 GEMM",
+               ")"));
+
+  std::ofstream metrics(metrics_path, std::ios::app);
+  const double t_start = now_seconds();
+  double t_last = t_start;
+  int64_t steps_in_window = 0;
+  for (int64_t step = start_step; step < cfg.steps; ++step) {
+    if (opts.stop_after >= 0 && step >= start_step + opts.stop_after) break;
+    const double lr = cfg.schedule.at(step);
+    model.zero_grad();
+    std::vector<TokenBatch> micro;
+    int64_t n_targets = 0;
+    for (int64_t m = 0; m < cfg.grad_accum; ++m) {
+      micro.push_back(train_loader.train_batch(step, m, cfg.grad_accum, cfg.batch_size));
+      n_targets += micro.back().count_targets();
+    }
+    double loss_sum = 0;
+    for (const TokenBatch& b : micro) loss_sum += model.forward_backward(b, 1.0 / double(n_targets));
+    const double loss = loss_sum / double(n_targets);
+    if (!std::isfinite(loss))
+      TS_FAIL("training loss is ", loss, " at step ", step + 1, "; the last checkpoint in ", cfg.run_dir,
+              " is intact (lower optimizer.lr or raise training.grad_clip?)");
+    const double grad_norm = clip_grad_norm(params, cfg.grad_clip);
+    opt.step(lr);
+
+    const int64_t done = step + 1;
+    const double now = now_seconds();
+    ++steps_in_window;
+    const double step_time = (now - t_last) / double(steps_in_window);
+    const double tokens_per_s = double(tokens_per_step) / step_time;
+    const double mfu = tokens_per_s * flops_per_token / peak;
+    std::ostringstream line;
+    line.precision(6);
+    line << "{\"step\": " << done << ", \"loss\": " << loss << ", \"lr\": " << lr << ", \"grad_norm\": " << grad_norm
+         << ", \"tokens\": " << done * tokens_per_step << ", \"tokens_per_s\": " << tokens_per_s
+         << ", \"mfu\": " << mfu << ", \"elapsed_s\": " << now - t_start;
+    const bool last = done == cfg.steps;
+    double val_loss = NAN;
+    if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
+      val_loss = evaluate(model, val_loader, cfg.batch_size, cfg.eval_batches);
+      line << ", \"val_loss\": " << val_loss;
+    }
+    line << "}";
+    metrics << line.str() << "\n" << std::flush;
+    if (done % cfg.log_every == 0 || last || !std::isnan(val_loss)) {
+      double eta = (now - t_start) / double(done - start_step) * double(cfg.steps - done);
+      char buf[320];
+      std::snprintf(buf, sizeof buf,
+                    "step %6lld/%lld | loss %.4f%s | lr %.2e | gnorm %.3f | %.0f tok/s | MFU %.1f%% | ETA %s",
+                    (long long)done, (long long)cfg.steps, loss,
+                    std::isnan(val_loss) ? "" : cat(" | val ", std::to_string(val_loss).substr(0, 6)).c_str(), lr,
+                    grad_norm, tokens_per_s, 100 * mfu, format_duration(eta).c_str());
+      log_info(buf);
+      t_last = now;
+      steps_in_window = 0;
+    }
+    if ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last) {
+      CheckpointMeta meta{done, cfg.seed, corpus.fingerprint, cfg.recipe_toml, "byte"};
+      save_checkpoint(checkpoint_path(cfg.run_dir, done), cfg.model, params, &opt, meta);
+      remove_old_checkpoints(cfg.run_dir, cfg.checkpoint_keep);
+    }
+  }
+  log_info(cat("run directory: ", cfg.run_dir, " (metrics.jsonl, recipe.toml, checkpoints/)"));
+  return 0;
+}
+
+}  // namespace tessera

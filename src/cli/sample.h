@@ -1,0 +1,23 @@
+// Text generation from a checkpoint by repeated full forward passes over a sliding context. (The generation
+// engine with KV caches lives in rl/ and replaces this for post-training.)
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "model/dense.h"
+
+namespace tessera {
+
+struct SamplingOptions {
+  int64_t max_new_tokens = 200;
+  double temperature = 0.8;  // 0: greedy
+  int64_t top_k = 0;         // 0: off
+  double top_p = 1.0;        // 1: off
+  uint64_t seed = 0;
+  int32_t stop_token = -1;
+};
+
+// Appends sampled tokens to `ids`; each draw uses Philox(seed, index of the new token), so a run is reproducible.
+std::vector<int32_t> sample_tokens(DenseModel& model, std::vector<int32_t> ids, const SamplingOptions& opt);
+
+}  // namespace tessera

@@ -1,0 +1,38 @@
+// Training checkpoints in HDF5 (layout in docs/checkpoint.md): weights under model/<name> with logical shapes,
+// AdamW moments under optim/adamw/{m,v}/<name>, and the step, seed, data cursor, model config and the
+// effective recipe as root attributes. Writes are atomic (H5Writer).
+#pragma once
+#include <string>
+
+#include "model/config.h"
+#include "model/param.h"
+#include "optim/adamw.h"
+
+namespace tessera {
+
+struct CheckpointMeta {
+  int64_t step = 0;                // optimizer steps completed; also the data cursor (the loader is stateless)
+  uint64_t seed = 0;               // the run's seed: with step, the whole RNG state (Philox is counter based)
+  uint64_t data_fingerprint = 0;   // of the training token stream, to refuse resuming on changed data
+  std::string recipe;              // effective recipe (TOML)
+  std::string tokenizer = "byte";
+};
+
+void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const AdamW* opt,
+                     const CheckpointMeta& meta);
+
+// The model config a checkpoint was saved with.
+ModelConfig checkpoint_model_config(const std::string& path);
+CheckpointMeta checkpoint_meta(const std::string& path);
+
+// Loads weights (and optimizer state if opt is non-null). The checkpoint's model config must equal `cfg`;
+// otherwise an error names the file and each differing field.
+CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, AdamW* opt);
+
+// Checkpoint files of a run directory: RUN/checkpoints/step_XXXXXXXX.h5. latest_checkpoint returns "" if none.
+std::string checkpoint_path(const std::string& run_dir, int64_t step);
+std::string latest_checkpoint(const std::string& run_dir);
+// A path that is a run directory resolves to its latest checkpoint; a file is returned as is.
+std::string resolve_checkpoint(const std::string& path_or_run_dir);
+
+}  // namespace tessera
