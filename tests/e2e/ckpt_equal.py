@@ -1,0 +1,50 @@
+"""ckpt_equal.py A.h5 B.h5: exit 0 when the two Tessera checkpoints hold bitwise identical model/* and optim/*
+datasets (same names, dtypes, shapes and bytes) and the same step, seed, optimizer step count and data
+fingerprint; otherwise print each difference and exit 1."""
+import sys
+
+import h5py
+import numpy as np
+
+
+def datasets(f):
+    out = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and name.split("/")[0] in ("model", "optim"):
+            out[name] = obj[()]
+
+    f.visititems(visit)
+    return out
+
+
+def main(a_path, b_path):
+    diffs = []
+    with h5py.File(a_path, "r") as fa, h5py.File(b_path, "r") as fb:
+        a, b = datasets(fa), datasets(fb)
+        if not any(n.startswith("model/") for n in a) or not any(n.startswith("optim/") for n in a):
+            diffs.append(f"{a_path}: no model/* or no optim/* datasets")
+        for name in sorted(set(a) | set(b)):
+            if name not in a or name not in b:
+                diffs.append(f"{name}: only in {a_path if name in a else b_path}")
+                continue
+            x, y = a[name], b[name]
+            if x.dtype != y.dtype or x.shape != y.shape:
+                diffs.append(f"{name}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}")
+            elif not np.array_equal(x, y) or x.tobytes() != y.tobytes():
+                n = int(np.count_nonzero(x.view(np.uint8) != y.view(np.uint8)))
+                diffs.append(f"{name}: {n} differing bytes (max |diff| {np.max(np.abs(x - y)):.3g})")
+        for key in ("step", "seed", "optim.steps", "data.fingerprint"):
+            va, vb = fa.attrs.get(key), fb.attrs.get(key)
+            if va is None or vb is None or va != vb:
+                diffs.append(f"attribute {key}: {va} vs {vb}")
+        print(f"compared {len(a)} datasets of {a_path} and {b_path}")
+    for d in diffs:
+        print("  differs:", d)
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    sys.exit(main(sys.argv[1], sys.argv[2]))

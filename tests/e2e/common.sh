@@ -1,0 +1,143 @@
+# Shared helpers for the end-to-end CLI tests; sourced by each test script.
+# Every script is called as:  script.sh TESSERA_BINARY PYTHON WORK_ROOT
+#   TESSERA_BINARY  the built `tessera` executable
+#   PYTHON          an interpreter (h5py and numpy needed only by the checkpoint comparisons)
+#   WORK_ROOT       a folder under which the script makes its own fresh temporary directory
+# Each script leaves its work directory in place when it fails (the path is printed) and removes it otherwise.
+
+if [[ $# -lt 3 ]]; then
+  echo "usage: $0 TESSERA_BINARY PYTHON WORK_ROOT" >&2
+  exit 2
+fi
+TESSERA=$(realpath "$1")
+PY=$2
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+TINY="$REPO/recipes/models/dense-tiny.toml"
+mkdir -p "$3"
+WORK=$(mktemp -d "$(realpath "$3")/$(basename "$0" .sh).XXXXXX")
+# Small, fixed thread count: results must not depend on it, and the tests share a small machine.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+on_exit() {
+  local rc=$?
+  if [[ $rc -eq 0 ]]; then
+    rm -rf "$WORK"
+  elif [[ $rc -ne 77 ]]; then
+    echo "FAILED (exit $rc); files kept in $WORK" >&2
+  fi
+}
+trap on_exit EXIT
+
+fail() {
+  echo "FAIL: $*" >&2
+  exit 1
+}
+
+step() { echo "--- $*"; }
+
+# Exit with ctest's skip code when the interpreter lacks h5py/numpy (the tests that need them say so).
+require_h5py() {
+  if ! "$PY" -c "import h5py, numpy" 2>/dev/null; then
+    echo "SKIP: '$PY' cannot import h5py and numpy (run launch/setup.sh, or configure with -DTESSERA_PYTHON=...)"
+    exit 77
+  fi
+}
+
+# make_corpus FILE [LINES]: deterministic, varied English-like text (about 55 bytes a line).
+make_corpus() {
+  local out=$1 n=${2:-600}
+  awk -v n="$n" 'BEGIN {
+    split("the quick brown fox jumps over a lazy dog while model tensor gradient layer attention token " \
+          "batch sequence optimizer learning rate weight decay checkpoint resume train sample export " \
+          "recipe corpus byte river stone light", w, " ");
+    m = length(w);
+    for (i = 1; i <= n; i++)
+      printf "Line %d: the %s %s %s, and %s number %d.\n", i, w[(i*7)%m+1], w[(i*13)%m+1], w[(i*29)%m+1],
+             w[(i*3)%m+1], (i*i)%97;
+  }' > "$out"
+}
+
+# write_recipe FILE CORPUS RUN_DIR [extra TOML lines appended to the file ...]: a pretraining recipe on the
+# tiny model. Keys given in the extra lines must not repeat the ones below (use --set to change those).
+write_recipe() {
+  local out=$1 corpus=$2 run_dir=$3
+  shift 3
+  cat > "$out" <<EOF
+inherit = "$TINY"
+
+[job]
+name = "e2e"
+run_dir = "$run_dir"
+seed = 1
+
+[data]
+train = ["$corpus"]
+
+[training]
+steps = 10
+batch_size = 8
+seq_len = 64
+
+[optimizer]
+lr = 3e-3
+
+[eval]
+every = 5
+batches = 4
+
+[checkpoint]
+every = 5
+
+[metrics]
+peak_flops = 1e11
+EOF
+  local line
+  for line in "$@"; do echo "$line" >> "$out"; done
+}
+
+# expect_fail NAME SUBSTRING... -- COMMAND...: COMMAND must exit non-zero, and its stderr must contain every
+# SUBSTRING (fixed strings). The stderr is kept in $WORK/NAME.err.
+expect_fail() {
+  local name=$1
+  shift
+  local -a needles=()
+  while [[ $# -gt 0 && $1 != "--" ]]; do
+    needles+=("$1")
+    shift
+  done
+  [[ $# -gt 0 ]] || fail "expect_fail $name: missing -- before the command"
+  shift
+  local err="$WORK/$name.err" rc=0
+  "$@" > "$WORK/$name.out" 2> "$err" || rc=$?
+  if [[ $rc -eq 0 ]]; then
+    echo "stdout:" >&2
+    cat "$WORK/$name.out" >&2
+    fail "$name: expected a non-zero exit status from: $*"
+  fi
+  if [[ $rc -ge 128 ]]; then
+    cat "$err" >&2
+    fail "$name: the command died with signal $((rc - 128)) instead of reporting an error: $*"
+  fi
+  local s
+  for s in "${needles[@]}"; do
+    if ! grep -qF -- "$s" "$err"; then
+      echo "stderr of: $*" >&2
+      cat "$err" >&2
+      fail "$name: stderr does not mention '$s'"
+    fi
+  done
+  echo "ok: $name (exit $rc): $(head -c 300 "$err" | tr '\n' ' ')"
+}
+
+# snapshot DIR: one line per file below DIR (path and sha256), sorted; used to prove that nothing changed.
+snapshot() {
+  (cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
+}
+
+# expect_unchanged NAME DIR BEFORE_SNAPSHOT_FILE
+expect_unchanged() {
+  local name=$1 dir=$2 before=$3
+  if ! diff <(cat "$before") <(snapshot "$dir") >&2; then
+    fail "$name: files in $dir changed (diff above: < before, > after)"
+  fi
+}
