@@ -1,6 +1,7 @@
 #include "cli/pretrain.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -154,6 +155,15 @@ void remove_old_checkpoints(const std::string& run_dir, int64_t keep) {
   for (size_t i = 0; i + keep < found.size(); ++i) fs::remove(found[i]);
 }
 
+// Draws RUN/loss.png with launch/plot_metrics.py (matplotlib, from the .venv that setup.sh makes); a missing
+// Python is a warning, not a failed run.
+void plot_losses(const std::string& run_dir) {
+  std::string python = std::getenv("TESSERA_PYTHON") ? std::getenv("TESSERA_PYTHON") : "";
+  if (python.empty()) python = fs::exists(TESSERA_SOURCE_DIR "/.venv/bin/python") ? TESSERA_SOURCE_DIR "/.venv/bin/python" : "python3";
+  std::string cmd = python + " " TESSERA_SOURCE_DIR "/launch/plot_metrics.py '" + run_dir + "' > /dev/null";
+  if (std::system(cmd.c_str()) != 0) log_warn(cat("could not draw the loss plot; run: ", cmd));
+}
+
 }  // namespace
 
 int run_pretrain(const TrainOptions& opts) {
@@ -269,7 +279,8 @@ int run_pretrain(const TrainOptions& opts) {
       remove_old_checkpoints(cfg.run_dir, cfg.checkpoint_keep);
     }
   }
-  log_info(cat("run directory: ", cfg.run_dir, " (metrics.jsonl, recipe.toml, checkpoints/)"));
+  plot_losses(cfg.run_dir);
+  log_info(cat("run directory: ", cfg.run_dir, " (metrics.jsonl, recipe.toml, checkpoints/, loss.png)"));
   return 0;
 }
 

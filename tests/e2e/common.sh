@@ -114,6 +114,10 @@ expect_fail() {
     cat "$WORK/$name.out" >&2
     fail "$name: expected a non-zero exit status from: $*"
   fi
+  if [[ $rc -eq 126 || $rc -eq 127 ]]; then
+    cat "$err" >&2
+    fail "$name: could not run the command (exit $rc): $*"
+  fi
   if [[ $rc -ge 128 ]]; then
     cat "$err" >&2
     fail "$name: the command died with signal $((rc - 128)) instead of reporting an error: $*"
