@@ -32,41 +32,27 @@ LoadedModel load_model(const std::string& ckpt_or_run) {
   return l;
 }
 
-int cmd_eval(const std::string& ckpt, std::vector<std::string> data, const std::string& separator, int64_t seq_len,
-             int64_t batch_size, int64_t max_batches) {
+// Held-out loss. Without --data: the run's own held-out split, evaluated exactly as the trainer does
+// (training.seq_len, training.batch_size, eval.batches), so it reproduces the run's last val_loss.
+int cmd_eval(const std::string& ckpt, const std::vector<std::string>& data, const std::string& separator,
+             int64_t seq_len, int64_t batch_size, int64_t max_batches) {
   LoadedModel l = load_model(ckpt);
-  const ModelConfig& cfg = l.model->config();
-  TextCorpusConfig dc;
-  std::string split = "all";
-  if (data.empty()) {
-    // No data given: the held-out split of the checkpoint's own training data.
-    Recipe r = Recipe::parse(l.meta.recipe, l.path + ":recipe");
-    r.allow_section("");
-    dc.files = r.get_string_list("data.train", {});
-    dc.separator = r.get_string("data.separator", "");
-    dc.val_fraction = r.get_double("data.val_fraction", 0.1);
-    dc.split_seed = static_cast<uint64_t>(r.get_int("data.split_seed", 0));
-    split = "val";
-  } else {
-    dc.files = data;
-    dc.separator = separator;
-    dc.val_fraction = 0.0;
+  Recipe recipe = Recipe::parse(l.meta.recipe, l.path + ":recipe");
+  PretrainConfig run = pretrain_config_from_recipe(recipe);
+  TextCorpusConfig dc = run.data;
+  std::string split = "val";
+  if (!data.empty()) {
+    dc = TextCorpusConfig{data, separator, 0.0, 0};
+    split = "all";
   }
+  if (seq_len <= 0) seq_len = run.seq_len;
+  if (batch_size <= 0) batch_size = run.batch_size;
+  if (max_batches <= 0) max_batches = run.eval_batches;
   TextCorpus corpus = TextCorpus::load(dc, ByteTokenizer());
-  const TokenSplit& s = split == "val" ? corpus.val : corpus.train;
-  if (seq_len <= 0) seq_len = cfg.max_seq_len;
-  PackedLoader loader(&s, seq_len, 0, true);
-  int64_t windows = loader.eval_windows(), bs = std::min(batch_size, windows);
-  int64_t batches = std::min(max_batches, windows / bs);
-  double total = 0;
-  int64_t count = 0;
-  for (int64_t i = 0; i < batches; ++i) {
-    TokenBatch b = loader.eval_batch(i * bs, bs);
-    total += l.model->forward(b);
-    count += b.count_targets();
-  }
-  std::printf("{\"checkpoint\": \"%s\", \"step\": %lld, \"split\": \"%s\", \"tokens\": %lld, \"loss\": %.6f}\n",
-              l.path.c_str(), (long long)l.meta.step, split.c_str(), (long long)count, total / double(count));
+  PackedLoader loader(split == "val" ? &corpus.val : &corpus.train, seq_len, run.seed, run.document_mask);
+  double loss = evaluate_loss(*l.model, loader, batch_size, max_batches);
+  std::printf("{\"checkpoint\": \"%s\", \"step\": %lld, \"split\": \"%s\", \"seq_len\": %lld, \"loss\": %.6f}\n",
+              l.path.c_str(), (long long)l.meta.step, split.c_str(), (long long)seq_len, loss);
   return 0;
 }
 
@@ -127,14 +113,14 @@ int main(int argc, char** argv) {
 
   std::string ckpt, separator, prompt = "\n", out_dir, format = "hf";
   std::vector<std::string> data, overrides;
-  int64_t seq_len = 0, batch_size = 8, max_batches = 50;
+  int64_t seq_len = 0, batch_size = 0, max_batches = 0;
   auto* c_eval = app.add_subcommand("eval", "held-out loss of a checkpoint, printed as JSON");
   c_eval->add_option("checkpoint", ckpt, "checkpoint file or run directory")->required();
   c_eval->add_option("--data", data, "text files to evaluate on (default: the run's held-out split)");
   c_eval->add_option("--separator", separator, "document separator line in --data");
-  c_eval->add_option("--seq-len", seq_len, "sequence length (default: the model's max_seq_len)");
-  c_eval->add_option("--batch-size", batch_size, "sequences per batch");
-  c_eval->add_option("--max-batches", max_batches, "evaluate at most this many batches");
+  c_eval->add_option("--seq-len", seq_len, "sequence length (default: the run's training.seq_len)");
+  c_eval->add_option("--batch-size", batch_size, "sequences per batch (default: training.batch_size)");
+  c_eval->add_option("--max-batches", max_batches, "evaluate at most this many batches (default: eval.batches)");
 
   SamplingOptions sopt;
   auto* c_sample = app.add_subcommand("sample", "generate text from a checkpoint");

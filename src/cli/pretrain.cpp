@@ -84,6 +84,20 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   return c;
 }
 
+double evaluate_loss(DenseModel& model, const PackedLoader& loader, int64_t batch_size, int64_t max_batches) {
+  int64_t windows = loader.eval_windows();
+  int64_t bs = std::min(batch_size, windows);  // a held-out split smaller than one batch: one short batch
+  int64_t batches = std::min(max_batches, windows / bs);
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    TokenBatch b = loader.eval_batch(i * bs, bs);
+    total += model.forward(b);
+    count += b.count_targets();
+  }
+  return total / double(count);
+}
+
 double measure_gemm_peak() {
   const int64_t n = 768;
   Tensor a = Tensor::zeros({n, n}, DType::f32), b = Tensor::zeros({n, n}, DType::f32), c = Tensor::zeros({n, n}, DType::f32);
@@ -129,21 +143,6 @@ void truncate_metrics(const fs::path& path, int64_t last_step) {
     if (std::stoll(line.substr(pos + 7)) <= last_step) kept += line + "\n";
   }
   write_atomically(path, kept);
-}
-
-double evaluate(DenseModel& model, const PackedLoader& loader, int64_t batch_size, int64_t max_batches) {
-  int64_t windows = loader.eval_windows();
-  int64_t batches = std::min(max_batches, windows / batch_size);
-  int64_t bs = batches > 0 ? batch_size : windows;  // a held-out split smaller than one batch: one short batch
-  batches = std::max<int64_t>(batches, 1);
-  double total = 0;
-  int64_t count = 0;
-  for (int64_t i = 0; i < batches; ++i) {
-    TokenBatch b = loader.eval_batch(i * bs, bs);
-    total += model.forward(b);
-    count += b.count_targets();
-  }
-  return total / double(count);
 }
 
 void remove_old_checkpoints(const std::string& run_dir, int64_t keep) {
@@ -256,7 +255,7 @@ int run_pretrain(const TrainOptions& opts) {
     const bool last = done == cfg.steps;
     double val_loss = NAN;
     if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
-      val_loss = evaluate(model, val_loader, cfg.batch_size, cfg.eval_batches);
+      val_loss = evaluate_loss(model, val_loader, cfg.batch_size, cfg.eval_batches);
       line << ", \"val_loss\": " << val_loss;
     }
     line << "}";

@@ -43,6 +43,10 @@ struct TrainOptions {
 
 int run_pretrain(const TrainOptions& opts);
 
+// Mean loss per target token over the first max_batches held-out batches (consecutive windows).
+class DenseModel;
+double evaluate_loss(DenseModel& model, const PackedLoader& loader, int64_t batch_size, int64_t max_batches);
+
 // Measured fp32 GEMM rate of this machine (FLOP/s), the CPU's MFU denominator.
 double measure_gemm_peak();
 
