@@ -73,9 +73,14 @@ TextCorpus TextCorpus::load(const TextCorpusConfig& cfg, const ByteTokenizer& to
     for (size_t i = 0; i < docs.size(); ++i)
       append_document(pick.uniform(i) < cfg.val_fraction ? c.val : c.train, docs[i], with_eos);
   }
+  // FNV-1a over both splits and their document starts, with the split sizes as boundaries.
   uint64_t h = 1469598103934665603ull;
-  for (const TokenSplit* s : {&c.train, &c.val})
-    for (int32_t t : s->tokens) h = (h ^ static_cast<uint32_t>(t)) * 1099511628211ull;
+  auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+  for (const TokenSplit* s : {&c.train, &c.val}) {
+    mix(s->tokens.size());
+    for (int32_t t : s->tokens) mix(static_cast<uint32_t>(t));
+    for (int64_t d : s->doc_starts) mix(static_cast<uint64_t>(d));
+  }
   c.fingerprint = h;
   return c;
 }

@@ -1,8 +1,12 @@
 #include "cli/pretrain.h"
 
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+
 #include <cmath>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -11,6 +15,8 @@
 #include "io/checkpoint.h"
 #include "model/dense.h"
 #include "ops/ops.h"
+
+extern char** environ;
 
 namespace tessera {
 namespace fs = std::filesystem;
@@ -70,7 +76,9 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.schedule.lr = c.adamw.lr;
   c.schedule.total_steps = c.steps;
   c.schedule.warmup_steps = r.get_int("lr_scheduler.warmup_steps", 0, 0, c.steps);
-  c.schedule.decay_steps = r.get_int("lr_scheduler.decay_steps", c.steps - c.schedule.warmup_steps, 0, c.steps);
+  // -1: decay over every step after warmup (kept as -1 in the effective recipe, so extending a run extends it).
+  c.schedule.decay_steps = r.get_int("lr_scheduler.decay_steps", -1, -1, c.steps);
+  if (c.schedule.decay_steps < 0) c.schedule.decay_steps = c.steps - c.schedule.warmup_steps;
   c.schedule.min_lr_ratio = r.get_double("lr_scheduler.min_lr_ratio", 0.1, 0.0, 1.0);
 
   c.eval_every = r.get_int("eval.every", 100, 0);
@@ -137,30 +145,72 @@ void truncate_metrics(const fs::path& path, int64_t last_step) {
   if (!fs::exists(path)) return;
   std::ifstream in(path);
   std::string line, kept;
-  while (std::getline(in, line)) {
-    auto pos = line.find("\"step\":");
-    if (pos == std::string::npos) continue;
-    if (std::stoll(line.substr(pos + 7)) <= last_step) kept += line + "\n";
+  for (int64_t n = 1; std::getline(in, line); ++n) {
+    auto pos = line.find("\"step\": ");
+    char* end = nullptr;
+    long long step = pos == std::string::npos ? -1 : std::strtoll(line.c_str() + pos + 8, &end, 10);
+    if (step < 0) log_warn(cat(path.string(), ":", n, ": not a metrics line, dropped"));
+    else if (step <= last_step) kept += line + "\n";
   }
   write_atomically(path, kept);
 }
 
-void remove_old_checkpoints(const std::string& run_dir, int64_t keep) {
-  if (keep <= 0) return;
-  std::vector<fs::path> found;
-  for (const auto& e : fs::directory_iterator(fs::path(run_dir) / "checkpoints"))
-    if (e.path().extension() == ".h5") found.push_back(e.path());
-  std::sort(found.begin(), found.end());
-  for (size_t i = 0; i + keep < found.size(); ++i) fs::remove(found[i]);
+std::string join_paths(const std::vector<std::string>& files) {
+  std::string out;
+  for (const std::string& f : files) out += (out.empty() ? "" : ", ") + f;
+  return out;
+}
+
+// JSON has no NaN or infinity: such values are written as null.
+std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.10g", v);
+  return buf;
 }
 
 // Draws RUN/loss.png with launch/plot_metrics.py (matplotlib, from the .venv that setup.sh makes); a missing
-// Python is a warning, not a failed run.
-void plot_losses(const std::string& run_dir) {
-  std::string python = std::getenv("TESSERA_PYTHON") ? std::getenv("TESSERA_PYTHON") : "";
-  if (python.empty()) python = fs::exists(TESSERA_SOURCE_DIR "/.venv/bin/python") ? TESSERA_SOURCE_DIR "/.venv/bin/python" : "python3";
-  std::string cmd = python + " " TESSERA_SOURCE_DIR "/launch/plot_metrics.py '" + run_dir + "' > /dev/null";
-  if (std::system(cmd.c_str()) != 0) log_warn(cat("could not draw the loss plot; run: ", cmd));
+// Python or matplotlib is a warning, not a failed run. TESSERA_PYTHON picks the interpreter.
+bool plot_losses(const std::string& run_dir) {
+  const char* env = std::getenv("TESSERA_PYTHON");
+  std::string python = env && *env ? env
+                       : fs::exists(TESSERA_SOURCE_DIR "/.venv/bin/python") ? TESSERA_SOURCE_DIR "/.venv/bin/python"
+                                                                          : "python3";
+  std::string script = TESSERA_SOURCE_DIR "/launch/plot_metrics.py";
+  std::vector<char*> argv = {python.data(), script.data(), const_cast<char*>(run_dir.c_str()), nullptr};
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+  pid_t pid;
+  int status = -1;
+  if (posix_spawnp(&pid, python.c_str(), &actions, nullptr, argv.data(), environ) == 0) waitpid(pid, &status, 0);
+  posix_spawn_file_actions_destroy(&actions);
+  bool ok = status == 0;
+  if (!ok) log_warn(cat("could not draw the loss plot; run: ", python, " ", script, " ", run_dir));
+  return ok;
+}
+
+// Resuming must continue the same data stream: the settings that decide which windows a step trains on have to
+// match the checkpoint's run (a different DP layout or batch is an explicit error, not a silent re-shard).
+void check_same_data_stream(const PretrainConfig& now, const CheckpointMeta& meta, const std::string& ckpt) {
+  Recipe saved_recipe = Recipe::parse(meta.recipe, ckpt + ":recipe");
+  PretrainConfig was = pretrain_config_from_recipe(saved_recipe);
+  std::string diff;
+  auto compare = [&](const char* key, auto a, auto b) {
+    if (a != b) diff += cat("; ", key, " was ", a, ", now ", b);
+  };
+  compare("job.seed", was.seed, now.seed);
+  compare("training.batch_size", was.batch_size, now.batch_size);
+  compare("training.grad_accum", was.grad_accum, now.grad_accum);
+  compare("training.seq_len", was.seq_len, now.seq_len);
+  compare("data.separator", was.data.separator, now.data.separator);
+  compare("data.val_fraction", was.data.val_fraction, now.data.val_fraction);
+  compare("data.split_seed", was.data.split_seed, now.data.split_seed);
+  compare("data.document_mask", was.document_mask, now.document_mask);
+  if (!diff.empty())
+    TS_FAIL("cannot resume from '", ckpt, "' with a different data stream", diff,
+            " (start a new run to change these)");
 }
 
 }  // namespace
@@ -170,6 +220,7 @@ int run_pretrain(const TrainOptions& opts) {
   std::string recipe_path = opts.recipe_path;
   if (resuming) {
     if (!recipe_path.empty()) TS_FAIL("give either a recipe or --resume RUN_DIR, not both");
+    if (!opts.run_dir.empty()) TS_FAIL("--resume continues a run in its own directory; --run-dir cannot be combined with it");
     recipe_path = (fs::path(opts.resume_dir) / "recipe.toml").string();
     if (!fs::exists(recipe_path)) TS_FAIL("--resume ", opts.resume_dir, ": no recipe.toml in that run directory");
   }
@@ -178,11 +229,14 @@ int run_pretrain(const TrainOptions& opts) {
   if (resuming) cfg.run_dir = opts.resume_dir;
   if (!opts.run_dir.empty()) cfg.run_dir = opts.run_dir;
 
-  std::string resume_from = resuming ? latest_checkpoint(cfg.run_dir) : "";
-  if (!resuming && !latest_checkpoint(cfg.run_dir).empty())
+  std::string resume_from;
+  if (resuming) {
+    resume_from = latest_checkpoint(cfg.run_dir);
+    if (resume_from.empty()) TS_FAIL("--resume ", cfg.run_dir, ": no checkpoint to resume from in ", cfg.run_dir, "/checkpoints");
+  } else if (!latest_checkpoint(cfg.run_dir).empty()) {
     TS_FAIL("run directory '", cfg.run_dir, "' already holds checkpoints; continue it with `tessera train --resume ",
             cfg.run_dir, "` or choose another job.run_dir");
-  fs::create_directories(cfg.run_dir);
+  }
 
   ByteTokenizer tok;
   TextCorpus corpus = TextCorpus::load(cfg.data, tok);
@@ -200,13 +254,16 @@ int run_pretrain(const TrainOptions& opts) {
   fs::path metrics_path = fs::path(cfg.run_dir) / "metrics.jsonl";
   if (!resume_from.empty()) {
     CheckpointMeta meta = load_checkpoint(resume_from, cfg.model, params, &opt);
+    check_same_data_stream(cfg, meta, resume_from);
     if (meta.data_fingerprint != corpus.fingerprint)
-      TS_FAIL("checkpoint '", resume_from, "' was trained on different data than ", cfg.data.files[0],
-              " (token stream fingerprint differs); resuming would not continue the same run");
+      TS_FAIL("checkpoint '", resume_from, "' was trained on different data than data.train (",
+              join_paths(cfg.data.files), ") now holds (the token stream's fingerprint differs); resuming would not ",
+              "continue the same run");
     start_step = meta.step;
     truncate_metrics(metrics_path, start_step);
     log_info(cat("resuming from ", resume_from, " at step ", start_step));
   } else {
+    fs::create_directories(cfg.run_dir);
     write_atomically(metrics_path, "");
   }
   write_atomically(fs::path(cfg.run_dir) / "recipe.toml", cfg.recipe_toml);
@@ -215,15 +272,16 @@ int run_pretrain(const TrainOptions& opts) {
   const int64_t tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len;
   const double flops_per_token = cfg.model.train_flops_per_token(cfg.seq_len);
   log_info(cat("model: ", count_elements(params), " parameters; ", cfg.steps, " steps of ", tokens_per_step,
-               " tokens; MFU against ", peak / 1e9, " GFLOP/s (", cfg.peak_flops > 0 ? "recipe" : "measured fp32 GEMM",
-               ")"));
+               " tokens; MFU against ", peak / 1e9, " GFLOP/s (",
+               cfg.peak_flops > 0 ? "metrics.peak_flops" : "measured fp32 GEMM", ")"));
 
   std::ofstream metrics(metrics_path, std::ios::app);
   const double t_start = now_seconds();
-  double t_last = t_start;
-  int64_t steps_in_window = 0;
+  double window_compute = 0;  // training-step time since the last progress line (evals and checkpoints excluded)
+  int64_t window_steps = 0;
   for (int64_t step = start_step; step < cfg.steps; ++step) {
     if (opts.stop_after >= 0 && step >= start_step + opts.stop_after) break;
+    const double t_step = now_seconds();
     const double lr = cfg.schedule.at(step);
     model.zero_grad();
     std::vector<TokenBatch> micro;
@@ -237,49 +295,53 @@ int run_pretrain(const TrainOptions& opts) {
     const double loss = loss_sum / double(n_targets);
     if (!std::isfinite(loss))
       TS_FAIL("training loss is ", loss, " at step ", step + 1, "; the last checkpoint in ", cfg.run_dir,
-              " is intact (lower optimizer.lr or raise training.grad_clip?)");
+              " is intact (lower optimizer.lr or training.grad_clip?)");
     const double grad_norm = clip_grad_norm(params, cfg.grad_clip);
     opt.step(lr);
+    const double step_time = now_seconds() - t_step;
+    window_compute += step_time;
+    ++window_steps;
 
     const int64_t done = step + 1;
-    const double now = now_seconds();
-    ++steps_in_window;
-    const double step_time = (now - t_last) / double(steps_in_window);
     const double tokens_per_s = double(tokens_per_step) / step_time;
     const double mfu = tokens_per_s * flops_per_token / peak;
-    std::ostringstream line;
-    line.precision(6);
-    line << "{\"step\": " << done << ", \"loss\": " << loss << ", \"lr\": " << lr << ", \"grad_norm\": " << grad_norm
-         << ", \"tokens\": " << done * tokens_per_step << ", \"tokens_per_s\": " << tokens_per_s
-         << ", \"mfu\": " << mfu << ", \"elapsed_s\": " << now - t_start;
     const bool last = done == cfg.steps;
     double val_loss = NAN;
-    if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
+    if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last)
       val_loss = evaluate_loss(model, val_loader, cfg.batch_size, cfg.eval_batches);
-      line << ", \"val_loss\": " << val_loss;
-    }
-    line << "}";
-    metrics << line.str() << "\n" << std::flush;
+    metrics << "{\"step\": " << done << ", \"loss\": " << json_number(loss) << ", \"lr\": " << json_number(lr)
+            << ", \"grad_norm\": " << json_number(grad_norm) << ", \"tokens\": " << done * tokens_per_step
+            << ", \"tokens_per_s\": " << json_number(tokens_per_s) << ", \"mfu\": " << json_number(mfu)
+            << ", \"elapsed_s\": " << json_number(now_seconds() - t_start);
+    if (!std::isnan(val_loss)) metrics << ", \"val_loss\": " << json_number(val_loss);
+    metrics << "}\n" << std::flush;
+
     if (done % cfg.log_every == 0 || last || !std::isnan(val_loss)) {
-      double eta = (now - t_start) / double(done - start_step) * double(cfg.steps - done);
+      const double window_tps = double(tokens_per_step * window_steps) / window_compute;
+      const double eta = (now_seconds() - t_start) / double(done - start_step) * double(cfg.steps - done);
+      char val[32] = "";
+      if (!std::isnan(val_loss)) std::snprintf(val, sizeof val, " | val %.4f", val_loss);
       char buf[320];
       std::snprintf(buf, sizeof buf,
                     "step %6lld/%lld | loss %.4f%s | lr %.2e | gnorm %.3f | %.0f tok/s | MFU %.1f%% | ETA %s",
-                    (long long)done, (long long)cfg.steps, loss,
-                    std::isnan(val_loss) ? "" : cat(" | val ", std::to_string(val_loss).substr(0, 6)).c_str(), lr,
-                    grad_norm, tokens_per_s, 100 * mfu, format_duration(eta).c_str());
+                    (long long)done, (long long)cfg.steps, loss, val, lr, grad_norm, window_tps,
+                    100 * window_tps * flops_per_token / peak, format_duration(eta).c_str());
       log_info(buf);
-      t_last = now;
-      steps_in_window = 0;
+      window_compute = 0;
+      window_steps = 0;
     }
     if ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last) {
       CheckpointMeta meta{done, cfg.seed, corpus.fingerprint, cfg.recipe_toml, "byte"};
       save_checkpoint(checkpoint_path(cfg.run_dir, done), cfg.model, params, &opt, meta);
-      remove_old_checkpoints(cfg.run_dir, cfg.checkpoint_keep);
+      if (cfg.checkpoint_keep > 0) {
+        std::vector<std::string> all = list_checkpoints(cfg.run_dir);
+        for (size_t i = 0; i + cfg.checkpoint_keep < all.size(); ++i) fs::remove(all[i]);
+      }
     }
   }
-  plot_losses(cfg.run_dir);
-  log_info(cat("run directory: ", cfg.run_dir, " (metrics.jsonl, recipe.toml, checkpoints/, loss.png)"));
+  bool plotted = plot_losses(cfg.run_dir);
+  log_info(cat("run directory: ", cfg.run_dir, " (metrics.jsonl, recipe.toml, checkpoints/",
+               plotted ? ", loss.png" : "", ")"));
   return 0;
 }
 

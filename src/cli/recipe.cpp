@@ -422,10 +422,6 @@ const Recipe::Node* Recipe::lookup(const std::string& key) {
   return find_node(*root_, key);
 }
 
-void Recipe::fail_missing(const std::string& key) const {
-  TS_FAIL(path_, ": missing required key '", key, "'");
-}
-
 bool Recipe::has(const std::string& key) const {
   return find_node(*root_, key) != nullptr;
 }
@@ -537,11 +533,12 @@ std::vector<std::string> Recipe::get_string_list(const std::string& key,
   return v;
 }
 
-void Recipe::check_no_unknown_keys() const {
-  struct Unknown {
-    const Origin* origin;
-    std::string key;
-  };
+struct Recipe::Unknown {
+  const Origin* origin;
+  std::string key;
+};
+
+std::vector<Recipe::Unknown> Recipe::unknown_keys() const {
   std::vector<Unknown> unknown;
   // Leaves are values and empty tables; a whole subtree is skipped once its key is known.
   auto collect = [&](auto& self, const Node& n, const std::string& key) -> void {
@@ -557,6 +554,19 @@ void Recipe::check_no_unknown_keys() const {
     unknown.push_back({&n.origin, key});
   };
   collect(collect, *root_, "");
+  return unknown;
+}
+
+void Recipe::fail_missing(const std::string& key) const {
+  // A required key is most often missing because it is misspelled: name the misspelling where it is.
+  for (const Unknown& u : unknown_keys())
+    if (edit_distance(u.key, key) <= 2)
+      TS_FAIL(u.origin->where(), ": unknown key '", u.key, "' (did you mean '", key, "'?)");
+  TS_FAIL(path_, ": missing required key '", key, "'");
+}
+
+void Recipe::check_no_unknown_keys() const {
+  std::vector<Unknown> unknown = unknown_keys();
   if (unknown.empty()) return;
 
   // Files first in file/line order, then overrides.

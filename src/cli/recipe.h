@@ -71,6 +71,8 @@ class Recipe {
   // Marks `key` known and returns its node, or nullptr when absent.
   const Node* lookup(const std::string& key);
   [[noreturn]] void fail_missing(const std::string& key) const;
+  struct Unknown;
+  std::vector<Unknown> unknown_keys() const;  // present in the recipe, asked for by no getter
   bool is_known(const std::string& key) const;
 
   std::string path_;

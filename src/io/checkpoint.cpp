@@ -1,6 +1,7 @@
 #include "io/checkpoint.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <vector>
 
@@ -63,6 +64,17 @@ void check_format(const io::H5Reader& r, const std::string& path) {
     TS_FAIL("'", path, "' is not a Tessera checkpoint (no format attribute '", kFormat, "')");
 }
 
+// Weights and moments are finite by construction; a non-finite value means damage the HDF5 checksum missed
+// (Fletcher-32 cannot tell 0x0000 from 0xFFFF).
+void read_finite(const io::H5Reader& r, const std::string& path, const std::string& name, const Tensor& dst) {
+  r.read_into(name, dst);
+  const float* p = dst.dtype() == DType::f32 ? dst.data<float>() : nullptr;
+  for (int64_t i = 0; p && i < dst.numel(); ++i)
+    if (!std::isfinite(p[i]))
+      TS_FAIL("checkpoint '", path, "': tensor '", name, "' holds a non-finite value at element ", i,
+              "; the file is corrupted");
+}
+
 }  // namespace
 
 void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const AdamW* opt,
@@ -115,15 +127,15 @@ CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, 
   std::string diff;
   for (size_t i = 0; i < saved.size(); ++i)
     if (saved[i].second != want[i].second)
-      diff += cat("\n  model.", saved[i].first, ": checkpoint has ", saved[i].second, ", the recipe says ",
-                  want[i].second);
+      diff += cat(diff.empty() ? " " : "; ", "model.", saved[i].first, " is ", saved[i].second,
+                  " in the checkpoint, ", want[i].second, " in the recipe");
   if (!diff.empty()) TS_FAIL("checkpoint '", path, "' does not match the model of the recipe:", diff);
-  for (const Param* p : params) r.read_into("model/" + p->name, p->value);
+  for (const Param* p : params) read_finite(r, path, "model/" + p->name, p->value);
   if (opt) {
     if (!r.has_attr("optim.name")) TS_FAIL("checkpoint '", path, "' has no optimizer state to resume from");
     for (size_t i = 0; i < params.size(); ++i) {
-      r.read_into("optim/adamw/m/" + params[i]->name, opt->first_moments()[i]);
-      r.read_into("optim/adamw/v/" + params[i]->name, opt->second_moments()[i]);
+      read_finite(r, path, "optim/adamw/m/" + params[i]->name, opt->first_moments()[i]);
+      read_finite(r, path, "optim/adamw/v/" + params[i]->name, opt->second_moments()[i]);
     }
     opt->set_steps_taken(r.attr_int("optim.steps"));
   }
@@ -136,16 +148,26 @@ std::string checkpoint_path(const std::string& run_dir, int64_t step) {
   return (fs::path(run_dir) / "checkpoints" / name).string();
 }
 
-std::string latest_checkpoint(const std::string& run_dir) {
+// step_XXXXXXXX.h5 files by step number (other files in checkpoints/ are left alone).
+std::vector<std::string> list_checkpoints(const std::string& run_dir) {
   fs::path dir = fs::path(run_dir) / "checkpoints";
-  if (!fs::is_directory(dir)) return "";
-  std::vector<std::string> found;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    std::string n = e.path().filename().string();
-    if (n.starts_with("step_") && n.ends_with(".h5")) found.push_back(e.path().string());
-  }
-  if (found.empty()) return "";
-  return *std::max_element(found.begin(), found.end());  // zero-padded: lexical order is step order
+  std::vector<std::pair<long long, std::string>> found;
+  if (fs::is_directory(dir))
+    for (const auto& e : fs::directory_iterator(dir)) {
+      std::string n = e.path().filename().string();
+      char* end = nullptr;
+      long long step = n.starts_with("step_") ? std::strtoll(n.c_str() + 5, &end, 10) : -1;
+      if (step >= 0 && end && std::string(end) == ".h5") found.emplace_back(step, e.path().string());
+    }
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> paths;
+  for (auto& f : found) paths.push_back(std::move(f.second));
+  return paths;
+}
+
+std::string latest_checkpoint(const std::string& run_dir) {
+  std::vector<std::string> all = list_checkpoints(run_dir);
+  return all.empty() ? "" : all.back();
 }
 
 std::string resolve_checkpoint(const std::string& p) {

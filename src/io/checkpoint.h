@@ -3,6 +3,7 @@
 // effective recipe as root attributes. Writes are atomic (H5Writer).
 #pragma once
 #include <string>
+#include <vector>
 
 #include "model/config.h"
 #include "model/param.h"
@@ -32,6 +33,7 @@ CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, 
 // Checkpoint files of a run directory: RUN/checkpoints/step_XXXXXXXX.h5. latest_checkpoint returns "" if none.
 std::string checkpoint_path(const std::string& run_dir, int64_t step);
 std::string latest_checkpoint(const std::string& run_dir);
+std::vector<std::string> list_checkpoints(const std::string& run_dir);  // oldest first
 // A path that is a run directory resolves to its latest checkpoint; a file is returned as is.
 std::string resolve_checkpoint(const std::string& path_or_run_dir);
 

@@ -48,6 +48,18 @@ expect_fail new_into_existing_flag "$WORK/R" "already holds checkpoints" \
   -- "$TESSERA" train "$WORK/r.toml" --run-dir "$WORK/R" --set training.steps=12
 expect_unchanged new_into_existing_flag "$WORK/R" "$WORK/R.before"
 
+step "--resume R --run-dir ELSEWHERE: refused, or continues R's checkpoint there; never a fresh run"
+rc=0
+"$TESSERA" train --resume "$WORK/R" --run-dir "$WORK/fork" --set training.steps=12 \
+  > "$WORK/fork.out" 2> "$WORK/fork.err" || rc=$?
+if [[ $rc -eq 0 ]] && grep -q '"step": 1,' "$WORK/fork/metrics.jsonl" 2> /dev/null; then
+  check_failed "resume_run_dir: 'train --resume R --run-dir X' exited 0 but trained X from step 1 instead of" \
+               "continuing R (or refusing); its log: $(tr '\n' ' ' < "$WORK/fork.err" | head -c 400)"
+else
+  echo "ok: resume_run_dir (exit $rc)"
+fi
+expect_unchanged resume_run_dir "$WORK/R" "$WORK/R.before"
+
 step "--resume of a run whose latest checkpoint is truncated"
 cp -a "$WORK/R" "$WORK/R2"
 truncate -s $((size / 2)) "$WORK/R2/checkpoints/step_00000010.h5"
@@ -59,4 +71,4 @@ step "the undamaged run still evaluates"
 "$TESSERA" eval "$WORK/R" > "$WORK/eval.out"
 grep -q '"step": 10' "$WORK/eval.out" || { cat "$WORK/eval.out" >&2; fail "eval of R does not report step 10"; }
 expect_unchanged final "$WORK/R" "$WORK/R.before"
-echo PASS
+finish

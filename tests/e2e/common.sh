@@ -9,6 +9,7 @@ if [[ $# -lt 3 ]]; then
   echo "usage: $0 TESSERA_BINARY PYTHON WORK_ROOT" >&2
   exit 2
 fi
+# shellcheck disable=SC2034  # TESSERA, TINY: used by the scripts that source this file
 TESSERA=$(realpath "$1")
 PY=$2
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -17,6 +18,9 @@ mkdir -p "$3"
 WORK=$(mktemp -d "$(realpath "$3")/$(basename "$0" .sh).XXXXXX")
 # Small, fixed thread count: results must not depend on it, and the tests share a small machine.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# `tessera train` ends by running $TESSERA_PYTHON launch/plot_metrics.py to draw loss.png; that costs a Python
+# start and a matplotlib import per run, so the tests turn it off (cli_smoke turns it back on once).
+export TESSERA_PYTHON=true
 
 on_exit() {
   local rc=$?
@@ -28,9 +32,24 @@ on_exit() {
 }
 trap on_exit EXIT
 
+# fail: a broken precondition; stops the script. check_failed: one failed case; the script goes on with the
+# other cases and `finish` exits 1 at the end, so one run reports every failing case.
+FAILED_CASES=()
 fail() {
   echo "FAIL: $*" >&2
   exit 1
+}
+check_failed() {
+  echo "FAIL: $*" >&2
+  FAILED_CASES+=("$1")
+}
+finish() {
+  if [[ ${#FAILED_CASES[@]} -gt 0 ]]; then
+    echo "${#FAILED_CASES[@]} failed case(s):" >&2
+    printf '  %s\n' "${FAILED_CASES[@]}" >&2
+    exit 1
+  fi
+  echo PASS
 }
 
 step() { echo "--- $*"; }
@@ -112,7 +131,8 @@ expect_fail() {
   if [[ $rc -eq 0 ]]; then
     echo "stdout:" >&2
     cat "$WORK/$name.out" >&2
-    fail "$name: expected a non-zero exit status from: $*"
+    check_failed "$name: expected a non-zero exit status from: $*"
+    return 0
   fi
   if [[ $rc -eq 126 || $rc -eq 127 ]]; then
     cat "$err" >&2
@@ -120,14 +140,16 @@ expect_fail() {
   fi
   if [[ $rc -ge 128 ]]; then
     cat "$err" >&2
-    fail "$name: the command died with signal $((rc - 128)) instead of reporting an error: $*"
+    check_failed "$name: the command died with signal $((rc - 128)) instead of reporting an error: $*"
+    return 0
   fi
   local s
   for s in "${needles[@]}"; do
     if ! grep -qF -- "$s" "$err"; then
       echo "stderr of: $*" >&2
       cat "$err" >&2
-      fail "$name: stderr does not mention '$s'"
+      check_failed "$name: stderr does not mention '$s'"
+      return 0
     fi
   done
   echo "ok: $name (exit $rc): $(head -c 300 "$err" | tr '\n' ' ')"
@@ -142,6 +164,6 @@ snapshot() {
 expect_unchanged() {
   local name=$1 dir=$2 before=$3
   if ! diff <(cat "$before") <(snapshot "$dir") >&2; then
-    fail "$name: files in $dir changed (diff above: < before, > after)"
+    check_failed "$name: files in $dir changed (diff above: < before, > after)"
   fi
 }

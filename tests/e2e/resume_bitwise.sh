@@ -11,7 +11,7 @@ STEPS=20
 make_corpus "$WORK/corpus.txt" 600
 write_recipe "$WORK/recipe.toml" "$WORK/corpus.txt" "$WORK/unused"
 # batch_size 64 makes a step slow enough (tens of ms or more) to kill the run between checkpoints.
-SETS=(--set training.steps=$STEPS training.batch_size=64 checkpoint.every=4 eval.every=5 eval.batches=2)
+SETS=(--set "training.steps=$STEPS" training.batch_size=64 checkpoint.every=4 eval.every=5 eval.batches=2)
 
 latest_step() {  # latest_step RUN_DIR: the step of the newest checkpoint file, or 0
   local f
@@ -23,11 +23,15 @@ step "A: $STEPS steps uninterrupted"
 "$TESSERA" train "$WORK/recipe.toml" "${SETS[@]}" job.run_dir="$WORK/A" 2> "$WORK/A.log"
 [[ -f $WORK/A/checkpoints/step_$(printf %08d $STEPS).h5 ]] || fail "A: no final checkpoint"
 
-step "B: same recipe, killed with SIGKILL once a checkpoint of step >= 8 exists"
+metrics_lines() { if [[ -f $1/metrics.jsonl ]]; then wc -l < "$1/metrics.jsonl"; else echo 0; fi; }
+
+# Killed after step 10 is logged: then metrics.jsonl runs ahead of the latest checkpoint (step 8), and the
+# resume must drop those lines and write them again.
+step "B: same recipe, killed with SIGKILL after step 10 (checkpoints at 4 and 8 exist, the next is at 12)"
 "$TESSERA" train "$WORK/recipe.toml" "${SETS[@]}" job.run_dir="$WORK/B" 2> "$WORK/B1.log" &
 pid=$!
 deadline=$((SECONDS + 120))
-while [[ $(latest_step "$WORK/B") -lt 8 ]]; do
+while [[ $(latest_step "$WORK/B") -lt 8 || $(metrics_lines "$WORK/B") -lt 10 ]]; do
   if ! kill -0 $pid 2>/dev/null; then break; fi
   [[ $SECONDS -lt $deadline ]] || { kill -9 $pid; fail "B: no checkpoint of step >= 8 after 120 s"; }
   sleep 0.01
@@ -41,12 +45,20 @@ if [[ $rc -ne 137 ]]; then
        "make the run slower (training.batch_size) so that the kill lands between step 8 and step $STEPS"
 fi
 [[ $killed_at -ge 8 && $killed_at -lt $STEPS ]] || fail "B: killed with latest checkpoint at step $killed_at"
-lines_before=$(wc -l < "$WORK/B/metrics.jsonl")
+lines_before=$(metrics_lines "$WORK/B")
 echo "B killed: latest checkpoint step $killed_at, metrics.jsonl has $lines_before lines; leftovers:" \
-     $(ls "$WORK/B/checkpoints")
+     "$(ls "$WORK/B/checkpoints" | tr '\n' ' ')"
+[[ $lines_before -gt $killed_at ]] \
+  || echo "note: the kill came right after a checkpoint, so no metrics lines had to be dropped this time"
+
+head -n "$killed_at" "$WORK/B/metrics.jsonl" > "$WORK/B.kept"
 
 step "B: tessera train --resume"
 "$TESSERA" train --resume "$WORK/B" 2> "$WORK/B2.log"
+# The lines up to the checkpoint stay as they were, timings included (a run restarted from scratch would
+# rewrite them with other timings), and the lines after it were dropped and written again.
+cmp <(head -n "$killed_at" "$WORK/B/metrics.jsonl") "$WORK/B.kept" \
+  || fail "B: the resume rewrote metrics.jsonl lines of steps <= $killed_at (did it restart from scratch?)"
 grep -q "resuming from .*step_$(printf %08d "$killed_at").h5 at step $killed_at" "$WORK/B2.log" \
   || { cat "$WORK/B2.log" >&2; fail "B: the resume log does not say it resumed from step $killed_at"; }
 
@@ -91,4 +103,4 @@ loss_a=$("$PY" -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline(
 loss_s=$("$PY" -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["loss"])' "$WORK/S/metrics.jsonl")
 [[ $loss_a != "$loss_s" ]] || fail "job.seed=2 gives the same step-1 loss as job.seed=1 ($loss_a)"
 echo "step-1 loss: seed 1 $loss_a, seed 2 $loss_s"
-echo PASS
+finish
