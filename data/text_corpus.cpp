@@ -43,15 +43,15 @@ std::vector<std::string> split_documents(const std::string& text, const std::str
   return docs;
 }
 
-void append_document(TokenSplit& split, const std::vector<int32_t>& ids, bool with_eos) {
-  split.doc_starts.push_back(static_cast<int64_t>(split.tokens.size()));
+void append_document(TokenSplit& split, const std::vector<int32_t>& ids, int32_t eos) {
+  split.starts.push_back(static_cast<int64_t>(split.tokens.size()));
   split.tokens.insert(split.tokens.end(), ids.begin(), ids.end());
-  if (with_eos) split.tokens.push_back(ByteTokenizer::kEos);
+  if (eos >= 0) split.tokens.push_back(eos);
 }
 
 }  // namespace
 
-TextCorpus TextCorpus::load(const TextCorpusConfig& cfg, const ByteTokenizer& tok) {
+TextCorpus TextCorpus::load(const TextCorpusConfig& cfg, const Tokenizer& tok) {
   if (cfg.files.empty()) TS_FAIL("data: no input files given");
   TextCorpus c;
   std::vector<std::vector<int32_t>> docs;
@@ -61,17 +61,17 @@ TextCorpus TextCorpus::load(const TextCorpusConfig& cfg, const ByteTokenizer& to
     for (std::string& d : split_documents(text, cfg.separator)) docs.push_back(tok.encode(d));
   }
   c.n_documents = static_cast<int64_t>(docs.size());
-  const bool with_eos = !cfg.separator.empty();
+  const int32_t eos = cfg.separator.empty() ? -1 : tok.eos_id();
   if (docs.size() == 1) {
     // One document: hold out its tail (the usual split for a single corpus such as tinyshakespeare).
     const auto& d = docs[0];
     int64_t n_val = static_cast<int64_t>(double(d.size()) * cfg.val_fraction);
-    append_document(c.train, {d.begin(), d.end() - n_val}, with_eos);
-    if (n_val > 0) append_document(c.val, {d.end() - n_val, d.end()}, with_eos);
+    append_document(c.train, {d.begin(), d.end() - n_val}, eos);
+    if (n_val > 0) append_document(c.val, {d.end() - n_val, d.end()}, eos);
   } else {
     Rng pick{cfg.split_seed, stream_id("val-split")};
     for (size_t i = 0; i < docs.size(); ++i)
-      append_document(pick.uniform(i) < cfg.val_fraction ? c.val : c.train, docs[i], with_eos);
+      append_document(pick.uniform(i) < cfg.val_fraction ? c.val : c.train, docs[i], eos);
   }
   // FNV-1a over both splits and their document starts, with the split sizes as boundaries.
   uint64_t h = 1469598103934665603ull;
@@ -79,16 +79,16 @@ TextCorpus TextCorpus::load(const TextCorpusConfig& cfg, const ByteTokenizer& to
   for (const TokenSplit* s : {&c.train, &c.val}) {
     mix(s->tokens.size());
     for (int32_t t : s->tokens) mix(static_cast<uint32_t>(t));
-    for (int64_t d : s->doc_starts) mix(static_cast<uint64_t>(d));
+    for (int64_t d : s->starts) mix(static_cast<uint64_t>(d));
   }
   c.fingerprint = h;
   return c;
 }
 
-PackedLoader::PackedLoader(const TokenSplit* split, int64_t seq_len, uint64_t seed, bool document_mask)
+PackedLoader::PackedLoader(const TokenStore* split, int64_t seq_len, uint64_t seed, bool document_mask)
     : split_(split), seq_len_(seq_len), seed_(seed), document_mask_(document_mask) {
-  if (static_cast<int64_t>(split->tokens.size()) < seq_len + 1)
-    TS_FAIL("data split has ", split->tokens.size(), " tokens, fewer than one sequence of ", seq_len + 1,
+  if (split->size() < seq_len + 1)
+    TS_FAIL("data split has ", split->size(), " tokens, fewer than one sequence of ", seq_len + 1,
             " (seq_len + 1); use a smaller training.seq_len or more data");
 }
 
@@ -102,12 +102,20 @@ static TokenBatch make_batch(int64_t B, int64_t T, bool with_doc) {
 
 void PackedLoader::fill_row(int64_t start, TokenBatch& b, int64_t row) const {
   const int64_t T = seq_len_;
-  const int32_t* tok = split_->tokens.data() + start;
-  std::copy(tok, tok + T, b.ids.data<int32_t>() + row * T);
-  std::copy(tok + 1, tok + T + 1, b.targets.data<int32_t>() + row * T);
+  std::vector<int32_t> window(T + 1);
+  split_->read(start, T + 1, window.data());
+  std::copy(window.begin(), window.end() - 1, b.ids.data<int32_t>() + row * T);
+  int32_t* targets = b.targets.data<int32_t>() + row * T;
+  std::copy(window.begin() + 1, window.end(), targets);
+  if (split_->has_loss_mask()) {
+    std::vector<uint8_t> mask(T + 1);
+    split_->read_mask(start, T + 1, mask.data());
+    for (int64_t t = 0; t < T; ++t)
+      if (!mask[t + 1]) targets[t] = -1;  // the token at t + 1 is not trained on (prompt, user turn)
+  }
   if (!b.doc.defined()) return;
   // Document index relative to the window's first document.
-  const auto& ds = split_->doc_starts;
+  const auto& ds = split_->doc_starts();
   auto next = std::upper_bound(ds.begin(), ds.end(), start);
   int32_t d = 0;
   int32_t* out = b.doc.data<int32_t>() + row * T;
@@ -120,7 +128,7 @@ void PackedLoader::fill_row(int64_t start, TokenBatch& b, int64_t row) const {
 TokenBatch PackedLoader::train_batch(int64_t step, int64_t micro, int64_t accum, int64_t B, int64_t dp_rank,
                                      int64_t dp_size) const {
   TokenBatch b = make_batch(B, seq_len_, document_mask_);
-  const uint64_t n_starts = split_->tokens.size() - seq_len_;  // windows need T + 1 tokens
+  const uint64_t n_starts = split_->size() - seq_len_;  // windows need T + 1 tokens
   Rng rng{seed_, stream_id("train-windows")};
   for (int64_t r = 0; r < B; ++r) {
     int64_t g = ((step * accum + micro) * dp_size + dp_rank) * B + r;
@@ -129,7 +137,7 @@ TokenBatch PackedLoader::train_batch(int64_t step, int64_t micro, int64_t accum,
   return b;
 }
 
-int64_t PackedLoader::eval_windows() const { return (int64_t(split_->tokens.size()) - 1) / seq_len_; }
+int64_t PackedLoader::eval_windows() const { return (split_->size() - 1) / seq_len_; }
 
 TokenBatch PackedLoader::eval_batch(int64_t first_window, int64_t B) const {
   TS_CHECK(first_window + B <= eval_windows(), "eval batch beyond the held-out split");

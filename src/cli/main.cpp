@@ -7,6 +7,8 @@
 #include "cli/pretrain.h"
 #include "cli/sample.h"
 #include "core/log.h"
+#include "data/byte_tokenizer.h"
+#include "data/token_dataset.h"
 #include "data/text_corpus.h"
 #include "io/checkpoint.h"
 #include "io/hf_export.h"
@@ -18,9 +20,11 @@ namespace fs = std::filesystem;
 namespace {
 
 // Rebuilds the model a checkpoint was saved with and loads its weights.
+// with the run's recipe (which also names the tokenizer).
 struct LoadedModel {
   std::string path;
   CheckpointMeta meta;
+  PretrainConfig run;
   std::unique_ptr<DenseModel> model;
 };
 LoadedModel load_model(const std::string& ckpt_or_run) {
@@ -29,6 +33,8 @@ LoadedModel load_model(const std::string& ckpt_or_run) {
   ModelConfig cfg = checkpoint_model_config(l.path);
   l.model = std::make_unique<DenseModel>(cfg);
   l.meta = load_checkpoint(l.path, cfg, l.model->params(), nullptr);
+  Recipe recipe = Recipe::parse(l.meta.recipe, l.path + ":recipe");
+  l.run = pretrain_config_from_recipe(recipe);
   return l;
 }
 
@@ -37,31 +43,54 @@ LoadedModel load_model(const std::string& ckpt_or_run) {
 int cmd_eval(const std::string& ckpt, const std::vector<std::string>& data, const std::string& separator,
              int64_t seq_len, int64_t batch_size, int64_t max_batches) {
   LoadedModel l = load_model(ckpt);
-  Recipe recipe = Recipe::parse(l.meta.recipe, l.path + ":recipe");
-  PretrainConfig run = pretrain_config_from_recipe(recipe);
-  TextCorpusConfig dc = run.data;
-  std::string split = "val";
-  if (!data.empty()) {
-    dc = TextCorpusConfig{data, separator, 0.0, 0};
-    split = "all";
-  }
+  const PretrainConfig& run = l.run;
   if (seq_len <= 0) seq_len = run.seq_len;
   if (batch_size <= 0) batch_size = run.batch_size;
   if (max_batches <= 0) max_batches = run.eval_batches;
-  TextCorpus corpus = TextCorpus::load(dc, ByteTokenizer());
-  PackedLoader loader(split == "val" ? &corpus.val : &corpus.train, seq_len, run.seed, run.document_mask);
-  double loss = evaluate_loss(*l.model, loader, batch_size, max_batches);
-  std::printf("{\"checkpoint\": \"%s\", \"step\": %lld, \"split\": \"%s\", \"seq_len\": %lld, \"loss\": %.6f}\n",
-              l.path.c_str(), (long long)l.meta.step, split.c_str(), (long long)seq_len, loss);
+  TrainingData own;
+  TextCorpus other;
+  const TokenStore* split;
+  std::unique_ptr<Tokenizer> tok = load_tokenizer(run.tokenizer_kind, run.tokenizer_model);
+  if (data.empty()) {
+    own = TrainingData::load(run);
+    split = own.val();
+  } else {
+    other = TextCorpus::load(TextCorpusConfig{data, separator, 0.0, 0}, *tok);
+    split = &other.train;
+  }
+  PackedLoader loader(split, seq_len, run.seed, run.document_mask);
+  EvalResult r = evaluate_loss(*l.model, loader, *tok, batch_size, max_batches);
+  std::printf("{\"checkpoint\": \"%s\", \"step\": %lld, \"split\": \"%s\", \"seq_len\": %lld, \"loss\": %.6f, "
+              "\"nats_per_byte\": %.6f}\n",
+              l.path.c_str(), (long long)l.meta.step, data.empty() ? "val" : "all", (long long)seq_len,
+              r.nats_per_token, r.nats_per_byte);
   return 0;
 }
 
 int cmd_sample(const std::string& ckpt, const std::string& prompt, const SamplingOptions& opt) {
   LoadedModel l = load_model(ckpt);
-  ByteTokenizer tok;
-  std::vector<int32_t> ids = tok.encode(prompt);
-  std::vector<int32_t> out = sample_tokens(*l.model, ids, opt);
-  std::cout << tok.decode(out) << std::endl;
+  std::unique_ptr<Tokenizer> tok = load_tokenizer(l.run.tokenizer_kind, l.run.tokenizer_model);
+  std::vector<int32_t> out = sample_tokens(*l.model, tok->encode(prompt), opt);
+  std::cout << tok->decode(out) << std::endl;
+  return 0;
+}
+
+// `tessera data prepare`: text or JSONL files to an HDF5 token dataset, with a progress line.
+int cmd_data_prepare(const PrepareOptions& opt, const std::string& tokenizer_kind, const std::string& tokenizer_model) {
+  std::unique_ptr<Tokenizer> tok = load_tokenizer(tokenizer_kind, tokenizer_model);
+  const double t0 = now_seconds();
+  auto progress = [&](int64_t done, int64_t total) {
+    double dt = std::max(now_seconds() - t0, 1e-9), rate = double(done) / dt;
+    std::fprintf(stderr, "\rprepare: %.1f / %.1f MB (%3.0f%%) | %.1f MB/s | ETA %.0fs   ", done / 1e6, total / 1e6,
+                 100.0 * double(done) / double(std::max<int64_t>(total, 1)), rate / 1e6,
+                 double(total - done) / std::max(rate, 1.0));
+  };
+  PrepareStats st = prepare_dataset(opt, *tok, progress);
+  std::fprintf(stderr, "\n");
+  std::printf("{\"output\": \"%s\", \"documents\": %lld, \"train_tokens\": %lld, \"val_tokens\": %lld, "
+              "\"train_bytes\": %lld, \"val_bytes\": %lld, \"seconds\": %.3f}\n",
+              opt.output.c_str(), (long long)st.documents, (long long)st.train_tokens, (long long)st.val_tokens,
+              (long long)st.train_bytes, (long long)st.val_bytes, now_seconds() - t0);
   return 0;
 }
 
@@ -82,7 +111,8 @@ int cmd_ckpt_info(const std::string& ckpt) {
 int cmd_inspect(const std::string& recipe_path, const std::vector<std::string>& overrides, int64_t seq_len) {
   Recipe r = Recipe::load(recipe_path, overrides);
   r.allow_section("");  // inspect reads the model only; other sections belong to stages
-  ModelConfig cfg = model_config_from_recipe(r, ByteTokenizer().vocab_size());
+  std::string kind = r.get_string("tokenizer.kind", "byte"), model_file = r.get_string("tokenizer.model", "");
+  ModelConfig cfg = model_config_from_recipe(r, load_tokenizer(kind, model_file)->vocab_size());
   if (seq_len <= 0) seq_len = cfg.max_seq_len;
   DenseModel model(cfg);
   int64_t total = count_elements(model.params());
@@ -147,6 +177,21 @@ int main(int argc, char** argv) {
   c_inspect->add_option("--set", overrides, "override a recipe key")->take_all();
   c_inspect->add_option("--seq-len", seq_len, "context length for FLOPs (default: max_seq_len)");
 
+  PrepareOptions prep;
+  std::string tok_kind = "byte", tok_model;
+  auto* c_data = app.add_subcommand("data", "tokenizers and token datasets");
+  c_data->require_subcommand(1);
+  auto* c_prepare = c_data->add_subcommand("prepare", "tokenize text or JSONL files into an HDF5 token dataset");
+  c_prepare->add_option("inputs", prep.inputs, "input files")->required();
+  c_prepare->add_option("--out", prep.output, "output .h5 file")->required();
+  c_prepare->add_option("--format", prep.format, "text or jsonl")->check(CLI::IsMember({"text", "jsonl"}));
+  c_prepare->add_option("--separator", prep.separator, "text: a line holding only this separates documents");
+  c_prepare->add_option("--fields", prep.fields, "jsonl: string fields joined into each document")->delimiter(',');
+  c_prepare->add_option("--val-fraction", prep.val_fraction, "fraction of documents held out")->check(CLI::Range(0.0, 0.9));
+  c_prepare->add_option("--seed", prep.seed, "seed of the train / held-out split");
+  c_prepare->add_option("--tokenizer", tok_kind, "byte or sentencepiece")->check(CLI::IsMember({"byte", "sentencepiece"}));
+  c_prepare->add_option("--tokenizer-model", tok_model, "sentencepiece .model file");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -166,6 +211,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (*c_inspect) return cmd_inspect(recipe_path, overrides, seq_len);
+    if (*c_prepare) return cmd_data_prepare(prep, tok_kind, tok_model);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

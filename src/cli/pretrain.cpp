@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/log.h"
+#include "data/byte_tokenizer.h"
 #include "io/checkpoint.h"
 #include "model/dense.h"
 #include "ops/ops.h"
@@ -50,11 +51,16 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.name = r.get_string("job.name", fs::path(r.path()).stem().string());
   c.run_dir = r.get_string("job.run_dir", "runs/" + c.name);
   c.seed = static_cast<uint64_t>(r.get_int("job.seed", 0, 0));
-  r.get_string("tokenizer.kind", "byte", {"byte"});
-  c.model = model_config_from_recipe(r, ByteTokenizer().vocab_size());
+  c.tokenizer_kind = r.get_string("tokenizer.kind", "byte", {"byte", "sentencepiece"});
+  c.tokenizer_model = r.get_string("tokenizer.model", "");
+  if (c.tokenizer_kind == "sentencepiece" && c.tokenizer_model.empty())
+    TS_FAIL(r.path(), ": tokenizer.kind = \"sentencepiece\" needs tokenizer.model (a .model file)");
+  c.model = model_config_from_recipe(r, load_tokenizer(c.tokenizer_kind, c.tokenizer_model)->vocab_size());
 
   c.data.files = r.get_string_list("data.train", {});
-  if (c.data.files.empty()) TS_FAIL(r.path(), ": data.train must list at least one text file");
+  c.dataset = r.get_string("data.dataset", "");
+  if (c.data.files.empty() == c.dataset.empty())
+    TS_FAIL(r.path(), ": give either data.train (text files) or data.dataset (an HDF5 token dataset)");
   c.data.separator = r.get_string("data.separator", "");
   c.data.val_fraction = r.get_double("data.val_fraction", 0.1, 0.0, 0.9);
   c.data.split_seed = static_cast<uint64_t>(r.get_int("data.split_seed", 0, 0));
@@ -92,18 +98,46 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   return c;
 }
 
-double evaluate_loss(DenseModel& model, const PackedLoader& loader, int64_t batch_size, int64_t max_batches) {
+EvalResult evaluate_loss(DenseModel& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
+                         int64_t max_batches) {
+  std::vector<int64_t> bytes(tok.vocab_size());
+  for (int32_t id = 0; id < tok.vocab_size(); ++id) bytes[id] = tok.token_bytes(id);
   int64_t windows = loader.eval_windows();
   int64_t bs = std::min(batch_size, windows);  // a held-out split smaller than one batch: one short batch
   int64_t batches = std::min(max_batches, windows / bs);
   double total = 0;
-  int64_t count = 0;
+  int64_t count = 0, n_bytes = 0;
   for (int64_t i = 0; i < batches; ++i) {
     TokenBatch b = loader.eval_batch(i * bs, bs);
     total += model.forward(b);
     count += b.count_targets();
+    const int32_t* t = b.targets.data<int32_t>();
+    for (int64_t k = 0; k < b.targets.numel(); ++k)
+      if (t[k] >= 0) n_bytes += bytes[t[k]];
   }
-  return total / double(count);
+  return {total / double(count), total / double(std::max<int64_t>(n_bytes, 1))};
+}
+
+TrainingData TrainingData::load(const PretrainConfig& cfg) {
+  TrainingData d;
+  d.tokenizer = load_tokenizer(cfg.tokenizer_kind, cfg.tokenizer_model);
+  if (!cfg.dataset.empty()) {
+    d.dataset = TokenDataset::open(cfg.dataset, d.tokenizer.get());
+    // Sizes and document starts: cheap to hash at any corpus size, and they change with any re-preparation.
+    uint64_t h = d.tokenizer->hash();
+    for (const TokenStore* s : {d.train(), d.val()}) {
+      h = (h ^ uint64_t(s->size())) * 1099511628211ull;
+      for (int64_t x : s->doc_starts()) h = (h ^ uint64_t(x)) * 1099511628211ull;
+    }
+    d.fingerprint = h;
+  } else {
+    d.corpus = TextCorpus::load(cfg.data, *d.tokenizer);
+    d.fingerprint = d.corpus.fingerprint;
+  }
+  if (d.val()->size() < cfg.seq_len + 1)
+    TS_FAIL("data: the held-out split has ", d.val()->size(), " tokens, fewer than one sequence of ", cfg.seq_len + 1,
+            "; raise data.val_fraction or use more data");
+  return d;
 }
 
 double measure_gemm_peak() {
@@ -208,6 +242,7 @@ void check_same_data_stream(const PretrainConfig& now, const CheckpointMeta& met
   compare("data.val_fraction", was.data.val_fraction, now.data.val_fraction);
   compare("data.split_seed", was.data.split_seed, now.data.split_seed);
   compare("data.document_mask", was.document_mask, now.document_mask);
+  compare("tokenizer.kind", was.tokenizer_kind, now.tokenizer_kind);
   if (!diff.empty())
     TS_FAIL("cannot resume from '", ckpt, "' with a different data stream", diff,
             " (start a new run to change these)");
@@ -238,13 +273,9 @@ int run_pretrain(const TrainOptions& opts) {
             cfg.run_dir, "` or choose another job.run_dir");
   }
 
-  ByteTokenizer tok;
-  TextCorpus corpus = TextCorpus::load(cfg.data, tok);
-  PackedLoader train_loader(&corpus.train, cfg.seq_len, cfg.seed, cfg.document_mask);
-  if (corpus.val.tokens.size() < size_t(cfg.seq_len + 1))
-    TS_FAIL("data: the held-out split has ", corpus.val.tokens.size(), " tokens, fewer than one sequence of ",
-            cfg.seq_len + 1, "; raise data.val_fraction or use more data");
-  PackedLoader val_loader(&corpus.val, cfg.seq_len, cfg.seed, cfg.document_mask);
+  TrainingData data = TrainingData::load(cfg);
+  PackedLoader train_loader(data.train(), cfg.seq_len, cfg.seed, cfg.document_mask);
+  PackedLoader val_loader(data.val(), cfg.seq_len, cfg.seed, cfg.document_mask);
 
   DenseModel model(cfg.model);
   ParamList params = model.params();
@@ -255,9 +286,9 @@ int run_pretrain(const TrainOptions& opts) {
   if (!resume_from.empty()) {
     CheckpointMeta meta = load_checkpoint(resume_from, cfg.model, params, &opt);
     check_same_data_stream(cfg, meta, resume_from);
-    if (meta.data_fingerprint != corpus.fingerprint)
-      TS_FAIL("checkpoint '", resume_from, "' was trained on different data than data.train (",
-              join_paths(cfg.data.files), ") now holds (the token stream's fingerprint differs); resuming would not ",
+    if (meta.data_fingerprint != data.fingerprint)
+      TS_FAIL("checkpoint '", resume_from, "' was trained on different data than data.train / data.dataset (",
+              cfg.dataset.empty() ? join_paths(cfg.data.files) : cfg.dataset, ") now holds (the token stream's fingerprint differs); resuming would not ",
               "continue the same run");
     start_step = meta.step;
     truncate_metrics(metrics_path, start_step);
@@ -306,14 +337,17 @@ int run_pretrain(const TrainOptions& opts) {
     const double tokens_per_s = double(tokens_per_step) / step_time;
     const double mfu = tokens_per_s * flops_per_token / peak;
     const bool last = done == cfg.steps;
-    double val_loss = NAN;
-    if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last)
-      val_loss = evaluate_loss(model, val_loader, cfg.batch_size, cfg.eval_batches);
+    double val_loss = NAN, val_per_byte = NAN;
+    if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
+      EvalResult ev = evaluate_loss(model, val_loader, *data.tokenizer, cfg.batch_size, cfg.eval_batches);
+      val_loss = ev.nats_per_token, val_per_byte = ev.nats_per_byte;
+    }
     metrics << "{\"step\": " << done << ", \"loss\": " << json_number(loss) << ", \"lr\": " << json_number(lr)
             << ", \"grad_norm\": " << json_number(grad_norm) << ", \"tokens\": " << done * tokens_per_step
             << ", \"tokens_per_s\": " << json_number(tokens_per_s) << ", \"mfu\": " << json_number(mfu)
             << ", \"elapsed_s\": " << json_number(now_seconds() - t_start);
-    if (!std::isnan(val_loss)) metrics << ", \"val_loss\": " << json_number(val_loss);
+    if (!std::isnan(val_loss))
+      metrics << ", \"val_loss\": " << json_number(val_loss) << ", \"val_nats_per_byte\": " << json_number(val_per_byte);
     metrics << "}\n" << std::flush;
 
     if (done % cfg.log_every == 0 || last || !std::isnan(val_loss)) {
@@ -331,7 +365,7 @@ int run_pretrain(const TrainOptions& opts) {
       window_steps = 0;
     }
     if ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last) {
-      CheckpointMeta meta{done, cfg.seed, corpus.fingerprint, cfg.recipe_toml, "byte"};
+      CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind};
       save_checkpoint(checkpoint_path(cfg.run_dir, done), cfg.model, params, &opt, meta);
       if (cfg.checkpoint_keep > 0) {
         std::vector<std::string> all = list_checkpoints(cfg.run_dir);

@@ -6,6 +6,7 @@
 
 #include "cli/recipe.h"
 #include "data/text_corpus.h"
+#include "data/token_dataset.h"
 #include "model/config.h"
 #include "optim/adamw.h"
 
@@ -16,7 +17,9 @@ struct PretrainConfig {
   std::string run_dir;
   uint64_t seed = 0;
   ModelConfig model;
-  TextCorpusConfig data;
+  std::string tokenizer_kind = "byte", tokenizer_model;
+  TextCorpusConfig data;  // text files tokenized at start (data.train) ...
+  std::string dataset;    // ... or an HDF5 token dataset made by `tessera data prepare` (data.dataset)
   bool document_mask = true;
   int64_t steps = 0, batch_size = 0, seq_len = 0, grad_accum = 1;
   double grad_clip = 1.0;
@@ -27,6 +30,21 @@ struct PretrainConfig {
   int64_t log_every = 1;
   double peak_flops = 0;  // 0: measure the GEMM peak at start
   std::string recipe_toml;  // effective recipe, written to the run directory and into checkpoints
+};
+
+// The tokenizer and the train / held-out token stores of a run.
+struct TrainingData {
+  std::unique_ptr<Tokenizer> tokenizer;
+  TextCorpus corpus;
+  TokenDataset dataset;
+  uint64_t fingerprint = 0;  // stored in checkpoints: resuming on other data is an error
+  const TokenStore* train() const {
+    return dataset.train ? static_cast<const TokenStore*>(dataset.train.get()) : &corpus.train;
+  }
+  const TokenStore* val() const {
+    return dataset.val ? static_cast<const TokenStore*>(dataset.val.get()) : &corpus.val;
+  }
+  static TrainingData load(const PretrainConfig& cfg);
 };
 
 // Reads and validates every key; unknown keys are errors naming file, line and key.
@@ -43,9 +61,14 @@ struct TrainOptions {
 
 int run_pretrain(const TrainOptions& opts);
 
-// Mean loss per target token over the first max_batches held-out batches (consecutive windows).
+// Mean loss over the first max_batches held-out batches (consecutive windows), per target token and per byte
+// of the text the targets stand for (comparable across tokenizers).
 class DenseModel;
-double evaluate_loss(DenseModel& model, const PackedLoader& loader, int64_t batch_size, int64_t max_batches);
+struct EvalResult {
+  double nats_per_token = 0, nats_per_byte = 0;
+};
+EvalResult evaluate_loss(DenseModel& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
+                         int64_t max_batches);
 
 // Measured fp32 GEMM rate of this machine (FLOP/s), the CPU's MFU denominator.
 double measure_gemm_peak();

@@ -287,6 +287,42 @@ void H5Writer::write_tensor(const std::string& name, const Tensor& t) {
   if (t.dtype() == DType::bf16) write_string_attr(dataset.get(), "dtype", "bf16", context);
 }
 
+void H5Writer::append(const std::string& name, const Tensor& values) {
+  check_open();
+  check_name(path_, name);
+  TS_CHECK(values.ndim() == 1 && values.device() == Device::cpu && values.is_contiguous(), "append '", name,
+           "' needs a 1-D contiguous host tensor");
+  std::string context = cat(where(path_), ": cannot append to '", name, "'");
+  if (object_type(file_, name) == H5I_BADID) {
+    hsize_t zero = 0, unlimited = H5S_UNLIMITED, chunk = (size_t{1} << 20) / dtype_size(values.dtype());
+    Handle space(check_id(H5Screate_simple(1, &zero, &unlimited), context), H5Sclose);
+    Handle dcpl(check_id(H5Pcreate(H5P_DATASET_CREATE), context), H5Pclose);
+    check(H5Pset_chunk(dcpl.get(), 1, &chunk), context);
+    check(H5Pset_fletcher32(dcpl.get()), context);
+    Handle lcpl(check_id(H5Pcreate(H5P_LINK_CREATE), context), H5Pclose);
+    check(H5Pset_create_intermediate_group(lcpl.get(), 1), context);
+    Handle created(check_id(H5Dcreate2(file_, name.c_str(), file_type(values.dtype()), space.get(), lcpl.get(),
+                                       dcpl.get(), H5P_DEFAULT),
+                            context),
+                   H5Dclose);
+  }
+  if (values.numel() == 0) return;
+  Handle dataset(check_id(H5Dopen2(file_, name.c_str(), H5P_DEFAULT), context), H5Dclose);
+  hsize_t old_size = 0;
+  {
+    Handle space(check_id(H5Dget_space(dataset.get()), context), H5Sclose);
+    H5Sget_simple_extent_dims(space.get(), &old_size, nullptr);
+  }
+  hsize_t new_size = old_size + values.numel(), count = values.numel();
+  check(H5Dset_extent(dataset.get(), &new_size), context);
+  Handle file_space(check_id(H5Dget_space(dataset.get()), context), H5Sclose);
+  check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, &old_size, nullptr, &count, nullptr), context);
+  Handle mem_space(check_id(H5Screate_simple(1, &count, nullptr), context), H5Sclose);
+  check(H5Dwrite(dataset.get(), memory_type(values.dtype()), mem_space.get(), file_space.get(), H5P_DEFAULT,
+                 values.raw()),
+        context);
+}
+
 void H5Writer::write_attr(const std::string& key, int64_t v) {
   check_open();
   write_attr_raw(file_, key, H5T_NATIVE_INT64, &v, cat(where(path_), ": cannot write attribute '", key, "'"));
@@ -429,6 +465,24 @@ void H5Reader::read_into(const std::string& name, const Tensor& dst) const {
     TS_FAIL(where(path_), ": tensor '", name, "' has dtype ", dtype_name(i.dtype), ", expected ",
             dtype_name(dst.dtype()));
   read_data(dataset.get(), name, i, dst.raw());
+}
+
+void H5Reader::read_range(const std::string& name, int64_t start, const Tensor& dst) const {
+  TS_CHECK(dst.ndim() == 1 && dst.device() == Device::cpu && dst.is_contiguous(), "read_range '", name,
+           "' needs a 1-D contiguous host tensor");
+  std::string context = cat(where(path_), ": cannot read elements [", start, ", ", start + dst.numel(), ") of '",
+                            name, "'");
+  Handle dataset(open_dataset(name), H5Dclose);
+  Info i = info(dataset.get(), name);
+  if (i.shape.size() != 1 || i.dtype != dst.dtype() || start < 0 || start + dst.numel() > i.shape[0])
+    TS_FAIL(context, ": the dataset is ", dtype_name(i.dtype), shape_str(i.shape));
+  if (dst.numel() == 0) return;
+  hsize_t offset = start, count = dst.numel();
+  Handle file_space(check_id(H5Dget_space(dataset.get()), context), H5Sclose);
+  check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, &offset, nullptr, &count, nullptr), context);
+  Handle mem_space(check_id(H5Screate_simple(1, &count, nullptr), context), H5Sclose);
+  check(H5Dread(dataset.get(), memory_type(i.dtype), mem_space.get(), file_space.get(), H5P_DEFAULT, dst.raw()),
+        context);
 }
 
 bool H5Reader::has_attr(const std::string& key) const { return H5Aexists(file_, key.c_str()) > 0; }

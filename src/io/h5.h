@@ -26,6 +26,9 @@ class H5Writer {
   // attribute dtype="bf16"), chunked with Fletcher32 checksums. 0-d tensors are stored in the (checksummed) object
   // header, empty tensors without storage.
   void write_tensor(const std::string& name, const Tensor& t);
+  // Appends elements to an extendable 1-D dataset, created (chunked, checksummed) by the first call: for token
+  // streams written in pieces, larger than memory.
+  void append(const std::string& name, const Tensor& values);
 
   // Attributes on the root group; writing a key again replaces it. Strings are variable-length UTF-8.
   void write_attr(const std::string& key, int64_t v);
@@ -63,6 +66,8 @@ class H5Reader {
   Tensor read_tensor(const std::string& name) const;
   // Reads into an existing contiguous host tensor of the same shape and dtype.
   void read_into(const std::string& name, const Tensor& dst) const;
+  // Elements [start, start + dst.numel()) of a 1-D dataset.
+  void read_range(const std::string& name, int64_t start, const Tensor& dst) const;
 
   bool has_attr(const std::string& key) const;
   // Root attributes; a missing key or a value of another type is an error naming the file and the key.

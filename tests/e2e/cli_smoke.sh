@@ -96,7 +96,7 @@ step "ckpt info"
 cat "$WORK/info.out"
 grep -q '^step: 10$' "$WORK/info.out" || fail "ckpt info does not print 'step: 10'"
 grep -q '^checkpoint: .*step_00000010.h5$' "$WORK/info.out" || fail "ckpt info does not name the latest checkpoint"
-grep -q '^parameters: 132416$' "$WORK/info.out" || fail "ckpt info does not print 132416 parameters"
+grep -q '^parameters: 133440$' "$WORK/info.out" || fail "ckpt info does not print 133440 parameters"
 
 step "ckpt export --format hf"
 "$TESSERA" ckpt export "$RUN" --format hf --out "$WORK/hf" > /dev/null
@@ -105,7 +105,7 @@ import json, math, os, struct, sys
 d = sys.argv[1]
 cfg = json.load(open(os.path.join(d, "config.json")))
 want = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 192, "vocab_size": 264}
+        "intermediate_size": 192, "vocab_size": 272}
 for k, v in want.items():
     assert cfg.get(k) == v, f"config.json {k} = {cfg.get(k)}, expected {v}"
 raw = open(os.path.join(d, "model.safetensors"), "rb").read()
@@ -114,14 +114,14 @@ header = json.loads(raw[8:8 + n])
 tensors = {k: v for k, v in header.items() if k != "__metadata__"}
 elements = sum(math.prod(v["shape"]) for v in tensors.values())
 end = max(v["data_offsets"][1] for v in tensors.values())
-assert elements == 132416, f"safetensors holds {elements} elements, expected 132416"
+assert elements == 133440, f"safetensors holds {elements} elements, expected 133440"
 assert len(raw) == 8 + n + end, f"safetensors size {len(raw)} != 8 + {n} + {end}"
 print(f"{len(tensors)} tensors, {elements} elements")
 EOF
 
 step "inspect: total_params equals the hand count for dense-tiny"
 val() { awk -F' *= *' -v k="$1" '$1 == k { print $2 }' "$TINY"; }
-V=264 C=$(val dim) L=$(val n_layers) H=$(val n_heads) KH=$(val n_kv_heads) F=$(val ffn_dim)
+V=272 C=$(val dim) L=$(val n_layers) H=$(val n_heads) KH=$(val n_kv_heads) F=$(val ffn_dim)
 HD=$((C / H))
 want=$((V * C + L * (2 * C + C * H * HD + 2 * C * KH * HD + H * HD * C + 3 * C * F) + C + V * C))
 "$TESSERA" inspect "$TINY" > "$WORK/inspect.out"

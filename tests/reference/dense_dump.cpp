@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
   const std::string out = argv[1];
   std::filesystem::create_directories(out);
   ModelConfig cfg;
-  cfg.vocab_size = 264;
+  cfg.vocab_size = 272;  // the byte tokenizer's
   cfg.dim = 64;
   cfg.n_layers = 2;
   cfg.n_heads = 4;

@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "core/error.h"
+#include "data/byte_tokenizer.h"
 #include "data/text_corpus.h"
 
 using namespace tessera;
@@ -36,7 +37,9 @@ TEST(ByteTokenizer, RoundTripsArbitraryBytes) {
   text.push_back('\0');
   EXPECT_EQ(tok.decode(tok.encode(text)), text);
   EXPECT_EQ(tok.encode("A")[0], 65);
-  EXPECT_EQ(tok.decode({72, 105, ByteTokenizer::kEos}), "Hi<|eos|>");
+  EXPECT_EQ(tok.decode({72, 105, tok.eos_id()}), "Hi<｜end▁of▁sentence｜>");
+  EXPECT_EQ(tok.eos_id(), 257);
+  EXPECT_EQ(tok.encode_with_specials("a<｜User｜>b</think>"), (std::vector<int32_t>{97, 258, 98, 261}));
 }
 
 TEST(TextCorpus, SplitsDocumentsOnSeparatorLines) {
@@ -46,10 +49,10 @@ TEST(TextCorpus, SplitsDocumentsOnSeparatorLines) {
   std::vector<int32_t> want;
   for (std::string d : {"one\n", "two two\n", "three\n"}) {
     for (char ch : d) want.push_back(ch);
-    want.push_back(ByteTokenizer::kEos);
+    want.push_back(ByteTokenizer().eos_id());
   }
   EXPECT_EQ(c.train.tokens, want);
-  EXPECT_EQ(c.train.doc_starts, (std::vector<int64_t>{0, 5, 14}));
+  EXPECT_EQ(c.train.starts, (std::vector<int64_t>{0, 5, 14}));
 }
 
 TEST(TextCorpus, SingleDocumentHoldsOutItsTail) {
@@ -76,7 +79,7 @@ TEST(TextCorpus, MissingAndEmptyFilesAreClearErrors) {
 TEST(PackedLoader, SameStepSameBatchAndTargetsAreShiftedInputs) {
   TokenSplit s;
   for (int i = 0; i < 1000; ++i) s.tokens.push_back(i % 251);
-  s.doc_starts = {0};
+  s.starts = {0};
   PackedLoader loader(&s, 16, 42, false);
   TokenBatch a = loader.train_batch(7, 0, 1, 4), b = loader.train_batch(7, 0, 1, 4), c = loader.train_batch(8, 0, 1, 4);
   EXPECT_TRUE(std::equal(a.ids.data<int32_t>(), a.ids.data<int32_t>() + 64, b.ids.data<int32_t>()));
@@ -89,7 +92,7 @@ TEST(PackedLoader, SameStepSameBatchAndTargetsAreShiftedInputs) {
 TEST(PackedLoader, DataParallelRanksPartitionTheOneRankBatch) {
   TokenSplit s;
   for (int i = 0; i < 5000; ++i) s.tokens.push_back(i % 1000);
-  s.doc_starts = {0};
+  s.starts = {0};
   PackedLoader loader(&s, 8, 3, false);
   TokenBatch whole = loader.train_batch(5, 1, 2, 6);  // one rank, 6 rows
   for (int rank = 0; rank < 2; ++rank) {
@@ -103,7 +106,7 @@ TEST(PackedLoader, DataParallelRanksPartitionTheOneRankBatch) {
 TEST(PackedLoader, DocumentIdsFollowDocumentStarts) {
   TokenSplit s;
   for (int i = 0; i < 40; ++i) s.tokens.push_back(i);
-  s.doc_starts = {0, 10, 13, 30};
+  s.starts = {0, 10, 13, 30};
   PackedLoader loader(&s, 8, 0, true);
   TokenBatch b = loader.eval_batch(1, 1);  // window [8, 16): docs 0 (8,9), 1 (10..12), 2 (13..15)
   std::vector<int32_t> want = {0, 0, 1, 1, 1, 2, 2, 2};
