@@ -51,24 +51,32 @@ void append_document(TokenSplit& split, const std::vector<int32_t>& ids, int32_t
 
 }  // namespace
 
+std::pair<std::string, std::string> split_tail(const std::string& text, double fraction) {
+  size_t cut = text.size() - static_cast<size_t>(double(text.size()) * fraction);
+  while (cut < text.size() && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) ++cut;  // not inside a UTF-8 character
+  return {text.substr(0, cut), text.substr(cut)};
+}
+
 TextCorpus TextCorpus::load(const TextCorpusConfig& cfg, const Tokenizer& tok) {
   if (cfg.files.empty()) TS_FAIL("data: no input files given");
   TextCorpus c;
-  std::vector<std::vector<int32_t>> docs;
+  std::vector<std::string> texts;
   for (const std::string& f : cfg.files) {
     std::string text = read_file(f);
     if (text.empty()) TS_FAIL("data file '", f, "' is empty");
-    for (std::string& d : split_documents(text, cfg.separator)) docs.push_back(tok.encode(d));
+    for (std::string& d : split_documents(text, cfg.separator)) texts.push_back(std::move(d));
   }
-  c.n_documents = static_cast<int64_t>(docs.size());
+  c.n_documents = static_cast<int64_t>(texts.size());
   const int32_t eos = cfg.separator.empty() ? -1 : tok.eos_id();
-  if (docs.size() == 1) {
-    // One document: hold out its tail (the usual split for a single corpus such as tinyshakespeare).
-    const auto& d = docs[0];
-    int64_t n_val = static_cast<int64_t>(double(d.size()) * cfg.val_fraction);
-    append_document(c.train, {d.begin(), d.end() - n_val}, eos);
-    if (n_val > 0) append_document(c.val, {d.end() - n_val, d.end()}, eos);
+  if (texts.size() == 1) {
+    // One document: hold out the tail of its text (the usual split for a single corpus such as
+    // tinyshakespeare), cut at the same byte whatever the tokenizer, so held-out losses compare per byte.
+    auto [head, tail] = split_tail(texts[0], cfg.val_fraction);
+    append_document(c.train, tok.encode(head), eos);
+    if (!tail.empty()) append_document(c.val, tok.encode(tail), eos);
   } else {
+    std::vector<std::vector<int32_t>> docs;
+    for (const std::string& t : texts) docs.push_back(tok.encode(t));
     Rng pick{cfg.split_seed, stream_id("val-split")};
     for (size_t i = 0; i < docs.size(); ++i)
       append_document(pick.uniform(i) < cfg.val_fraction ? c.val : c.train, docs[i], eos);

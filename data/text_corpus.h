@@ -33,6 +33,9 @@ struct TokenSplit final : TokenStore {
   const std::vector<int64_t>& doc_starts() const override { return starts; }
 };
 
+// The text split at the start of its last `fraction` of bytes (moved forward to a UTF-8 character boundary).
+std::pair<std::string, std::string> split_tail(const std::string& text, double fraction);
+
 struct TextCorpusConfig {
   std::vector<std::string> files;
   // A line holding only this string separates documents (fortunes use "%"). Empty: each file is one document.

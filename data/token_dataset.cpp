@@ -74,6 +74,7 @@ class DocumentReader {
 
 // Buffers one split's tokens and appends them to the file in large pieces.
 struct SplitWriter {
+  explicit SplitWriter(std::string n) : name(std::move(n)) {}
   std::string name;
   std::vector<int32_t> buffer;
   std::vector<int64_t> starts;
@@ -121,7 +122,21 @@ PrepareStats prepare_dataset(const PrepareOptions& opt, const Tokenizer& tok, co
   Rng pick{opt.seed, stream_id("val-split")};
   PrepareStats stats;
   int64_t done_before = 0;
-  for (const std::string& f : opt.inputs) {
+  // One text file that is one document (tinyshakespeare): hold out the tail of its bytes, as TextCorpus does.
+  if (opt.format == "text" && opt.separator.empty() && opt.inputs.size() == 1) {
+    std::ifstream in(opt.inputs[0], std::ios::binary);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    auto [head, tail] = split_tail(text, opt.val_fraction);
+    for (auto [part, split] : {std::pair{&head, &train}, std::pair{&tail, &val}}) {
+      if (part->empty()) continue;
+      std::vector<int32_t> ids = tok.encode(*part);
+      ids.push_back(tok.eos_id());
+      split->add(w, ids, int64_t(part->size()));
+      ++stats.documents;
+    }
+    if (progress) progress(total_bytes, total_bytes);
+  }
+  for (const std::string& f : stats.documents > 0 ? std::vector<std::string>{} : opt.inputs) {
     DocumentReader reader(f, opt);
     std::string doc;
     while (reader.next(doc)) {

@@ -8,6 +8,7 @@
 #include "cli/sample.h"
 #include "core/log.h"
 #include "data/byte_tokenizer.h"
+#include "data/sp_tokenizer.h"
 #include "data/token_dataset.h"
 #include "data/text_corpus.h"
 #include "io/checkpoint.h"
@@ -19,8 +20,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Rebuilds the model a checkpoint was saved with and loads its weights.
-// with the run's recipe (which also names the tokenizer).
+// Rebuilds the model a checkpoint was saved with, loads its weights and reads the run's recipe (which also
+// names the tokenizer).
 struct LoadedModel {
   std::string path;
   CheckpointMeta meta;
@@ -192,6 +193,15 @@ int main(int argc, char** argv) {
   c_prepare->add_option("--tokenizer", tok_kind, "byte or sentencepiece")->check(CLI::IsMember({"byte", "sentencepiece"}));
   c_prepare->add_option("--tokenizer-model", tok_model, "sentencepiece .model file");
 
+  std::vector<std::string> tok_inputs;
+  std::string tok_prefix;
+  int64_t tok_vocab = 8000, tok_reserved = 8;
+  auto* c_tokenizer = c_data->add_subcommand("tokenizer", "train a SentencePiece BPE tokenizer with V4's special tokens");
+  c_tokenizer->add_option("inputs", tok_inputs, "text files")->required();
+  c_tokenizer->add_option("--out", tok_prefix, "output prefix: writes PREFIX.model and PREFIX.vocab")->required();
+  c_tokenizer->add_option("--vocab-size", tok_vocab, "vocabulary size (bytes and specials included)");
+  c_tokenizer->add_option("--reserved", tok_reserved, "reserved special ids beyond V4's");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -206,12 +216,25 @@ int main(int argc, char** argv) {
     if (*c_sample) return cmd_sample(ckpt, prompt, sopt);
     if (*c_info) return cmd_ckpt_info(ckpt);
     if (*c_export) {
-      export_hf(resolve_checkpoint(ckpt), out_dir);
+      LoadedModel l = load_model(ckpt);
+      export_hf(l.path, out_dir);
       std::printf("wrote %s/model.safetensors and %s/config.json\n", out_dir.c_str(), out_dir.c_str());
+      if (l.run.tokenizer_kind == "sentencepiece") {  // the tokenizer travels with the model
+        export_hf_tokenizer(*SentencePieceTokenizer::load(l.run.tokenizer_model), out_dir);
+        std::printf("wrote %s/tokenizer.json (AutoTokenizer)\n", out_dir.c_str());
+      }
       return 0;
     }
     if (*c_inspect) return cmd_inspect(recipe_path, overrides, seq_len);
     if (*c_prepare) return cmd_data_prepare(prep, tok_kind, tok_model);
+    if (*c_tokenizer) {
+      const double t0 = now_seconds();
+      train_sentencepiece(tok_inputs, tok_prefix, tok_vocab, tok_reserved);
+      auto tok = SentencePieceTokenizer::load(tok_prefix + ".model");
+      std::printf("{\"model\": \"%s.model\", \"vocab_size\": %lld, \"hash\": %llu, \"seconds\": %.2f}\n",
+                  tok_prefix.c_str(), (long long)tok->vocab_size(), (unsigned long long)tok->hash(), now_seconds() - t0);
+      return 0;
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

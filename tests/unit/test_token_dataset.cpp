@@ -149,3 +149,22 @@ TEST(TokenDataset, RejectsOtherFilesAndOtherTokenizers) {
   prepare_dataset(opt, ByteTokenizer());
   EXPECT_NE(error_of([&] { TokenDataset::open(opt.output, &other); }).find("another tokenizer"), std::string::npos);
 }
+
+TEST(TokenDataset, SingleDocumentHoldsOutTheSameTailAsTheInMemoryCorpus) {
+  std::string text;
+  for (int i = 0; i < 500; ++i) text += "Verse " + std::to_string(i) + ": caf\xc3\xa9 and tea\n";
+  std::string path = write("single.txt", text);
+  ByteTokenizer tok;
+  TextCorpus mem = TextCorpus::load({{path}, "", 0.1, 0}, tok);
+  PrepareOptions opt;
+  opt.inputs = {path};
+  opt.val_fraction = 0.1;
+  opt.output = (temp_dir() / "single.h5").string();
+  prepare_dataset(opt, tok);
+  TokenDataset ds = TokenDataset::open(opt.output, &tok);
+  std::multiset<std::string> val = documents(*ds.val, tok);
+  ASSERT_EQ(val.size(), 1u);
+  EXPECT_EQ(*val.begin(), tok.decode(mem.val.tokens));
+  EXPECT_EQ(*documents(*ds.train, tok).begin() + *val.begin(), text);
+  EXPECT_NEAR(double(val.begin()->size()), 0.1 * double(text.size()), 2.0);
+}
