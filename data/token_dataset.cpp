@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/rng.h"
+#include "data/chat.h"
 #include "io/h5.h"
 
 namespace tessera {
@@ -53,6 +54,10 @@ class DocumentReader {
         TS_FAIL(path_, ":", line_no_, ": malformed JSON (", e.what(), ")");
       }
       doc.clear();
+      if (opt_.format == "chat") {  // the caller parses the messages
+        doc = line;
+        return true;
+      }
       for (const std::string& f : opt_.fields) {
         if (!j.is_object() || !j.contains(f) || !j[f].is_string())
           TS_FAIL(path_, ":", line_no_, ": no string field '", f, "'");
@@ -64,6 +69,7 @@ class DocumentReader {
     return false;
   }
   int64_t bytes_read() const { return bytes_; }
+  int64_t line() const { return line_no_; }
 
  private:
   std::string path_;
@@ -76,23 +82,30 @@ class DocumentReader {
 struct SplitWriter {
   explicit SplitWriter(std::string n) : name(std::move(n)) {}
   std::string name;
-  std::vector<int32_t> buffer;
+  std::vector<int32_t> buffer, mask;  // mask: chat datasets only (1 = trained on as a target)
   std::vector<int64_t> starts;
   int64_t tokens = 0, bytes = 0;
 
-  void add(io::H5Writer& w, const std::vector<int32_t>& ids, int64_t doc_bytes) {
+  void add(io::H5Writer& w, const std::vector<int32_t>& ids, int64_t doc_bytes, const std::vector<uint8_t>* loss_mask = nullptr) {
     starts.push_back(tokens);
     buffer.insert(buffer.end(), ids.begin(), ids.end());
+    if (loss_mask) mask.insert(mask.end(), loss_mask->begin(), loss_mask->end());
     tokens += static_cast<int64_t>(ids.size());
     bytes += doc_bytes;
     if (buffer.size() >= kFlushTokens) flush(w);
   }
   void flush(io::H5Writer& w) {
-    Tensor t = Tensor::empty({int64_t(buffer.size())}, DType::i32);
-    std::copy(buffer.begin(), buffer.end(), t.data<int32_t>());
-    w.append(name + "/tokens", t);
+    auto append = [&](const std::string& dataset, const auto& values) {
+      Tensor t = Tensor::empty({int64_t(values.size())}, DType::i32);
+      std::copy(values.begin(), values.end(), t.data<int32_t>());
+      w.append(name + "/" + dataset, t);
+    };
+    append("tokens", buffer);
+    if (!mask.empty() || with_mask) append("loss_mask", mask);
     buffer.clear();
+    mask.clear();
   }
+  bool with_mask = false;
   void finish(io::H5Writer& w) {
     flush(w);
     Tensor s = Tensor::empty({int64_t(starts.size())}, DType::i64);
@@ -103,11 +116,35 @@ struct SplitWriter {
   }
 };
 
+// One chat JSONL line: {"messages": [{"role", "content", "reasoning"?, "tool_calls"?: [{"name", "arguments":
+// {...}}]}], "mode"?: "think_high"}. String arguments are verbatim (string="true"), others JSON.
+EncodedChat encode_chat_json(const Tokenizer& tok, const std::string& line, const std::string& default_mode) {
+  nlohmann::json j = nlohmann::json::parse(line);
+  if (!j.is_object() || !j.contains("messages") || !j["messages"].is_array()) TS_FAIL("no \"messages\" list");
+  std::vector<ChatMessage> messages;
+  for (const auto& m : j["messages"]) {
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") ||
+        !m["content"].is_string())
+      TS_FAIL("a message needs string \"role\" and \"content\"");
+    ChatMessage msg{m["role"].get<std::string>(), m["content"].get<std::string>(), m.value("reasoning", std::string()), {}};
+    for (const auto& c : m.value("tool_calls", nlohmann::json::array())) {
+      if (!c.contains("name") || !c["name"].is_string()) TS_FAIL("a tool call needs a string \"name\"");
+      ToolCall call{c["name"].get<std::string>(), {}};
+      for (const auto& [k, v] : c.value("arguments", nlohmann::json::object()).items())
+        call.params.push_back(v.is_string() ? ToolParam{k, true, v.get<std::string>()} : ToolParam{k, false, v.dump()});
+      msg.tool_calls.push_back(std::move(call));
+    }
+    messages.push_back(std::move(msg));
+  }
+  return encode_chat(tok, messages, parse_reasoning_mode(j.value("mode", default_mode)));
+}
+
 }  // namespace
 
 PrepareStats prepare_dataset(const PrepareOptions& opt, const Tokenizer& tok, const ProgressFn& progress) {
   if (opt.inputs.empty()) TS_FAIL("data prepare: no input files");
-  if (opt.format != "text" && opt.format != "jsonl") TS_FAIL("data prepare: unknown format '", opt.format, "' (text, jsonl)");
+  if (opt.format != "text" && opt.format != "jsonl" && opt.format != "chat")
+    TS_FAIL("data prepare: unknown format '", opt.format, "' (text, jsonl, chat)");
   int64_t total_bytes = 0;
   nlohmann::json sources = nlohmann::json::array();
   for (const std::string& f : opt.inputs) {
@@ -119,6 +156,7 @@ PrepareStats prepare_dataset(const PrepareOptions& opt, const Tokenizer& tok, co
   if (out.has_parent_path()) fs::create_directories(out.parent_path());
   io::H5Writer w(opt.output);
   SplitWriter train{"train"}, val{"val"};
+  train.with_mask = val.with_mask = opt.format == "chat";
   Rng pick{opt.seed, stream_id("val-split")};
   PrepareStats stats;
   int64_t done_before = 0;
@@ -140,11 +178,20 @@ PrepareStats prepare_dataset(const PrepareOptions& opt, const Tokenizer& tok, co
     DocumentReader reader(f, opt);
     std::string doc;
     while (reader.next(doc)) {
-      std::vector<int32_t> ids = tok.encode(doc);
-      ids.push_back(tok.eos_id());  // documents end with EOS, as in the packed in-memory corpora
-      for (int32_t id : ids)
-        if (id < 0 || id >= tok.vocab_size()) TS_FAIL(f, ": the tokenizer produced id ", id, " outside its vocabulary");
-      (pick.uniform(stats.documents) < opt.val_fraction ? val : train).add(w, ids, int64_t(doc.size()));
+      SplitWriter& split = pick.uniform(stats.documents) < opt.val_fraction ? val : train;
+      if (opt.format == "chat") {
+        EncodedChat chat;
+        try {
+          chat = encode_chat_json(tok, doc, opt.reasoning_mode);
+        } catch (const std::exception& e) {  // ours and nlohmann's (a wrong JSON type)
+          TS_FAIL(f, ":", reader.line(), ": ", e.what());
+        }
+        split.add(w, chat.ids, int64_t(doc.size()), &chat.loss_mask);
+      } else {
+        std::vector<int32_t> ids = tok.encode(doc);
+        ids.push_back(tok.eos_id());  // documents end with EOS, as in the packed in-memory corpora
+        split.add(w, ids, int64_t(doc.size()));
+      }
       ++stats.documents;
       if (progress && stats.documents % 256 == 0) progress(done_before + reader.bytes_read(), total_bytes);
     }

@@ -17,9 +17,10 @@ class H5Reader;
 
 struct PrepareOptions {
   std::vector<std::string> inputs;
-  std::string format = "text";  // text | jsonl | chat
+  std::string format = "text";  // text | jsonl | chat (V4 chat format with an assistant-only loss mask)
   std::string separator;        // text: a line holding only this separates documents (empty: a file is one)
   std::vector<std::string> fields = {"text"};  // jsonl: string fields joined by a newline form the document
+  std::string reasoning_mode = "non_thinking";  // chat: lines without "mode" use this
   double val_fraction = 0.01;   // documents held out, chosen by Philox(seed, document index)
   uint64_t seed = 0;
   std::string output;

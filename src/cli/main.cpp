@@ -8,6 +8,7 @@
 #include "cli/sample.h"
 #include "core/log.h"
 #include "data/byte_tokenizer.h"
+#include "data/prompts.h"
 #include "data/sp_tokenizer.h"
 #include "data/token_dataset.h"
 #include "data/text_corpus.h"
@@ -185,7 +186,8 @@ int main(int argc, char** argv) {
   auto* c_prepare = c_data->add_subcommand("prepare", "tokenize text or JSONL files into an HDF5 token dataset");
   c_prepare->add_option("inputs", prep.inputs, "input files")->required();
   c_prepare->add_option("--out", prep.output, "output .h5 file")->required();
-  c_prepare->add_option("--format", prep.format, "text or jsonl")->check(CLI::IsMember({"text", "jsonl"}));
+  c_prepare->add_option("--format", prep.format, "text, jsonl or chat")->check(CLI::IsMember({"text", "jsonl", "chat"}));
+  c_prepare->add_option("--reasoning-mode", prep.reasoning_mode, "chat: non_thinking, think_high or think_max");
   c_prepare->add_option("--separator", prep.separator, "text: a line holding only this separates documents");
   c_prepare->add_option("--fields", prep.fields, "jsonl: string fields joined into each document")->delimiter(',');
   c_prepare->add_option("--val-fraction", prep.val_fraction, "fraction of documents held out")->check(CLI::Range(0.0, 0.9));
@@ -201,6 +203,18 @@ int main(int argc, char** argv) {
   c_tokenizer->add_option("--out", tok_prefix, "output prefix: writes PREFIX.model and PREFIX.vocab")->required();
   c_tokenizer->add_option("--vocab-size", tok_vocab, "vocabulary size (bytes and specials included)");
   c_tokenizer->add_option("--reserved", tok_reserved, "reserved special ids beyond V4's");
+
+  std::string task = "arithmetic", prompts_out;
+  int64_t n_prompts = 1000, difficulty = 0;
+  uint64_t prompt_seed = 0;
+  auto* c_prompts = c_data->add_subcommand("prompts", "generate a verifiable RL prompt set (JSONL with reference answers)");
+  c_prompts->add_option("--task", task, "arithmetic, countdown or digits")
+      ->check(CLI::IsMember({"arithmetic", "countdown", "digits"}));
+  c_prompts->add_option("--n", n_prompts, "number of prompts")->check(CLI::PositiveNumber);
+  c_prompts->add_option("--seed", prompt_seed, "generator seed");
+  c_prompts->add_option("--difficulty", difficulty,
+                        "arithmetic: operand digits (2); countdown: numbers (4); digits: sequence length (4)");
+  c_prompts->add_option("--out", prompts_out, "output .jsonl")->required();
 
   try {
     app.parse(argc, argv);
@@ -227,6 +241,15 @@ int main(int argc, char** argv) {
     }
     if (*c_inspect) return cmd_inspect(recipe_path, overrides, seq_len);
     if (*c_prepare) return cmd_data_prepare(prep, tok_kind, tok_model);
+    if (*c_prompts) {
+      std::vector<Prompt> ps = task == "arithmetic" ? generate_arithmetic(n_prompts, prompt_seed, difficulty ? difficulty : 2)
+                               : task == "countdown" ? generate_countdown(n_prompts, prompt_seed, difficulty ? difficulty : 4)
+                                                     : generate_digit_completion(n_prompts, prompt_seed, difficulty ? difficulty : 4);
+      write_prompts_jsonl(prompts_out, ps);
+      std::printf("{\"output\": \"%s\", \"task\": \"%s\", \"prompts\": %lld}\n", prompts_out.c_str(), task.c_str(),
+                  (long long)ps.size());
+      return 0;
+    }
     if (*c_tokenizer) {
       const double t0 = now_seconds();
       train_sentencepiece(tok_inputs, tok_prefix, tok_vocab, tok_reserved);

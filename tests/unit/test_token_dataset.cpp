@@ -168,3 +168,28 @@ TEST(TokenDataset, SingleDocumentHoldsOutTheSameTailAsTheInMemoryCorpus) {
   EXPECT_EQ(*documents(*ds.train, tok).begin() + *val.begin(), text);
   EXPECT_NEAR(double(val.begin()->size()), 0.1 * double(text.size()), 2.0);
 }
+
+TEST(TokenDataset, ChatDatasetsTrainOnAssistantTokensOnly) {
+  std::string line =
+      R"({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})";
+  PrepareOptions opt;
+  opt.inputs = {write("chat.jsonl", line + "\n" + line + "\n")};
+  opt.format = "chat";
+  opt.val_fraction = 0.0;
+  opt.output = (temp_dir() / "chat.h5").string();
+  ByteTokenizer tok;
+  prepare_dataset(opt, tok);
+  TokenDataset ds = TokenDataset::open(opt.output, &tok);
+  ASSERT_TRUE(ds.train->has_loss_mask());
+  // Each conversation: BOS <User> "2+2?" <Assistant> </think> "4" EOS; trained targets: </think> "4" EOS.
+  PackedLoader loader(ds.train.get(), 9, 0, true);
+  TokenBatch b = loader.eval_batch(0, 1);
+  std::vector<int32_t> trained;
+  for (int t = 0; t < 9; ++t)
+    if (b.targets.data<int32_t>()[t] >= 0) trained.push_back(b.targets.data<int32_t>()[t]);
+  EXPECT_EQ(tok.decode(trained), "</think>4<｜end▁of▁sentence｜>");
+
+  opt.inputs = {write("badchat.jsonl", line + "\n" + R"({"messages": [{"role": "assistant", "content": "hi"}]})" + "\n")};
+  opt.output = (temp_dir() / "badchat.h5").string();
+  EXPECT_NE(error_of([&] { prepare_dataset(opt, tok); }).find("badchat.jsonl:2: "), std::string::npos);
+}
