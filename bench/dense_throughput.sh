@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 steps=${1:-20}
 threads=${2:-$(nproc)}
 python=${TESSERA_PYTHON:-.venv/bin/python}
-# Model: recipes/models/dense-small.toml (dim 256, 4 layers, 4 heads, ffn 768, byte vocabulary 264).
-dim=256 layers=4 heads=4 ffn=768 vocab=264 seq=256 batch=16
+# Model: recipes/models/dense-small.toml (dim 256, 4 layers, 4 heads, ffn 768, byte vocabulary 272).
+dim=256 layers=4 heads=4 ffn=768 vocab=272 seq=256 batch=16
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 head -c 2000000 /usr/share/games/fortunes/* 2>/dev/null > "$out/text.txt" || true

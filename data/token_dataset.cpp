@@ -130,6 +130,7 @@ EncodedChat encode_chat_json(const Tokenizer& tok, const std::string& line, cons
     for (const auto& c : m.value("tool_calls", nlohmann::json::array())) {
       if (!c.contains("name") || !c["name"].is_string()) TS_FAIL("a tool call needs a string \"name\"");
       ToolCall call{c["name"].get<std::string>(), {}};
+      if (c.contains("arguments") && !c["arguments"].is_object()) TS_FAIL("tool call \"arguments\" must be an object");
       for (const auto& [k, v] : c.value("arguments", nlohmann::json::object()).items())
         call.params.push_back(v.is_string() ? ToolParam{k, true, v.get<std::string>()} : ToolParam{k, false, v.dump()});
       msg.tool_calls.push_back(std::move(call));
@@ -160,7 +161,8 @@ PrepareStats prepare_dataset(const PrepareOptions& opt, const Tokenizer& tok, co
   Rng pick{opt.seed, stream_id("val-split")};
   PrepareStats stats;
   int64_t done_before = 0;
-  // One text file that is one document (tinyshakespeare): hold out the tail of its bytes, as TextCorpus does.
+  // One text file that is one document (tinyshakespeare): hold out the tail of its bytes at the same cut as
+  // TextCorpus, so held-out losses of different tokenizers are over the same text. Each part ends with EOS.
   if (opt.format == "text" && opt.separator.empty() && opt.inputs.size() == 1) {
     std::ifstream in(opt.inputs[0], std::ios::binary);
     std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -170,8 +172,8 @@ PrepareStats prepare_dataset(const PrepareOptions& opt, const Tokenizer& tok, co
       std::vector<int32_t> ids = tok.encode(*part);
       ids.push_back(tok.eos_id());
       split->add(w, ids, int64_t(part->size()));
-      ++stats.documents;
     }
+    stats.documents = 1;
     if (progress) progress(total_bytes, total_bytes);
   }
   for (const std::string& f : stats.documents > 0 ? std::vector<std::string>{} : opt.inputs) {

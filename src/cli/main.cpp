@@ -28,6 +28,7 @@ struct LoadedModel {
   CheckpointMeta meta;
   PretrainConfig run;
   std::unique_ptr<DenseModel> model;
+  std::unique_ptr<Tokenizer> tokenizer;
 };
 LoadedModel load_model(const std::string& ckpt_or_run) {
   LoadedModel l;
@@ -37,6 +38,8 @@ LoadedModel load_model(const std::string& ckpt_or_run) {
   l.meta = load_checkpoint(l.path, cfg, l.model->params(), nullptr);
   Recipe recipe = Recipe::parse(l.meta.recipe, l.path + ":recipe");
   l.run = pretrain_config_from_recipe(recipe);
+  l.tokenizer = load_tokenizer(l.run.tokenizer_kind, l.run.tokenizer_model);
+  check_tokenizer(*l.tokenizer, l.meta, l.path);
   return l;
 }
 
@@ -52,16 +55,16 @@ int cmd_eval(const std::string& ckpt, const std::vector<std::string>& data, cons
   TrainingData own;
   TextCorpus other;
   const TokenStore* split;
-  std::unique_ptr<Tokenizer> tok = load_tokenizer(run.tokenizer_kind, run.tokenizer_model);
+  const Tokenizer& tok = *l.tokenizer;
   if (data.empty()) {
     own = TrainingData::load(run);
     split = own.val();
   } else {
-    other = TextCorpus::load(TextCorpusConfig{data, separator, 0.0, 0}, *tok);
+    other = TextCorpus::load(TextCorpusConfig{data, separator, 0.0, 0}, tok);
     split = &other.train;
   }
   PackedLoader loader(split, seq_len, run.seed, run.document_mask);
-  EvalResult r = evaluate_loss(*l.model, loader, *tok, batch_size, max_batches);
+  EvalResult r = evaluate_loss(*l.model, loader, tok, batch_size, max_batches);
   std::printf("{\"checkpoint\": \"%s\", \"step\": %lld, \"split\": \"%s\", \"seq_len\": %lld, \"loss\": %.6f, "
               "\"nats_per_byte\": %.6f}\n",
               l.path.c_str(), (long long)l.meta.step, data.empty() ? "val" : "all", (long long)seq_len,
@@ -71,9 +74,8 @@ int cmd_eval(const std::string& ckpt, const std::vector<std::string>& data, cons
 
 int cmd_sample(const std::string& ckpt, const std::string& prompt, const SamplingOptions& opt) {
   LoadedModel l = load_model(ckpt);
-  std::unique_ptr<Tokenizer> tok = load_tokenizer(l.run.tokenizer_kind, l.run.tokenizer_model);
-  std::vector<int32_t> out = sample_tokens(*l.model, tok->encode(prompt), opt);
-  std::cout << tok->decode(out) << std::endl;
+  std::vector<int32_t> out = sample_tokens(*l.model, l.tokenizer->encode(prompt), opt);
+  std::cout << l.tokenizer->decode(out) << std::endl;
   return 0;
 }
 
@@ -203,6 +205,8 @@ int main(int argc, char** argv) {
   c_tokenizer->add_option("--out", tok_prefix, "output prefix: writes PREFIX.model and PREFIX.vocab")->required();
   c_tokenizer->add_option("--vocab-size", tok_vocab, "vocabulary size (bytes and specials included)");
   c_tokenizer->add_option("--reserved", tok_reserved, "reserved special ids beyond V4's");
+  std::string tok_hf_out;
+  c_tokenizer->add_option("--hf-out", tok_hf_out, "also write tokenizer.json for Hugging Face's AutoTokenizer here");
 
   std::string task = "arithmetic", prompts_out;
   int64_t n_prompts = 1000, difficulty = 0;
@@ -231,10 +235,10 @@ int main(int argc, char** argv) {
     if (*c_info) return cmd_ckpt_info(ckpt);
     if (*c_export) {
       LoadedModel l = load_model(ckpt);
-      export_hf(l.path, out_dir);
+      export_hf(l.path, out_dir, l.tokenizer->bos_id(), l.tokenizer->eos_id());
       std::printf("wrote %s/model.safetensors and %s/config.json\n", out_dir.c_str(), out_dir.c_str());
       if (l.run.tokenizer_kind == "sentencepiece") {  // the tokenizer travels with the model
-        export_hf_tokenizer(*SentencePieceTokenizer::load(l.run.tokenizer_model), out_dir);
+        export_hf_tokenizer(static_cast<const SentencePieceTokenizer&>(*l.tokenizer), out_dir);
         std::printf("wrote %s/tokenizer.json (AutoTokenizer)\n", out_dir.c_str());
       }
       return 0;
@@ -254,6 +258,7 @@ int main(int argc, char** argv) {
       const double t0 = now_seconds();
       train_sentencepiece(tok_inputs, tok_prefix, tok_vocab, tok_reserved);
       auto tok = SentencePieceTokenizer::load(tok_prefix + ".model");
+      if (!tok_hf_out.empty()) export_hf_tokenizer(*tok, tok_hf_out);
       std::printf("{\"model\": \"%s.model\", \"vocab_size\": %lld, \"hash\": %llu, \"seconds\": %.2f}\n",
                   tok_prefix.c_str(), (long long)tok->vocab_size(), (unsigned long long)tok->hash(), now_seconds() - t0);
       return 0;

@@ -118,12 +118,19 @@ EvalResult evaluate_loss(DenseModel& model, const PackedLoader& loader, const To
   return {total / double(count), total / double(std::max<int64_t>(n_bytes, 1))};
 }
 
+void check_tokenizer(const Tokenizer& tok, const CheckpointMeta& meta, const std::string& ckpt) {
+  if (tok.kind() != meta.tokenizer || tok.hash() != meta.tokenizer_hash)
+    TS_FAIL("checkpoint '", ckpt, "' was trained with another tokenizer (", meta.tokenizer, ", hash ",
+            meta.tokenizer_hash, ") than the one the recipe loads now (", tok.kind(), ", hash ", tok.hash(), ")");
+}
+
 TrainingData TrainingData::load(const PretrainConfig& cfg) {
   TrainingData d;
   d.tokenizer = load_tokenizer(cfg.tokenizer_kind, cfg.tokenizer_model);
   if (!cfg.dataset.empty()) {
     d.dataset = TokenDataset::open(cfg.dataset, d.tokenizer.get());
-    // Sizes and document starts: cheap to hash at any corpus size, and they change with any re-preparation.
+    // The tokenizer, split sizes and document starts: cheap at any corpus size (tokens are not hashed, so a
+    // re-preparation with the same tokenizer and document lengths goes unnoticed).
     uint64_t h = d.tokenizer->hash();
     for (const TokenStore* s : {d.train(), d.val()}) {
       h = (h ^ uint64_t(s->size())) * 1099511628211ull;
@@ -136,7 +143,8 @@ TrainingData TrainingData::load(const PretrainConfig& cfg) {
   }
   if (d.val()->size() < cfg.seq_len + 1)
     TS_FAIL("data: the held-out split has ", d.val()->size(), " tokens, fewer than one sequence of ", cfg.seq_len + 1,
-            "; raise data.val_fraction or use more data");
+            cfg.dataset.empty() ? "; raise data.val_fraction or use more data"
+                                : "; prepare the dataset with a larger --val-fraction");
   return d;
 }
 
@@ -226,7 +234,8 @@ bool plot_losses(const std::string& run_dir) {
 }
 
 // Resuming must continue the same data stream: the settings that decide which windows a step trains on have to
-// match the checkpoint's run (a different DP layout or batch is an explicit error, not a silent re-shard).
+// match the checkpoint's run. The rows of a step depend on the global batch only (batch_size x grad_accum, and
+// the DP size once there is one), so re-splitting the same global batch is an exact re-shard and allowed.
 void check_same_data_stream(const PretrainConfig& now, const CheckpointMeta& meta, const std::string& ckpt) {
   Recipe saved_recipe = Recipe::parse(meta.recipe, ckpt + ":recipe");
   PretrainConfig was = pretrain_config_from_recipe(saved_recipe);
@@ -235,8 +244,8 @@ void check_same_data_stream(const PretrainConfig& now, const CheckpointMeta& met
     if (a != b) diff += cat("; ", key, " was ", a, ", now ", b);
   };
   compare("job.seed", was.seed, now.seed);
-  compare("training.batch_size", was.batch_size, now.batch_size);
-  compare("training.grad_accum", was.grad_accum, now.grad_accum);
+  compare("the global batch (training.batch_size x training.grad_accum)", was.batch_size * was.grad_accum,
+          now.batch_size * now.grad_accum);
   compare("training.seq_len", was.seq_len, now.seq_len);
   compare("data.separator", was.data.separator, now.data.separator);
   compare("data.val_fraction", was.data.val_fraction, now.data.val_fraction);
@@ -286,6 +295,7 @@ int run_pretrain(const TrainOptions& opts) {
   if (!resume_from.empty()) {
     CheckpointMeta meta = load_checkpoint(resume_from, cfg.model, params, &opt);
     check_same_data_stream(cfg, meta, resume_from);
+    check_tokenizer(*data.tokenizer, meta, resume_from);
     if (meta.data_fingerprint != data.fingerprint)
       TS_FAIL("checkpoint '", resume_from, "' was trained on different data than data.train / data.dataset (",
               cfg.dataset.empty() ? join_paths(cfg.data.files) : cfg.dataset, ") now holds (the token stream's fingerprint differs); resuming would not ",
@@ -365,7 +375,8 @@ int run_pretrain(const TrainOptions& opts) {
       window_steps = 0;
     }
     if ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last) {
-      CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind};
+      CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind,
+                          data.tokenizer->hash()};
       save_checkpoint(checkpoint_path(cfg.run_dir, done), cfg.model, params, &opt, meta);
       if (cfg.checkpoint_keep > 0) {
         std::vector<std::string> all = list_checkpoints(cfg.run_dir);

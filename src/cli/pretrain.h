@@ -47,6 +47,10 @@ struct TrainingData {
   static TrainingData load(const PretrainConfig& cfg);
 };
 
+// The tokenizer must be the one the checkpoint was trained with (kind and hash).
+struct CheckpointMeta;
+void check_tokenizer(const Tokenizer& tok, const CheckpointMeta& meta, const std::string& ckpt);
+
 // Reads and validates every key; unknown keys are errors naming file, line and key.
 ModelConfig model_config_from_recipe(Recipe& r, int64_t tokenizer_vocab);
 PretrainConfig pretrain_config_from_recipe(Recipe& r);

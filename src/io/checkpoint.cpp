@@ -87,6 +87,7 @@ void save_checkpoint(const std::string& path, const ModelConfig& cfg, const Para
   w.write_attr("data.cursor_step", meta.step);
   w.write_attr("data.fingerprint", static_cast<int64_t>(meta.data_fingerprint));
   w.write_attr("tokenizer", meta.tokenizer);
+  w.write_attr("tokenizer.hash", static_cast<int64_t>(meta.tokenizer_hash));
   w.write_attr("recipe", meta.recipe);
   write_config(w, cfg);
   for (const Param* p : params) w.write_tensor("model/" + p->name, p->value);
@@ -116,6 +117,7 @@ CheckpointMeta checkpoint_meta(const std::string& path) {
   m.data_fingerprint = static_cast<uint64_t>(r.attr_int("data.fingerprint"));
   m.recipe = r.attr_string("recipe");
   m.tokenizer = r.attr_string("tokenizer");
+  m.tokenizer_hash = static_cast<uint64_t>(r.attr_int("tokenizer.hash"));
   return m;
 }
 

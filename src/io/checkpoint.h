@@ -17,6 +17,7 @@ struct CheckpointMeta {
   uint64_t data_fingerprint = 0;   // of the training token stream, to refuse resuming on changed data
   std::string recipe;              // effective recipe (TOML)
   std::string tokenizer = "byte";
+  uint64_t tokenizer_hash = 0;     // checked when the tokenizer is loaded again (eval, sample, export, resume)
 };
 
 void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const AdamW* opt,

@@ -74,7 +74,7 @@ void check(herr_t rc, const std::string& context) {
   if (rc < 0) fail_hdf5(context);
 }
 
-std::string where(const std::string& path) { return cat("checkpoint '", path, "'"); }
+std::string where(const std::string& path) { return cat("file '", path, "'"); }
 
 // Names are '/'-separated paths relative to the root: no leading, trailing or doubled '/', no "." or "..".
 void check_name(const std::string& path, const std::string& name) {

@@ -31,7 +31,7 @@ std::string hf_llama_name(const std::string& n) {
   TS_FAIL("no Hugging Face Llama name for parameter '", n, "'");
 }
 
-std::string hf_llama_config(const ModelConfig& c) {
+std::string hf_llama_config(const ModelConfig& c, int32_t bos_id, int32_t eos_id) {
   nlohmann::ordered_json j = {
       {"architectures", {"LlamaForCausalLM"}},
       {"model_type", "llama"},
@@ -52,13 +52,13 @@ std::string hf_llama_config(const ModelConfig& c) {
       {"tie_word_embeddings", false},
       {"initializer_range", c.init_std},
       {"torch_dtype", "float32"},
-      {"bos_token_id", 256},
-      {"eos_token_id", 257},
+      {"bos_token_id", bos_id},
+      {"eos_token_id", eos_id},
   };
   return j.dump(2) + "\n";
 }
 
-void export_hf(const std::string& checkpoint, const std::string& out_dir) {
+void export_hf(const std::string& checkpoint, const std::string& out_dir, int32_t bos_id, int32_t eos_id) {
   ModelConfig cfg = checkpoint_model_config(checkpoint);
   if (cfg.arch != "dense") TS_FAIL("checkpoint '", checkpoint, "': Hugging Face export supports dense models, not ", cfg.arch);
   DenseModel model(cfg);
@@ -70,7 +70,7 @@ void export_hf(const std::string& checkpoint, const std::string& out_dir) {
   std::string tmp = out_dir + "/config.json.tmp";
   {
     std::ofstream out(tmp);
-    out << hf_llama_config(cfg);
+    out << hf_llama_config(cfg, bos_id, eos_id);
     if (!out) TS_FAIL("cannot write '", tmp, "'");
   }
   std::filesystem::rename(tmp, out_dir + "/config.json");

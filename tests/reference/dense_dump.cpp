@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
   ParamList params = model.params();
   model.init(1);
   save_checkpoint(out + "/init.h5", cfg, params, nullptr, CheckpointMeta{});
-  export_hf(out + "/init.h5", out + "/hf");
+  export_hf(out + "/init.h5", out + "/hf", 256, 257);  // the byte tokenizer's BOS and EOS
 
   io::H5Writer dump(out + "/dump.h5");
   TokenBatch batch = make_batch(B, T, cfg.vocab_size, 0);

@@ -5,23 +5,17 @@
 
 #include <functional>
 
+#include "test_util.h"
 #include "core/error.h"
 #include "data/byte_tokenizer.h"
 #include "data/chat.h"
 #include "data/dsml.h"
 
 using namespace tessera;
+using tessera::testing::error_of;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 // Hand-written specials (not the library's constants) so a changed constant shows up here.
 const std::string BOS = "<｜begin▁of▁sentence｜>", EOS = "<｜end▁of▁sentence｜>";

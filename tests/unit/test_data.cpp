@@ -5,11 +5,13 @@
 #include <filesystem>
 #include <fstream>
 
+#include "test_util.h"
 #include "core/error.h"
 #include "data/byte_tokenizer.h"
 #include "data/text_corpus.h"
 
 using namespace tessera;
+using tessera::testing::error_of;
 namespace fs = std::filesystem;
 
 namespace {
@@ -20,14 +22,6 @@ std::string write_temp(const std::string& name, const std::string& text) {
   return p.string();
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 }  // namespace
 

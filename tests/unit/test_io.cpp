@@ -183,7 +183,7 @@ TEST(H5, MissingTensorAndShapeMismatch) {
   expect_error([&] { r.read_tensor("model/missing"); }, {path.str(), "no tensor 'model/missing'"});
   expect_error([&] { r.shape("missing"); }, {path.str(), "no tensor 'missing'"});
   expect_error([&] { r.read_into("model/w", Tensor::zeros({4, 16}, DType::f32)); },
-               {cat("checkpoint '", path.str(), "': tensor 'model/w' has shape (4, 8), expected (4, 16)")});
+               {cat("file '", path.str(), "': tensor 'model/w' has shape (4, 8), expected (4, 16)")});
   expect_error([&] { r.read_into("model/w", Tensor::zeros({4, 8}, DType::bf16)); },
                {path.str(), "'model/w' has dtype f32, expected bf16"});
 }

@@ -10,10 +10,12 @@
 #include <set>
 #include <sstream>
 
+#include "test_util.h"
 #include "core/error.h"
 #include "data/prompts.h"
 
 using namespace tessera;
+using tessera::testing::error_of;
 namespace fs = std::filesystem;
 
 namespace {
@@ -30,14 +32,6 @@ std::string write_temp(const std::string& name, const std::string& text) {
   return p.string();
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 std::string load_error(const std::string& name, const std::string& text) {
   std::string path = write_temp(name, text);

@@ -12,10 +12,12 @@
 #include <set>
 #include <sstream>
 
+#include "test_util.h"
 #include "core/error.h"
 #include "data/sp_tokenizer.h"
 
 using namespace tessera;
+using tessera::testing::error_of;
 namespace fs = std::filesystem;
 
 namespace {
@@ -35,14 +37,6 @@ std::string read_file(const fs::path& p) {
   return ss.str();
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 void append_utf8(std::string& s, uint32_t cp) {
   if (cp < 0x80) s += char(cp);

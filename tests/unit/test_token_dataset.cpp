@@ -6,11 +6,13 @@
 #include <fstream>
 #include <set>
 
+#include "test_util.h"
 #include "core/error.h"
 #include "data/byte_tokenizer.h"
 #include "data/token_dataset.h"
 
 using namespace tessera;
+using tessera::testing::error_of;
 namespace fs = std::filesystem;
 
 namespace {
@@ -27,14 +29,6 @@ std::string write(const std::string& name, const std::string& text) {
   return p.string();
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 // Documents of a split, decoded back to text (each ends with EOS, which is dropped).
 std::multiset<std::string> documents(const TokenStore& s, const Tokenizer& tok) {
