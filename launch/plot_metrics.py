@@ -26,7 +26,7 @@ def number(v):
     return v if math.isfinite(v) else None
 
 
-def read_run(run_dir, key):
+def read_run(run_dir, key, val_key="val_loss", x_key="step"):
     """Return ([(step, train)], [(step, val)]) from run_dir/metrics.jsonl."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -45,11 +45,11 @@ def read_run(run_dir, key):
                 print(f"plot_metrics: warning: {path}:{lineno}: skipped, not a JSON object",
                       file=sys.stderr)
                 continue
-            step = number(rec.get("step"))
+            step = number(rec.get(x_key))
             if step is None:
                 continue
             kind = rec.get("kind")
-            v = number(rec.get("val_loss"))
+            v = number(rec.get(val_key))
             if v is None and kind == "eval":  # an eval record may carry its loss under `key`
                 v = number(rec.get(key))
             if v is not None:
@@ -58,7 +58,7 @@ def read_run(run_dir, key):
             if t is not None and kind != "eval":
                 train.append((step, t))
     if not train and not val:
-        sys.exit(f"plot_metrics: {path}: no '{key}' or 'val_loss' values")
+        sys.exit(f"plot_metrics: {path}: no '{key}' or '{val_key}' values")
     return sorted(train), sorted(val)
 
 
@@ -67,7 +67,9 @@ def main():
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR")
     ap.add_argument("--out", help="output PNG (default RUN_DIR/loss.png for a single run)")
     ap.add_argument("--label", nargs="+", help="legend label per run (default: directory name)")
-    ap.add_argument("--key", default="loss", help="train metric to plot (default: loss)")
+    ap.add_argument("--key", default="loss", help="train metric to plot (default: loss; 'none' for held-out only)")
+    ap.add_argument("--val-key", default="val_loss", help="held-out metric (default: val_loss; or val_nats_per_byte)")
+    ap.add_argument("--x", default="step", help="x axis: step (default), tokens or elapsed_s")
     args = ap.parse_args()
 
     if args.label and len(args.label) != len(args.runs):
@@ -80,14 +82,15 @@ def main():
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     for i, (run, label) in enumerate(zip(args.runs, labels)):
-        train, val = read_run(run, args.key)
+        train, val = read_run(run, args.key, args.val_key, args.x)
         color = f"C{i % 10}"
         if train:
             ax.plot(*zip(*train), color=color, lw=0.8, alpha=0.45, label=f"{label} train")
         if val:
             ax.plot(*zip(*val), color=color, lw=1.6, marker="o", ms=4, label=f"{label} held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)" if args.key == "loss" else args.key)
+    ax.set_xlabel({"elapsed_s": "training time (s)"}.get(args.x, args.x))
+    ax.set_ylabel("nats per byte" if args.val_key == "val_nats_per_byte"
+                  else "loss (nats/token)" if args.key in ("loss", "none") else args.key)
     ax.set_title("Loss: " + ", ".join(labels))
     ax.grid(True, alpha=0.3)
     ax.legend()
