@@ -3,7 +3,7 @@
 must give Tessera's ids for every test string (and decode them back to the string).
 
 usage: check_hf_tokenizer.py EXPORT_DIR CASES_FILE
-CASES_FILE (written by test_sp_tokenizer's SpTokenizer.DumpForHf) holds, per case, a line
+CASES_FILE (written by test_sp_tokenizer's SpTokenizer.DISABLED_DumpForHf) holds, per case, a line
 "<bytes> <specials> <n> <ids...>" then the raw UTF-8 text and a newline. specials=1: the ids come from
 encode_with_specials, since Hugging Face recognises special-token strings in text; 0: from plain encode."""
 import sys
