@@ -97,10 +97,12 @@ void check_op(const OpCase& c) {
   for (size_t o = 0; o < out64.size(); ++o)
     EXPECT_LE(max_rel_diff(out32[o], out64[o]), c.f32_tol) << c.name << ": fp32 output " << o << " vs fp64";
   Tensors grads32 = c.backward(in32, out32, to_dtype(r, DType::f32));
-  for (size_t k = 0; k < c.inputs.size(); ++k)
-    if (c.differentiable[k])
+  for (size_t k = 0; k < c.inputs.size(); ++k) {
+    if (c.differentiable[k]) {
       EXPECT_LE(max_rel_diff(grads32[k], grads64[k]), 10 * c.f32_tol)
           << c.name << ": fp32 gradient of input " << k << " vs fp64";
+    }
+  }
 }
 
 }  // namespace tessera::testing
