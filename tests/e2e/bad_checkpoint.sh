@@ -4,12 +4,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
-make_corpus "$WORK/corpus.txt" 400
-write_recipe "$WORK/r.toml" "$WORK/corpus.txt" "$WORK/R"
-step "a finished run R (10 steps, checkpoints at 5 and 10)"
-"$TESSERA" train "$WORK/r.toml" 2> "$WORK/R.log"
-CK="$WORK/R/checkpoints/step_00000010.h5"
-[[ -f $CK ]] || fail "R: no final checkpoint"
+finished_run
 snapshot "$WORK/R" > "$WORK/R.before"
 size=$(stat -c %s "$CK")
 

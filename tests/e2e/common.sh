@@ -114,6 +114,17 @@ EOF
   for line in "$@"; do echo "$line" >> "$out"; done
 }
 
+# finished_run: a finished 10-step run of the tiny model in $WORK/R (checkpoints at steps 5 and 10) on
+# $WORK/corpus.txt with recipe $WORK/r.toml; sets CK to its final checkpoint.
+finished_run() {
+  make_corpus "$WORK/corpus.txt" 400
+  write_recipe "$WORK/r.toml" "$WORK/corpus.txt" "$WORK/R"
+  step "a finished run R (10 steps, checkpoints at 5 and 10)"
+  "$TESSERA" train "$WORK/r.toml" 2> "$WORK/R.log"
+  CK="$WORK/R/checkpoints/step_00000010.h5"
+  [[ -f $CK ]] || fail "R: no final checkpoint"
+}
+
 # expect_fail NAME SUBSTRING... -- COMMAND...: COMMAND must exit non-zero, and its stderr must contain every
 # SUBSTRING (fixed strings). The stderr is kept in $WORK/NAME.err.
 expect_fail() {

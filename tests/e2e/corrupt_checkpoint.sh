@@ -7,12 +7,7 @@ source "$(dirname "$0")/common.sh"
 require_h5py
 FLIP="$(dirname "$0")/flip_bytes.py"
 
-make_corpus "$WORK/corpus.txt" 400
-write_recipe "$WORK/r.toml" "$WORK/corpus.txt" "$WORK/R"
-step "a finished run R"
-"$TESSERA" train "$WORK/r.toml" 2> "$WORK/R.log"
-CK="$WORK/R/checkpoints/step_00000010.h5"
-[[ -f $CK ]] || fail "R: no final checkpoint"
+finished_run
 
 step "flipped bytes in model/layers.0.ffn.w1: eval, sample, export"
 C="$WORK/model_corrupt.h5"

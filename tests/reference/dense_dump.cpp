@@ -4,7 +4,7 @@
 #include <cstdio>
 #include <filesystem>
 
-#include "core/rng.h"
+#include "tests/unit/test_util.h"
 #include "io/checkpoint.h"
 #include "io/h5.h"
 #include "io/hf_export.h"
@@ -12,18 +12,6 @@
 #include "optim/adamw.h"
 
 using namespace tessera;
-
-static TokenBatch make_batch(int64_t B, int64_t T, int64_t V, uint64_t seed) {
-  TokenBatch b;
-  b.ids = Tensor::empty({B, T}, DType::i32);
-  b.targets = Tensor::empty({B, T}, DType::i32);
-  Rng rng{seed, stream_id("reference-batch")};
-  for (int64_t i = 0; i < B * T; ++i) {
-    b.ids.data<int32_t>()[i] = int32_t(rng.below(2 * i, V));
-    b.targets.data<int32_t>()[i] = int32_t(rng.below(2 * i + 1, V));
-  }
-  return b;
-}
 
 int main(int argc, char** argv) {
   if (argc != 2) {
@@ -50,7 +38,7 @@ int main(int argc, char** argv) {
   export_hf(out + "/init.h5", out + "/hf", 256, 257);  // the byte tokenizer's BOS and EOS
 
   io::H5Writer dump(out + "/dump.h5");
-  TokenBatch batch = make_batch(B, T, cfg.vocab_size, 0);
+  TokenBatch batch = tessera::testing::random_token_batch(B, T, cfg.vocab_size, 0);
   dump.write_tensor("inputs", batch.ids);
   dump.write_tensor("targets", batch.targets);
   Tensor logits;
@@ -74,7 +62,7 @@ int main(int argc, char** argv) {
     Tensor losses = Tensor::empty({steps}, DType::f64), lrs = Tensor::empty({steps}, DType::f64);
     Tensor inputs = Tensor::empty({steps, B, T}, DType::i32), targets = Tensor::empty({steps, B, T}, DType::i32);
     for (int64_t s = 0; s < steps; ++s) {
-      TokenBatch b = make_batch(B, T, cfg.vocab_size, 100 + s);
+      TokenBatch b = tessera::testing::random_token_batch(B, T, cfg.vocab_size, 100 + s);
       inputs.slice(s, 1).reshape({B, T}).copy_from(b.ids);
       targets.slice(s, 1).reshape({B, T}).copy_from(b.targets);
       m.zero_grad();

@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "core/rng.h"
+#include "test_util.h"
 #include "model/dense.h"
 
 using namespace tessera;
@@ -25,14 +25,7 @@ ModelConfig tiny_config() {
 }
 
 TokenBatch random_batch(int64_t B, int64_t T, int64_t V, uint64_t seed, bool docs) {
-  TokenBatch b;
-  b.ids = Tensor::empty({B, T}, DType::i32);
-  b.targets = Tensor::empty({B, T}, DType::i32);
-  Rng rng{seed, stream_id("batch")};
-  for (int64_t i = 0; i < B * T; ++i) {
-    b.ids.data<int32_t>()[i] = int32_t(rng.below(2 * i, V));
-    b.targets.data<int32_t>()[i] = int32_t(rng.below(2 * i + 1, V));
-  }
+  TokenBatch b = tessera::testing::random_token_batch(B, T, V, seed);
   b.targets.data<int32_t>()[3] = -1;  // one position without a loss
   if (docs) {
     b.doc = Tensor::empty({B, T}, DType::i32);

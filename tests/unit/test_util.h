@@ -7,7 +7,9 @@
 #include <functional>
 #include <string>
 
+#include "core/batch.h"
 #include "core/error.h"
+#include "core/rng.h"
 
 namespace tessera::testing {
 
@@ -31,6 +33,19 @@ inline std::filesystem::path temp_dir(const std::string& tag) {
 inline std::string write_file(const std::filesystem::path& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
   return path.string();
+}
+
+// B x T uniformly random input and target ids in [0, V), from Philox(seed): the same batch on every machine.
+inline TokenBatch random_token_batch(int64_t B, int64_t T, int64_t V, uint64_t seed) {
+  TokenBatch b;
+  b.ids = Tensor::empty({B, T}, DType::i32);
+  b.targets = Tensor::empty({B, T}, DType::i32);
+  Rng rng{seed, stream_id("random-token-batch")};
+  for (int64_t i = 0; i < B * T; ++i) {
+    b.ids.data<int32_t>()[i] = int32_t(rng.below(2 * i, V));
+    b.targets.data<int32_t>()[i] = int32_t(rng.below(2 * i + 1, V));
+  }
+  return b;
 }
 
 }  // namespace tessera::testing
