@@ -5,6 +5,8 @@
 
 namespace tessera {
 
+class V4Kernels;
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -32,15 +34,17 @@ class Backend {
   virtual void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dout,
                                 const Tensor& dx, const Tensor& dweight) = 0;
 
-  // x, out (B, T, H, D); positions (B*T) i32. Rotates the last `rotary_dim` dims of each head:
+  // x, out (B, T, H, D); positions (B*T) i32; inv_freq (rotary_dim / 2) f64, the angle of pair i at position p
+  // is p * inv_freq[i] (in fp32). Rotates the last rotary_dim = 2 * inv_freq.numel() dims of each head:
   // half-split pairs (i, i + r/2) or interleaved pairs (2i, 2i+1). inverse rotates by -angle (= backward).
-  virtual void rope(const Tensor& x, const Tensor& positions, double theta, int64_t rotary_dim, bool interleaved,
-                    bool inverse, const Tensor& out) = 0;
+  virtual void rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, bool interleaved, bool inverse,
+                    const Tensor& out) = 0;
 
-  // out = silu(gate) * up.
-  virtual void swiglu_forward(const Tensor& gate, const Tensor& up, const Tensor& out) = 0;
-  virtual void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, const Tensor& dgate,
-                               const Tensor& dup) = 0;
+  // out = silu(min(gate, limit)) * clamp(up, -limit, limit); limit 0 = no clamp. Backward passes no gradient
+  // where a clamp is active (torch.clamp semantics: the bound itself passes).
+  virtual void swiglu_forward(const Tensor& gate, const Tensor& up, double limit, const Tensor& out) = 0;
+  virtual void swiglu_backward(const Tensor& gate, const Tensor& up, double limit, const Tensor& dout,
+                               const Tensor& dgate, const Tensor& dup) = 0;
 
   // Row softmax over the last dimension of (N, C).
   virtual void softmax_forward(const Tensor& x, const Tensor& out) = 0;
@@ -65,6 +69,20 @@ class Backend {
   virtual void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, double lr,
                             double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
                             double bias_correction2) = 0;
+
+  // The V4 kernels of this device.
+  virtual V4Kernels& v4() = 0;
+};
+
+// The DeepSeek-V4 kernels (MoE routing, mHC, compressors, sparse attention, indexer, quantisation
+// simulation). Their contracts are documented once, in src/ops/v4_ops.h, whose functions have the same
+// signatures and check shapes before calling these.
+class V4Kernels {
+ public:
+  virtual ~V4Kernels() = default;
+#define TS_V4_KERNEL(ret, name, ...) virtual ret name(__VA_ARGS__) = 0;
+#include "backend/v4_kernels.inc"
+#undef TS_V4_KERNEL
 };
 
 // The backend that owns tensors on `device`; throws if that device's backend was not built.

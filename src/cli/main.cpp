@@ -121,7 +121,7 @@ int cmd_inspect(const std::string& recipe_path, const std::vector<std::string>& 
   DenseModel model(cfg);
   int64_t total = count_elements(model.params());
   int64_t embedding = cfg.vocab_size * cfg.dim;
-  double kv_bytes = 2.0 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim() * 2;  // K and V in bf16
+  double kv_bytes = 2.0 * cfg.n_layers * cfg.n_kv_heads * cfg.attn_head_dim() * 2;  // K and V in bf16
   std::printf("{\"model\": \"%s\", \"total_params\": %lld, \"active_params\": %lld, \"non_embedding_params\": %lld, "
               "\"train_flops_per_token\": %.6g, \"forward_flops_per_token\": %.6g, \"seq_len\": %lld, "
               "\"kv_cache_bytes_per_token_bf16\": %.0f}\n",

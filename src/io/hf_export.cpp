@@ -41,7 +41,7 @@ std::string hf_llama_config(const ModelConfig& c, int32_t bos_id, int32_t eos_id
       {"num_hidden_layers", c.n_layers},
       {"num_attention_heads", c.n_heads},
       {"num_key_value_heads", c.n_kv_heads},
-      {"head_dim", c.head_dim()},
+      {"head_dim", c.attn_head_dim()},
       {"hidden_act", "silu"},
       {"max_position_embeddings", c.max_seq_len},
       {"rms_norm_eps", c.norm_eps},

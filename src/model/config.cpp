@@ -1,19 +1,71 @@
 #include "model/config.h"
 
 #include "core/error.h"
+#include "model/inspect.h"
 
 namespace tessera {
 
+static void validate_v4(const ModelConfig& c) {
+  auto positive = [](const char* key, int64_t v) {
+    if (v <= 0) TS_FAIL("model.", key, " must be positive, got ", v);
+  };
+  positive("head_dim", c.head_dim);
+  positive("q_lora_rank", c.q_lora_rank);
+  positive("o_groups", c.o_groups);
+  positive("o_lora_rank", c.o_lora_rank);
+  positive("window", c.window);
+  positive("n_routed_experts", c.n_routed_experts);
+  positive("n_activated_experts", c.n_activated_experts);
+  positive("moe_inter_dim", c.moe_inter_dim);
+  positive("hc_mult", c.hc_mult);
+  positive("hc_sinkhorn_iters", c.hc_sinkhorn_iters);
+  if (c.rope_dim <= 0 || c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim)
+    TS_FAIL("model.rope_dim (", c.rope_dim, ") must be even, positive and at most model.head_dim (", c.head_dim, ")");
+  if (c.n_heads * c.head_dim % c.o_groups != 0)
+    TS_FAIL("model.n_heads * model.head_dim (", c.n_heads * c.head_dim, ") must be divisible by model.o_groups (",
+            c.o_groups, ")");
+  if (c.n_activated_experts > c.n_routed_experts)
+    TS_FAIL("model.n_activated_experts (", c.n_activated_experts, ") exceeds model.n_routed_experts (",
+            c.n_routed_experts, ")");
+  if (c.n_shared_experts < 0) TS_FAIL("model.n_shared_experts must be >= 0, got ", c.n_shared_experts);
+  if (c.n_hash_layers < 0 || c.n_hash_layers > c.n_layers)
+    TS_FAIL("model.n_hash_layers (", c.n_hash_layers, ") must lie in [0, model.n_layers = ", c.n_layers, "]");
+  if (c.score_func != "sqrtsoftplus" && c.score_func != "sigmoid" && c.score_func != "softmax")
+    TS_FAIL("model.score_func: unknown '", c.score_func, "' (sqrtsoftplus, sigmoid, softmax)");
+  if (c.mtp_depth != 0 && c.mtp_depth != 1) TS_FAIL("model.mtp_depth must be 0 or 1, got ", c.mtp_depth);
+  int64_t n = static_cast<int64_t>(c.compress_ratios.size());
+  if (n != c.n_layers && n != c.n_layers + 1)
+    TS_FAIL("model.compress_ratios has ", n, " entries; expected model.n_layers (", c.n_layers,
+            ") or one more for the MTP block");
+  for (int64_t i = 0; i < n; ++i)
+    if (c.compress_ratios[i] < 0) TS_FAIL("model.compress_ratios[", i, "] must be >= 0, got ", c.compress_ratios[i]);
+  if (n == c.n_layers + 1 && c.compress_ratios.back() != 0)
+    TS_FAIL("model.compress_ratios: the MTP entry (the last) must be 0 (window only), got ", c.compress_ratios.back());
+  bool any_csa = false;
+  for (int64_t i = 0; i < c.n_layers; ++i) any_csa |= c.layer_is_csa(i);
+  if (any_csa) {
+    positive("index_n_heads", c.index_n_heads);
+    positive("index_topk", c.index_topk);
+    if (c.index_head_dim <= 0 || (c.index_head_dim & (c.index_head_dim - 1)) != 0 || c.index_head_dim < c.rope_dim)
+      TS_FAIL("model.index_head_dim (", c.index_head_dim,
+              ") must be a power of two (Walsh-Hadamard rotation) and at least model.rope_dim (", c.rope_dim, ")");
+  }
+  if (c.yarn_factor < 1.0) TS_FAIL("model.yarn_factor must be >= 1 (1 = no YaRN), got ", c.yarn_factor);
+}
+
 void ModelConfig::validate() const {
-  if (arch != "dense") TS_FAIL("model.arch: unknown architecture '", arch, "' (this build supports: dense)");
+  if (arch != "dense" && arch != "deepseek_v4")
+    TS_FAIL("model.arch: unknown architecture '", arch, "' (this build supports: dense, deepseek_v4)");
+  if (is_v4()) return validate_v4(*this);
   if (dim % n_heads != 0) TS_FAIL("model.dim (", dim, ") must be divisible by model.n_heads (", n_heads, ")");
   if (n_heads % n_kv_heads != 0)
     TS_FAIL("model.n_heads (", n_heads, ") must be a multiple of model.n_kv_heads (", n_kv_heads, ")");
-  if (head_dim() % 2 != 0) TS_FAIL("model.dim / model.n_heads must be even for RoPE, got ", head_dim());
+  if (attn_head_dim() % 2 != 0) TS_FAIL("model.dim / model.n_heads must be even for RoPE, got ", attn_head_dim());
 }
 
 double ModelConfig::train_flops_per_token(int64_t seq_len) const {
-  double hd = double(head_dim());
+  if (is_v4()) return 3.0 * forward_flops_per_token(*this, seq_len);
+  double hd = double(attn_head_dim());
   double per_layer = dim * (n_heads * hd) * 2 + dim * (n_kv_heads * hd) * 2 + 3.0 * dim * ffn_dim;
   double matmul_params = n_layers * per_layer + double(dim) * vocab_size;
   return 6.0 * matmul_params + 12.0 * n_layers * dim * double(seq_len);

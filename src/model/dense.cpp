@@ -26,7 +26,7 @@ Tensor heads_view(const Tensor& t, int64_t B, int64_t T, int64_t heads) {
 
 DenseModel::DenseModel(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype_(dtype) {
   cfg_.validate();
-  const int64_t C = cfg.dim, V = cfg.vocab_size, F = cfg.ffn_dim, hd = cfg.head_dim();
+  const int64_t C = cfg.dim, V = cfg.vocab_size, F = cfg.ffn_dim, hd = cfg.attn_head_dim();
   tok_embeddings_ = make_param("tok_embeddings", ParamKind::embedding, {V, C}, dtype);
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
     std::string p = "layers." + std::to_string(l) + ".";
@@ -79,7 +79,7 @@ void DenseModel::ensure_buffers(int64_t B, int64_t T) {
   if (T > cfg_.max_seq_len) TS_FAIL("sequence length ", T, " exceeds model.max_seq_len ", cfg_.max_seq_len);
   B_ = B, T_ = T;
   const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, H = cfg_.n_heads, KH = cfg_.n_kv_heads;
-  const int64_t hd = cfg_.head_dim(), V = cfg_.vocab_size;
+  const int64_t hd = cfg_.attn_head_dim(), V = cfg_.vocab_size;
   auto buf = [&](const Shape& s) { return Tensor::empty(s, dtype_); };
   acts_.clear();
   for (int64_t l = 0; l < cfg_.n_layers; ++l)
@@ -101,7 +101,7 @@ void DenseModel::ensure_buffers(int64_t B, int64_t T) {
 void DenseModel::run_forward(const TokenBatch& batch) {
   const int64_t B = batch.batch_size(), T = batch.seq_len();
   ensure_buffers(B, T);
-  const int64_t N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.head_dim();
+  const int64_t N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
   const double scale = 1.0 / std::sqrt(double(hd));
   Tensor ids = batch.ids.reshape({N});
   ops::embedding_forward(ids, tok_embeddings_.value, acts_.empty() ? x_final_ : acts_[0].x);
@@ -145,7 +145,7 @@ double DenseModel::forward(const TokenBatch& batch, Tensor* logits) {
 
 double DenseModel::forward_backward(const TokenBatch& batch, double loss_scale) {
   run_forward(batch);
-  const int64_t B = B_, T = T_, N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.head_dim();
+  const int64_t B = B_, T = T_, N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
   const double scale = 1.0 / std::sqrt(double(hd));
   // The fused cross-entropy overwrites the logits with their gradient.
   ops::cross_entropy(logits_, batch.targets.reshape({N}), losses_, loss_scale, logits_);

@@ -128,30 +128,55 @@ static void check_rope(const Tensor& x, const Tensor& positions, int64_t rotary_
            " must be even and at most the head dim ", x.size(3));
 }
 
+Tensor rope_inv_freq(double theta, int64_t rotary_dim) {
+  Tensor f = Tensor::empty({rotary_dim / 2}, DType::f64);
+  for (int64_t i = 0; i < rotary_dim / 2; ++i) f.data<double>()[i] = std::pow(theta, -2.0 * double(i) / double(rotary_dim));
+  return f;
+}
+
+static void check_freqs(const Tensor& inv_freq) {
+  TS_CHECK(inv_freq.dtype() == DType::f64 && inv_freq.ndim() == 1 && inv_freq.is_contiguous() &&
+               inv_freq.device() == Device::cpu,
+           "rope: inv_freq must be a host f64 vector, got ", inv_freq.str());
+}
+
+void rope_forward(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, bool interleaved,
+                  const Tensor& out) {
+  check_freqs(inv_freq);
+  check_rope(x, positions, 2 * inv_freq.numel(), out);
+  be(x).rope(x, positions, inv_freq, interleaved, false, out);
+}
+
+void rope_backward(const Tensor& dout, const Tensor& positions, const Tensor& inv_freq, bool interleaved,
+                   const Tensor& dx) {
+  check_freqs(inv_freq);
+  check_rope(dout, positions, 2 * inv_freq.numel(), dx);
+  be(dout).rope(dout, positions, inv_freq, interleaved, true, dx);
+}
+
 void rope_forward(const Tensor& x, const Tensor& positions, double theta, int64_t rotary_dim, bool interleaved,
                   const Tensor& out) {
-  check_rope(x, positions, rotary_dim, out);
-  be(x).rope(x, positions, theta, rotary_dim, interleaved, false, out);
+  rope_forward(x, positions, rope_inv_freq(theta, rotary_dim), interleaved, out);
 }
 
 void rope_backward(const Tensor& dout, const Tensor& positions, double theta, int64_t rotary_dim, bool interleaved,
                    const Tensor& dx) {
-  check_rope(dout, positions, rotary_dim, dx);
-  be(dout).rope(dout, positions, theta, rotary_dim, interleaved, true, dx);
+  rope_backward(dout, positions, rope_inv_freq(theta, rotary_dim), interleaved, dx);
 }
 
-void swiglu_forward(const Tensor& gate, const Tensor& up, const Tensor& out) {
+void swiglu_forward(const Tensor& gate, const Tensor& up, const Tensor& out, double limit) {
+  TS_CHECK(limit >= 0, "swiglu_forward: limit must be >= 0 (0 = no clamp), got ", limit);
   check_float("swiglu_forward", gate, {&up, &out});
   check_shape("swiglu_forward", "up", up, gate.shape());
   check_shape("swiglu_forward", "out", out, gate.shape());
-  be(gate).swiglu_forward(gate, up, out);
+  be(gate).swiglu_forward(gate, up, limit, out);
 }
 
 void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, const Tensor& dgate,
-                     const Tensor& dup) {
+                     const Tensor& dup, double limit) {
   check_float("swiglu_backward", gate, {&up, &dout, &dgate, &dup});
   for (const Tensor* t : {&up, &dout, &dgate, &dup}) check_shape("swiglu_backward", "operand", *t, gate.shape());
-  be(gate).swiglu_backward(gate, up, dout, dgate, dup);
+  be(gate).swiglu_backward(gate, up, limit, dout, dgate, dup);
 }
 
 void softmax_forward(const Tensor& x, const Tensor& out) {

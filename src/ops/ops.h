@@ -27,15 +27,24 @@ void rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, const Te
 void rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dout,
                       const Tensor& dx, const Tensor& dweight);
 
+// The standard inverse frequencies theta^(-2i/r), i < r/2, as a host f64 vector.
+Tensor rope_inv_freq(double theta, int64_t rotary_dim);
+// RoPE with explicit inverse frequencies (YaRN and others); rotary_dim = 2 * inv_freq.numel().
+void rope_forward(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, bool interleaved,
+                  const Tensor& out);
+void rope_backward(const Tensor& dout, const Tensor& positions, const Tensor& inv_freq, bool interleaved,
+                   const Tensor& dx);
 // RoPE forward rotates by +angle; rope_backward rotates the gradient by -angle (the transpose).
 void rope_forward(const Tensor& x, const Tensor& positions, double theta, int64_t rotary_dim, bool interleaved,
                   const Tensor& out);
 void rope_backward(const Tensor& dout, const Tensor& positions, double theta, int64_t rotary_dim, bool interleaved,
                    const Tensor& dx);
 
-void swiglu_forward(const Tensor& gate, const Tensor& up, const Tensor& out);
+// out = silu(min(gate, limit)) * clamp(up, -limit, limit) (V4's clamp; limit 0 = none). No gradient where a
+// clamp is active.
+void swiglu_forward(const Tensor& gate, const Tensor& up, const Tensor& out, double limit = 0.0);
 void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, const Tensor& dgate,
-                     const Tensor& dup);
+                     const Tensor& dup, double limit = 0.0);
 
 void softmax_forward(const Tensor& x, const Tensor& out);
 void softmax_backward(const Tensor& y, const Tensor& dy, const Tensor& dx);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/cpu_v4.h"
 
 namespace tessera {
 namespace {
@@ -53,6 +54,7 @@ class CpuBackend final : public Backend {
  public:
   Device device() const override { return Device::cpu; }
   const char* name() const override { return "cpu"; }
+  V4Kernels& v4() override { return v4_; }
 
   void gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, double alpha,
             double beta) override {
@@ -200,23 +202,22 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void rope(const Tensor& x, const Tensor& positions, double theta, int64_t rotary_dim, bool interleaved,
-            bool inverse, const Tensor& out) override {
+  void rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, bool interleaved, bool inverse,
+            const Tensor& out) override {
     dispatch_float(x, [&]<class T>() {
       const T* xs = x.data<T>();
       T* o = out.data<T>();
       const int32_t* pos = positions.data<int32_t>();
-      int64_t bt = x.size(0) * x.size(1), h = x.size(2), d = x.size(3), half = rotary_dim / 2;
-      int64_t first = d - rotary_dim;  // rotary dims are the last rotary_dim of each head
-      std::vector<double> inv_freq(half);
-      for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(theta, -2.0 * double(i) / double(rotary_dim));
+      const double* freq = inv_freq.data<double>();
+      int64_t bt = x.size(0) * x.size(1), h = x.size(2), d = x.size(3), half = inv_freq.numel();
+      int64_t first = d - 2 * half;  // rotary dims are the last 2 * half of each head
       double sign = inverse ? -1.0 : 1.0;
 #pragma omp parallel for schedule(static)
       for (int64_t r = 0; r < bt; ++r) {
         std::vector<T> cs(half), sn(half);
         for (int64_t i = 0; i < half; ++i) {
           // Angles in fp32 like the reference implementations, then cos/sin.
-          float ang = float(pos[r]) * float(inv_freq[i]);
+          float ang = float(pos[r]) * float(freq[i]);
           cs[i] = T(std::cos(double(ang)));
           sn[i] = T(sign * std::sin(double(ang)));
         }
@@ -236,18 +237,23 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void swiglu_forward(const Tensor& gate, const Tensor& up, const Tensor& out) override {
+  void swiglu_forward(const Tensor& gate, const Tensor& up, double limit, const Tensor& out) override {
     dispatch_float(gate, [&]<class T>() {
       const T* g = gate.data<T>();
       const T* u = up.data<T>();
       T* o = out.data<T>();
       int64_t n = gate.numel();
+      const T lim = T(limit);
 #pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (T(1) + std::exp(-g[i])) * u[i];
+      for (int64_t i = 0; i < n; ++i) {
+        T gi = g[i], ui = u[i];
+        if (limit > 0) gi = std::min(gi, lim), ui = std::clamp(ui, -lim, lim);
+        o[i] = gi / (T(1) + std::exp(-gi)) * ui;
+      }
     });
   }
 
-  void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout, const Tensor& dgate,
+  void swiglu_backward(const Tensor& gate, const Tensor& up, double limit, const Tensor& dout, const Tensor& dgate,
                        const Tensor& dup) override {
     dispatch_float(gate, [&]<class T>() {
       const T* g = gate.data<T>();
@@ -256,13 +262,16 @@ class CpuBackend final : public Backend {
       T* dg = dgate.data<T>();
       T* du = dup.data<T>();
       int64_t n = gate.numel();
+      const T lim = T(limit);
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < n; ++i) {
-        T s = T(1) / (T(1) + std::exp(-g[i]));
-        T silu = g[i] * s;
-        T dgi = d[i] * u[i] * (s + silu * (T(1) - s));
-        du[i] = d[i] * silu;
-        dg[i] = dgi;
+        T gi = g[i], ui = u[i];
+        bool gate_clamped = limit > 0 && gi > lim, up_clamped = limit > 0 && (ui > lim || ui < -lim);
+        if (limit > 0) gi = std::min(gi, lim), ui = std::clamp(ui, -lim, lim);
+        T s = T(1) / (T(1) + std::exp(-gi));
+        T silu = gi * s;
+        dg[i] = gate_clamped ? T(0) : d[i] * ui * (s + silu * (T(1) - s));
+        du[i] = up_clamped ? T(0) : d[i] * silu;
       }
     });
   }
@@ -425,6 +434,9 @@ class CpuBackend final : public Backend {
       }
     });
   }
+
+ private:
+  CpuV4Kernels v4_;
 };
 
 }  // namespace
