@@ -18,6 +18,9 @@ class Backend {
   virtual void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c, double alpha,
                     double beta) = 0;
 
+  // out (B, A, C) = x (A, B, C) with the first two dimensions swapped.
+  virtual void transpose01(const Tensor& x, const Tensor& out) = 0;
+
   virtual void fill(const Tensor& x, double value) = 0;
   virtual void axpy(double alpha, const Tensor& x, const Tensor& y) = 0;  // y += alpha * x
   virtual void scale(const Tensor& x, double alpha) = 0;                   // x *= alpha

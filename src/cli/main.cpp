@@ -1,9 +1,12 @@
 // The `tessera` binary: subcommands wire recipes and checkpoints to stages (DESIGN.md §4 "CLI").
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 
+#include "cli/model_recipe.h"
 #include "cli/pretrain.h"
 #include "cli/sample.h"
 #include "core/log.h"
@@ -14,7 +17,8 @@
 #include "data/text_corpus.h"
 #include "io/checkpoint.h"
 #include "io/hf_export.h"
-#include "model/dense.h"
+#include "model/model.h"
+#include "model/inspect.h"
 
 using namespace tessera;
 namespace fs = std::filesystem;
@@ -27,15 +31,15 @@ struct LoadedModel {
   std::string path;
   CheckpointMeta meta;
   PretrainConfig run;
-  std::unique_ptr<DenseModel> model;
+  std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tokenizer;
 };
 LoadedModel load_model(const std::string& ckpt_or_run) {
   LoadedModel l;
   l.path = resolve_checkpoint(ckpt_or_run);
   ModelConfig cfg = checkpoint_model_config(l.path);
-  l.model = std::make_unique<DenseModel>(cfg);
-  l.meta = load_checkpoint(l.path, cfg, l.model->params(), nullptr);
+  l.model = make_model(cfg);
+  l.meta = load_checkpoint(l.path, cfg, l.model->saved_tensors(), nullptr);
   Recipe recipe = Recipe::parse(l.meta.recipe, l.path + ":recipe");
   l.run = pretrain_config_from_recipe(recipe);
   l.tokenizer = load_tokenizer(l.run.tokenizer_kind, l.run.tokenizer_model);
@@ -102,32 +106,98 @@ int cmd_ckpt_info(const std::string& ckpt) {
   std::string path = resolve_checkpoint(ckpt);
   ModelConfig cfg = checkpoint_model_config(path);
   CheckpointMeta meta = checkpoint_meta(path);
-  DenseModel model(cfg);
-  std::printf("checkpoint: %s\nstep: %lld\nseed: %llu\ntokenizer: %s\nmodel: %s, dim %lld, %lld layers, %lld heads "
-              "(%lld kv), ffn %lld, vocab %lld\nparameters: %lld\n",
+  std::unique_ptr<Model> model = make_model(cfg);
+  std::printf("checkpoint: %s\nstep: %lld\nseed: %llu\ntokenizer: %s\nmodel: %s, dim %lld, %lld layers, %lld heads, "
+              "vocab %lld\nparameters: %lld\n",
               path.c_str(), (long long)meta.step, (unsigned long long)meta.seed, meta.tokenizer.c_str(),
               cfg.arch.c_str(), (long long)cfg.dim, (long long)cfg.n_layers, (long long)cfg.n_heads,
-              (long long)cfg.n_kv_heads, (long long)cfg.ffn_dim, (long long)cfg.vocab_size,
-              (long long)count_elements(model.params()));
+              (long long)cfg.vocab_size, (long long)count_elements(model->params()));
   return 0;
 }
 
-int cmd_inspect(const std::string& recipe_path, const std::vector<std::string>& overrides, int64_t seq_len) {
-  Recipe r = Recipe::load(recipe_path, overrides);
+// A context length: an integer, optionally with K (1024) or M (1048576): "1M" = 1048576, "128K" = 131072.
+int64_t parse_context(const std::string& text) {
+  std::string s = text;
+  int64_t unit = 1;
+  if (!s.empty() && (s.back() == 'K' || s.back() == 'k')) unit = int64_t(1) << 10, s.pop_back();
+  else if (!s.empty() && (s.back() == 'M' || s.back() == 'm')) unit = int64_t(1) << 20, s.pop_back();
+  char* end = nullptr;
+  long long v = s.empty() ? 0 : std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || *end != '\0' || v < 1 || v > (int64_t(1) << 40) / unit)
+    TS_FAIL("inspect: --context must be a positive integer, optionally with K or M (1M = 1048576), got '", text, "'");
+  return v * unit;
+}
+
+ModelConfig inspect_model(const std::string& path, const std::vector<std::string>& overrides) {
+  Recipe r = Recipe::load(path, overrides);
   r.allow_section("");  // inspect reads the model only; other sections belong to stages
   std::string kind = r.get_string("tokenizer.kind", "byte"), model_file = r.get_string("tokenizer.model", "");
-  ModelConfig cfg = model_config_from_recipe(r, load_tokenizer(kind, model_file)->vocab_size());
-  if (seq_len <= 0) seq_len = cfg.max_seq_len;
-  DenseModel model(cfg);
-  int64_t total = count_elements(model.params());
-  int64_t embedding = cfg.vocab_size * cfg.dim;
-  double kv_bytes = 2.0 * cfg.n_layers * cfg.n_kv_heads * cfg.attn_head_dim() * 2;  // K and V in bf16
-  std::printf("{\"model\": \"%s\", \"total_params\": %lld, \"active_params\": %lld, \"non_embedding_params\": %lld, "
-              "\"train_flops_per_token\": %.6g, \"forward_flops_per_token\": %.6g, \"seq_len\": %lld, "
-              "\"kv_cache_bytes_per_token_bf16\": %.0f}\n",
-              recipe_path.c_str(), (long long)total, (long long)total, (long long)(total - embedding),
-              cfg.train_flops_per_token(seq_len), cfg.train_flops_per_token(seq_len) / 3, (long long)seq_len,
-              kv_bytes);
+  return model_config_from_recipe(r, load_tokenizer(kind, model_file)->vocab_size());
+}
+
+// Every figure `tessera inspect` prints, in print order (docs/model.md, "Inspect").
+std::vector<std::pair<std::string, double>> inspect_figures(const ModelConfig& cfg, int64_t context,
+                                                            double kv_bytes) {
+  ParamCounts p = count_params(cfg);
+  FlopCounts train = count_flops(cfg, context, true), inf = count_flops(cfg, context, false);
+  return {{"total_params", p.total},
+          {"active_params", p.active},
+          {"mtp_params", p.mtp},
+          {"embedding_params", p.embedding},
+          {"non_embedding_params", p.total - p.embedding},
+          {"published_total_params", p.published_total()},
+          {"published_active_params", p.published_active()},
+          {"train_flops_per_token", 3 * train.total()},
+          {"forward_flops_per_token", train.total()},
+          {"inference_flops_per_token", inf.total()},
+          {"inference_matmul_flops_per_token", inf.matmul},
+          {"inference_attention_flops_per_token", inf.attention + inf.indexer},
+          {"inference_indexer_flops_per_token", inf.indexer},
+          {"inference_fp8_equivalent_flops_per_token", fp8_equivalent_flops(cfg, inf)},
+          {"kv_cache_bytes_per_token", kv_cache_bytes_per_token(cfg, context, kv_bytes)},
+          {"kv_cache_bytes_per_token_bf16", kv_cache_bytes_per_token(cfg, context, 2.0)}};
+}
+
+std::string json_number(double v) {
+  char buf[64];
+  if (v == double(int64_t(v)) && std::abs(v) < 1e18) std::snprintf(buf, sizeof buf, "%lld", (long long)v);
+  else std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
+}
+
+// One JSON object: the figures of RECIPE at --context, and with --compare each as a fraction of OTHER's at the
+// same context and KV precision.
+int cmd_inspect(const std::string& recipe_path, const std::vector<std::string>& overrides, const std::string& context_text,
+                const std::string& kv_text, const std::string& compare_path) {
+  ModelConfig cfg = inspect_model(recipe_path, overrides);
+  int64_t context = context_text.empty() ? cfg.max_seq_len : parse_context(context_text);
+  double kv_bytes = kNativeKvPrecision;
+  if (kv_text != "native") {
+    char* end = nullptr;
+    kv_bytes = std::strtod(kv_text.c_str(), &end);
+    if (kv_text.empty() || *end != '\0' || !(kv_bytes > 0) || kv_bytes > 64)
+      TS_FAIL("inspect: --kv-bytes must be 'native' or bytes per cached value in (0, 64] (2 = bf16, 1 = fp8, "
+              "0.5 = fp4), got '", kv_text, "'");
+  }
+  std::string kv_precision = kv_text == "native" ? kv_native_precision(cfg) : cat(kv_bytes, " bytes per value");
+  auto figures = inspect_figures(cfg, context, kv_bytes);
+  std::string out = cat("{\"model\": \"", recipe_path, "\", \"arch\": \"", cfg.arch, "\", \"context\": ", context,
+                        ", \"seq_len\": ", context, ", \"kv_precision\": \"", kv_precision, "\"");
+  for (const auto& [k, v] : figures) out += cat(", \"", k, "\": ", json_number(v));
+  if (!compare_path.empty()) {
+    ModelConfig other = inspect_model(compare_path, {});
+    auto base = inspect_figures(other, context, kv_bytes);
+    out += cat(", \"compare\": {\"model\": \"", compare_path, "\", \"arch\": \"", other.arch, "\"");
+    if (kv_text == "native") out += cat(", \"kv_precision\": \"", kv_native_precision(other), "\"");
+    for (size_t i = 0; i < figures.size(); ++i) {
+      char buf[64];
+      if (base[i].second == 0) std::snprintf(buf, sizeof buf, "null");
+      else std::snprintf(buf, sizeof buf, "%.4f", figures[i].second / base[i].second);
+      out += cat(", \"", figures[i].first, "\": ", buf);
+    }
+    out += "}";
+  }
+  std::printf("%s}\n", out.c_str());
   return 0;
 }
 
@@ -175,11 +245,15 @@ int main(int argc, char** argv) {
   c_export->add_option("--format", format, "export format")->check(CLI::IsMember({"hf"}));
   c_export->add_option("--out", out_dir, "output directory")->required();
 
-  std::string recipe_path;
+  std::string recipe_path, inspect_context, inspect_kv = "native", inspect_compare;
   auto* c_inspect = app.add_subcommand("inspect", "parameter counts, FLOPs and KV-cache bytes of a model recipe");
   c_inspect->add_option("recipe", recipe_path, "model or training recipe")->required();
   c_inspect->add_option("--set", overrides, "override a recipe key")->take_all();
-  c_inspect->add_option("--seq-len", seq_len, "context length for FLOPs (default: max_seq_len)");
+  c_inspect->add_option("--context,--seq-len", inspect_context,
+                        "context length for FLOPs and KV bytes; K and M suffixes, 1M = 1048576 (default: max_seq_len)");
+  c_inspect->add_option("--kv-bytes", inspect_kv,
+                        "bytes per cached KV value (2 = bf16, 1 = fp8, 0.5 = fp4), or 'native' (the released format)");
+  c_inspect->add_option("--compare", inspect_compare, "another model recipe: print each figure as a fraction of its");
 
   PrepareOptions prep;
   std::string tok_kind = "byte", tok_model;
@@ -243,7 +317,7 @@ int main(int argc, char** argv) {
       }
       return 0;
     }
-    if (*c_inspect) return cmd_inspect(recipe_path, overrides, seq_len);
+    if (*c_inspect) return cmd_inspect(recipe_path, overrides, inspect_context, inspect_kv, inspect_compare);
     if (*c_prepare) return cmd_data_prepare(prep, tok_kind, tok_model);
     if (*c_prompts) {
       std::vector<Prompt> ps = task == "arithmetic" ? generate_arithmetic(n_prompts, prompt_seed, difficulty ? difficulty : 2)

@@ -11,39 +11,18 @@
 #include <fstream>
 #include <sstream>
 
+#include "cli/model_recipe.h"
 #include "core/log.h"
 #include "data/byte_tokenizer.h"
 #include "io/checkpoint.h"
-#include "model/dense.h"
+#include "model/model.h"
+#include "model/v4.h"
 #include "ops/ops.h"
 
 extern char** environ;
 
 namespace tessera {
 namespace fs = std::filesystem;
-
-ModelConfig model_config_from_recipe(Recipe& r, int64_t tokenizer_vocab) {
-  ModelConfig m;
-  m.arch = r.get_string("model.arch", m.arch, {"dense"});
-  m.vocab_size = r.get_int("model.vocab_size", tokenizer_vocab, 1, int64_t(1) << 31);
-  if (m.vocab_size < tokenizer_vocab)
-    TS_FAIL(r.path(), ": model.vocab_size ", m.vocab_size, " is smaller than the tokenizer's ", tokenizer_vocab);
-  m.dim = r.require_int("model.dim", 1, 1 << 20);
-  m.n_layers = r.require_int("model.n_layers", 0, 4096);
-  m.n_heads = r.require_int("model.n_heads", 1, 4096);
-  m.n_kv_heads = r.get_int("model.n_kv_heads", m.n_heads, 1, 4096);
-  m.ffn_dim = r.require_int("model.ffn_dim", 1, 1 << 24);
-  m.max_seq_len = r.get_int("model.max_seq_len", m.max_seq_len, 1, 1 << 24);
-  m.rope_theta = r.get_double("model.rope_theta", m.rope_theta, 1.0);
-  m.norm_eps = r.get_double("model.norm_eps", m.norm_eps, 0.0, 1.0);
-  m.init_std = r.get_double("model.init_std", m.init_std, 0.0, 10.0);
-  try {
-    m.validate();
-  } catch (const Error& e) {
-    TS_FAIL(r.path(), ": ", e.what());
-  }
-  return m;
-}
 
 PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   PretrainConfig c;
@@ -72,14 +51,26 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.grad_accum = r.get_int("training.grad_accum", 1, 1);
   c.grad_clip = r.get_double("training.grad_clip", 1.0, 0.0);
 
-  r.get_string("optimizer.name", "adamw", {"adamw"});
-  c.adamw.lr = r.require_double("optimizer.lr", 0.0, 10.0);
-  c.adamw.beta1 = r.get_double("optimizer.beta1", c.adamw.beta1, 0.0, 1.0);
-  c.adamw.beta2 = r.get_double("optimizer.beta2", c.adamw.beta2, 0.0, 1.0);
-  c.adamw.eps = r.get_double("optimizer.eps", c.adamw.eps, 0.0, 1.0);
-  c.adamw.weight_decay = r.get_double("optimizer.weight_decay", c.adamw.weight_decay, 0.0, 10.0);
+  OptimizerConfig& o = c.optimizer;
+  o.name = r.get_string("optimizer.name", "adamw", {"adamw", "muon"});
+  o.adamw.lr = r.require_double("optimizer.lr", 0.0, 10.0);
+  o.adamw.beta1 = r.get_double("optimizer.beta1", o.adamw.beta1, 0.0, 1.0);
+  o.adamw.beta2 = r.get_double("optimizer.beta2", o.adamw.beta2, 0.0, 1.0);
+  o.adamw.eps = r.get_double("optimizer.eps", o.adamw.eps, 0.0, 1.0);
+  o.adamw.weight_decay = r.get_double("optimizer.weight_decay", o.adamw.weight_decay, 0.0, 10.0);
+  // Muon (optimizer.name = "muon"): V4's Algorithm 1 on the hidden matrices, AdamW above on the rest.
+  o.muon.lr = o.adamw.lr;
+  o.muon.momentum = r.get_double("optimizer.muon.momentum", o.muon.momentum, 0.0, 1.0);
+  o.muon.nesterov = r.get_bool("optimizer.muon.nesterov", o.muon.nesterov);
+  o.muon.weight_decay = r.get_double("optimizer.muon.weight_decay", o.adamw.weight_decay, 0.0, 10.0);
+  o.muon.ns_schedule = r.get_string("optimizer.muon.ns_schedule", "v4", {"v4", "original"}) == "v4"
+                           ? NsSchedule::v4
+                           : NsSchedule::original;
+  o.muon.update_rms = r.get_double("optimizer.muon.update_rms", o.muon.update_rms, 0.0, 10.0);
+  o.muon.bf16_iterations = r.get_bool("optimizer.muon.bf16", o.muon.bf16_iterations);
+  o.adamw_params = r.get_string_list("optimizer.adamw_params", {});
 
-  c.schedule.lr = c.adamw.lr;
+  c.schedule.lr = o.adamw.lr;
   c.schedule.total_steps = c.steps;
   c.schedule.warmup_steps = r.get_int("lr_scheduler.warmup_steps", 0, 0, c.steps);
   // -1: decay over every step after warmup (kept as -1 in the effective recipe, so extending a run extends it).
@@ -98,7 +89,7 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   return c;
 }
 
-EvalResult evaluate_loss(DenseModel& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
+EvalResult evaluate_loss(Model& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
                          int64_t max_batches) {
   std::vector<int64_t> bytes(tok.vocab_size());
   for (int32_t id = 0; id < tok.vocab_size(); ++id) bytes[id] = tok.token_bytes(id);
@@ -286,14 +277,17 @@ int run_pretrain(const TrainOptions& opts) {
   PackedLoader train_loader(data.train(), cfg.seq_len, cfg.seed, cfg.document_mask);
   PackedLoader val_loader(data.val(), cfg.seq_len, cfg.seed, cfg.document_mask);
 
-  DenseModel model(cfg.model);
-  ParamList params = model.params();
+  std::unique_ptr<Model> model_ptr = make_model(cfg.model);
+  Model& model = *model_ptr;
+  V4Model* v4 = dynamic_cast<V4Model*>(&model);
+  ParamList params = model.params(), saved = model.saved_tensors();
   model.init(cfg.seed);
-  AdamW opt(params, cfg.adamw);
+  Optimizer opt(params, cfg.optimizer);
+  log_info(cat("optimizer groups (", cfg.optimizer.name, "):\n", opt.describe_groups()));
   int64_t start_step = 0;
   fs::path metrics_path = fs::path(cfg.run_dir) / "metrics.jsonl";
   if (!resume_from.empty()) {
-    CheckpointMeta meta = load_checkpoint(resume_from, cfg.model, params, &opt);
+    CheckpointMeta meta = load_checkpoint(resume_from, cfg.model, saved, &opt);
     check_same_data_stream(cfg, meta, resume_from);
     check_tokenizer(*data.tokenizer, meta, resume_from);
     if (meta.data_fingerprint != data.fingerprint)
@@ -331,14 +325,36 @@ int run_pretrain(const TrainOptions& opts) {
       micro.push_back(train_loader.train_batch(step, m, cfg.grad_accum, cfg.batch_size));
       n_targets += micro.back().count_targets();
     }
-    double loss_sum = 0;
-    for (const TokenBatch& b : micro) loss_sum += model.forward_backward(b, 1.0 / double(n_targets));
+    double loss_sum = 0, mtp_sum = 0, balance = 0;
+    int64_t mtp_targets = 0;
+    for (const TokenBatch& b : micro) {
+      loss_sum += model.forward_backward(b, 1.0 / double(n_targets));
+      if (v4) {
+        mtp_sum += v4->last_stats().mtp_loss_sum;
+        mtp_targets += v4->last_stats().mtp_targets;
+        balance += v4->last_stats().balance_loss / double(micro.size());
+      }
+    }
     const double loss = loss_sum / double(n_targets);
     if (!std::isfinite(loss))
       TS_FAIL("training loss is ", loss, " at step ", step + 1, "; the last checkpoint in ", cfg.run_dir,
               " is intact (lower optimizer.lr or training.grad_clip?)");
     const double grad_norm = clip_grad_norm(params, cfg.grad_clip);
     opt.step(lr);
+    std::string moe_metrics;
+    if (v4) {
+      // Expert load of this step (max over mean per MoE layer), then the aux-loss-free bias update from it.
+      moe_metrics = cat(", \"mtp_loss\": ", json_number(mtp_targets ? mtp_sum / double(mtp_targets) : NAN),
+                        ", \"balance_loss\": ", json_number(balance), ", \"expert_load_max_over_mean\": [");
+      const auto& loads = v4->expert_load();
+      for (size_t l = 0; l < loads.size(); ++l) {
+        double total = 0, top = 0;
+        for (int64_t x : loads[l]) total += double(x), top = std::max(top, double(x));
+        moe_metrics += cat(l ? ", " : "", json_number(total > 0 ? top * double(loads[l].size()) / total : NAN));
+      }
+      moe_metrics += "]";
+      v4->update_routing_bias(cfg.model.bias_update_speed);
+    }
     const double step_time = now_seconds() - t_step;
     window_compute += step_time;
     ++window_steps;
@@ -355,7 +371,7 @@ int run_pretrain(const TrainOptions& opts) {
     metrics << "{\"step\": " << done << ", \"loss\": " << json_number(loss) << ", \"lr\": " << json_number(lr)
             << ", \"grad_norm\": " << json_number(grad_norm) << ", \"tokens\": " << done * tokens_per_step
             << ", \"tokens_per_s\": " << json_number(tokens_per_s) << ", \"mfu\": " << json_number(mfu)
-            << ", \"elapsed_s\": " << json_number(now_seconds() - t_start);
+            << ", \"elapsed_s\": " << json_number(now_seconds() - t_start) << moe_metrics;
     if (!std::isnan(val_loss))
       metrics << ", \"val_loss\": " << json_number(val_loss) << ", \"val_nats_per_byte\": " << json_number(val_per_byte);
     metrics << "}\n" << std::flush;
@@ -377,7 +393,7 @@ int run_pretrain(const TrainOptions& opts) {
     if ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last) {
       CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind,
                           data.tokenizer->hash()};
-      save_checkpoint(checkpoint_path(cfg.run_dir, done), cfg.model, params, &opt, meta);
+      save_checkpoint(checkpoint_path(cfg.run_dir, done), cfg.model, saved, &opt, meta);
       if (cfg.checkpoint_keep > 0) {
         std::vector<std::string> all = list_checkpoints(cfg.run_dir);
         for (size_t i = 0; i + cfg.checkpoint_keep < all.size(); ++i) fs::remove(all[i]);

@@ -8,7 +8,7 @@
 #include "data/text_corpus.h"
 #include "data/token_dataset.h"
 #include "model/config.h"
-#include "optim/adamw.h"
+#include "optim/optimizer.h"
 
 namespace tessera {
 
@@ -23,7 +23,7 @@ struct PretrainConfig {
   bool document_mask = true;
   int64_t steps = 0, batch_size = 0, seq_len = 0, grad_accum = 1;
   double grad_clip = 1.0;
-  AdamWConfig adamw;
+  OptimizerConfig optimizer;
   LrSchedule schedule;
   int64_t eval_every = 0, eval_batches = 0;
   int64_t checkpoint_every = 0, checkpoint_keep = 0;
@@ -67,11 +67,11 @@ int run_pretrain(const TrainOptions& opts);
 
 // Mean loss over the first max_batches held-out batches (consecutive windows), per target token and per byte
 // of the text the targets stand for (comparable across tokenizers).
-class DenseModel;
+class Model;
 struct EvalResult {
   double nats_per_token = 0, nats_per_byte = 0;
 };
-EvalResult evaluate_loss(DenseModel& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
+EvalResult evaluate_loss(Model& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
                          int64_t max_batches);
 
 // Measured fp32 GEMM rate of this machine (FLOP/s), the CPU's MFU denominator.

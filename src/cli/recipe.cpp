@@ -506,17 +506,28 @@ std::string Recipe::require_string(const std::string& key, const std::vector<std
   return get_string(key, "", allowed);
 }
 
-std::vector<int64_t> Recipe::get_int_list(const std::string& key, const std::vector<int64_t>& def) {
+std::vector<int64_t> Recipe::get_int_list(const std::string& key, const std::vector<int64_t>& def, int64_t min,
+                                          int64_t max) {
   std::vector<int64_t> v = def;
   if (const Node* n = lookup(key)) {
     bool ok = n->kind == Kind::array && std::all_of(n->items.begin(), n->items.end(),
                                                     [](const Node& x) { return x.kind == Kind::integer; });
     if (!ok) fail_value(key, *n, cat("expected a list of integers, got ", describe(*n)));
     v.clear();
-    for (const Node& x : n->items) v.push_back(x.i);
+    for (const Node& x : n->items) {
+      if (x.i < min || x.i > max)
+        fail_value(key, x, cat("element ", v.size(), " ", range_text(min, max, INT64_MIN, INT64_MAX, int_text),
+                               ", got ", x.i));
+      v.push_back(x.i);
+    }
   }
   used_[key] = v;
   return v;
+}
+
+std::vector<int64_t> Recipe::require_int_list(const std::string& key, int64_t min, int64_t max) {
+  if (!lookup(key)) fail_missing(key);
+  return get_int_list(key, {}, min, max);
 }
 
 std::vector<std::string> Recipe::get_string_list(const std::string& key,

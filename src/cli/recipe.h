@@ -40,7 +40,10 @@ class Recipe {
   std::string get_string(const std::string& key, const std::string& def,
                          const std::vector<std::string>& allowed = {});
   std::string require_string(const std::string& key, const std::vector<std::string>& allowed = {});
-  std::vector<int64_t> get_int_list(const std::string& key, const std::vector<int64_t>& def);
+  // Each element must lie in [min, max]; an error names the element's index (and its line, for a file).
+  std::vector<int64_t> get_int_list(const std::string& key, const std::vector<int64_t>& def,
+                                    int64_t min = INT64_MIN, int64_t max = INT64_MAX);
+  std::vector<int64_t> require_int_list(const std::string& key, int64_t min = INT64_MIN, int64_t max = INT64_MAX);
   std::vector<std::string> get_string_list(const std::string& key, const std::vector<std::string>& def);
 
   // Present in the merged recipe (does not mark the key as known).

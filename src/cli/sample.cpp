@@ -8,7 +8,7 @@
 
 namespace tessera {
 
-std::vector<int32_t> sample_tokens(DenseModel& model, std::vector<int32_t> ids, const SamplingOptions& opt) {
+std::vector<int32_t> sample_tokens(Model& model, std::vector<int32_t> ids, const SamplingOptions& opt) {
   const int64_t V = model.config().vocab_size, ctx_max = model.config().max_seq_len;
   if (ids.empty()) TS_FAIL("sampling needs a prompt of at least one token");
   Rng rng{opt.seed, stream_id("sample")};

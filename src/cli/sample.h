@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "model/dense.h"
+#include "model/model.h"
 
 namespace tessera {
 
@@ -18,6 +18,6 @@ struct SamplingOptions {
 };
 
 // Appends sampled tokens to `ids`; each draw uses Philox(seed, index of the new token), so a run is reproducible.
-std::vector<int32_t> sample_tokens(DenseModel& model, std::vector<int32_t> ids, const SamplingOptions& opt);
+std::vector<int32_t> sample_tokens(Model& model, std::vector<int32_t> ids, const SamplingOptions& opt);
 
 }  // namespace tessera

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <type_traits>
+#include <variant>
 #include <vector>
 
 #include "core/error.h"
@@ -14,48 +17,152 @@ namespace {
 
 constexpr const char* kFormat = "tessera-checkpoint-1";
 
-// The model config as (key, value) pairs in one place, so save, load and the mismatch report agree.
+// Every ModelConfig field in one place, saved as the root attribute `model.<key>`, so save, load and the
+// mismatch report agree. `required`: present in every checkpoint (the fields older than the V4 ones); an
+// optional field missing from an older checkpoint keeps ModelConfig's default. `compared`: a difference to the
+// recipe is an error on load; the fields that only shape initialisation or the training objective
+// (init_std, loss weights, the balancing bias speed) may change on resume.
+using FieldPtr = std::variant<int64_t ModelConfig::*, double ModelConfig::*, bool ModelConfig::*,
+                              std::string ModelConfig::*, std::vector<int64_t> ModelConfig::*>;
+struct ConfigField {
+  const char* key;
+  FieldPtr ptr;
+  bool required;
+  bool compared;
+};
+
+const std::vector<ConfigField>& config_table() {
+  using M = ModelConfig;
+  static const std::vector<ConfigField> t = {
+      {"arch", &M::arch, true, true},
+      {"vocab_size", &M::vocab_size, true, true},
+      {"dim", &M::dim, true, true},
+      {"n_layers", &M::n_layers, true, true},
+      {"n_heads", &M::n_heads, true, true},
+      {"n_kv_heads", &M::n_kv_heads, true, true},
+      {"ffn_dim", &M::ffn_dim, true, true},
+      {"max_seq_len", &M::max_seq_len, true, true},
+      {"rope_theta", &M::rope_theta, true, true},
+      {"norm_eps", &M::norm_eps, true, true},
+      {"init_std", &M::init_std, true, false},
+      // deepseek_v4
+      {"head_dim", &M::head_dim, false, true},
+      {"rope_dim", &M::rope_dim, false, true},
+      {"q_lora_rank", &M::q_lora_rank, false, true},
+      {"o_groups", &M::o_groups, false, true},
+      {"o_lora_rank", &M::o_lora_rank, false, true},
+      {"window", &M::window, false, true},
+      {"compress_ratios", &M::compress_ratios, false, true},
+      {"csa_ratio", &M::csa_ratio, false, true},
+      {"compress_rope_theta", &M::compress_rope_theta, false, true},
+      {"yarn_factor", &M::yarn_factor, false, true},
+      {"yarn_original_len", &M::yarn_original_len, false, true},
+      {"yarn_beta_fast", &M::yarn_beta_fast, false, true},
+      {"yarn_beta_slow", &M::yarn_beta_slow, false, true},
+      {"index_n_heads", &M::index_n_heads, false, true},
+      {"index_head_dim", &M::index_head_dim, false, true},
+      {"index_topk", &M::index_topk, false, true},
+      {"indexer_fp4", &M::indexer_fp4, false, true},
+      {"kv_fp8", &M::kv_fp8, false, true},
+      {"indexer_loss_weight", &M::indexer_loss_weight, false, false},
+      {"n_routed_experts", &M::n_routed_experts, false, true},
+      {"n_shared_experts", &M::n_shared_experts, false, true},
+      {"n_activated_experts", &M::n_activated_experts, false, true},
+      {"moe_inter_dim", &M::moe_inter_dim, false, true},
+      {"n_hash_layers", &M::n_hash_layers, false, true},
+      {"route_scale", &M::route_scale, false, true},
+      {"score_func", &M::score_func, false, true},
+      {"swiglu_limit", &M::swiglu_limit, false, true},
+      {"balance_loss_weight", &M::balance_loss_weight, false, false},
+      {"bias_update_speed", &M::bias_update_speed, false, false},
+      {"hc_mult", &M::hc_mult, false, true},
+      {"hc_sinkhorn_iters", &M::hc_sinkhorn_iters, false, true},
+      {"hc_eps", &M::hc_eps, false, true},
+      {"mtp_depth", &M::mtp_depth, false, true},
+      {"mtp_loss_weight", &M::mtp_loss_weight, false, false},
+      // deepseek_v32 (inspect only, but a config is a config)
+      {"kv_lora_rank", &M::kv_lora_rank, false, true},
+      {"qk_nope_head_dim", &M::qk_nope_head_dim, false, true},
+      {"qk_rope_head_dim", &M::qk_rope_head_dim, false, true},
+      {"v_head_dim", &M::v_head_dim, false, true},
+      {"n_dense_layers", &M::n_dense_layers, false, true},
+  };
+  return t;
+}
+
+// An int list is stored as its comma-separated text ("0,0,4,128"; "" when empty).
+std::string list_text(const std::vector<int64_t>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s;
+}
+
+std::vector<int64_t> parse_list(const std::string& s, const std::string& path, const std::string& key) {
+  std::vector<int64_t> v;
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t comma = s.find(',', pos);
+    std::string item = s.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    char* end = nullptr;
+    long long x = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0')
+      TS_FAIL("checkpoint '", path, "': attribute '", key, "' is not a comma-separated integer list: '", s, "'");
+    v.push_back(x);
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return v;
+}
+
+// The model config as (key, value text) pairs, in config_table() order: for the mismatch report.
 std::vector<std::pair<std::string, std::string>> config_fields(const ModelConfig& c) {
-  auto d = [](double v) { return cat(v); };
-  return {{"arch", c.arch},
-          {"vocab_size", cat(c.vocab_size)},
-          {"dim", cat(c.dim)},
-          {"n_layers", cat(c.n_layers)},
-          {"n_heads", cat(c.n_heads)},
-          {"n_kv_heads", cat(c.n_kv_heads)},
-          {"ffn_dim", cat(c.ffn_dim)},
-          {"max_seq_len", cat(c.max_seq_len)},
-          {"rope_theta", d(c.rope_theta)},
-          {"norm_eps", d(c.norm_eps)}};
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const ConfigField& f : config_table()) {
+    if (!f.compared) continue;
+    std::string text = std::visit(
+        [&](auto p) -> std::string {
+          using T = std::decay_t<decltype(c.*p)>;
+          if constexpr (std::is_same_v<T, std::string>) return c.*p;
+          else if constexpr (std::is_same_v<T, std::vector<int64_t>>) return "[" + list_text(c.*p) + "]";
+          else if constexpr (std::is_same_v<T, bool>) return c.*p ? "true" : "false";
+          else return cat(c.*p);
+        },
+        f.ptr);
+    out.emplace_back(f.key, std::move(text));
+  }
+  return out;
 }
 
 void write_config(io::H5Writer& w, const ModelConfig& c) {
-  w.write_attr("model.arch", c.arch);
-  w.write_attr("model.vocab_size", c.vocab_size);
-  w.write_attr("model.dim", c.dim);
-  w.write_attr("model.n_layers", c.n_layers);
-  w.write_attr("model.n_heads", c.n_heads);
-  w.write_attr("model.n_kv_heads", c.n_kv_heads);
-  w.write_attr("model.ffn_dim", c.ffn_dim);
-  w.write_attr("model.max_seq_len", c.max_seq_len);
-  w.write_attr("model.rope_theta", c.rope_theta);
-  w.write_attr("model.norm_eps", c.norm_eps);
-  w.write_attr("model.init_std", c.init_std);
+  for (const ConfigField& f : config_table()) {
+    std::string key = std::string("model.") + f.key;
+    std::visit(
+        [&](auto p) {
+          using T = std::decay_t<decltype(c.*p)>;
+          if constexpr (std::is_same_v<T, std::vector<int64_t>>) w.write_attr(key, list_text(c.*p));
+          else if constexpr (std::is_same_v<T, bool>) w.write_attr(key, int64_t(c.*p ? 1 : 0));
+          else w.write_attr(key, c.*p);
+        },
+        f.ptr);
+  }
 }
 
-ModelConfig read_config(const io::H5Reader& r) {
+ModelConfig read_config(const io::H5Reader& r, const std::string& path) {
   ModelConfig c;
-  c.arch = r.attr_string("model.arch");
-  c.vocab_size = r.attr_int("model.vocab_size");
-  c.dim = r.attr_int("model.dim");
-  c.n_layers = r.attr_int("model.n_layers");
-  c.n_heads = r.attr_int("model.n_heads");
-  c.n_kv_heads = r.attr_int("model.n_kv_heads");
-  c.ffn_dim = r.attr_int("model.ffn_dim");
-  c.max_seq_len = r.attr_int("model.max_seq_len");
-  c.rope_theta = r.attr_double("model.rope_theta");
-  c.norm_eps = r.attr_double("model.norm_eps");
-  c.init_std = r.attr_double("model.init_std");
+  for (const ConfigField& f : config_table()) {
+    std::string key = std::string("model.") + f.key;
+    if (!f.required && !r.has_attr(key)) continue;  // older checkpoint: the default
+    std::visit(
+        [&](auto p) {
+          using T = std::decay_t<decltype(c.*p)>;
+          if constexpr (std::is_same_v<T, std::string>) c.*p = r.attr_string(key);
+          else if constexpr (std::is_same_v<T, std::vector<int64_t>>) c.*p = parse_list(r.attr_string(key), path, key);
+          else if constexpr (std::is_same_v<T, bool>) c.*p = r.attr_int(key) != 0;
+          else if constexpr (std::is_same_v<T, double>) c.*p = r.attr_double(key);
+          else c.*p = r.attr_int(key);
+        },
+        f.ptr);
+  }
   return c;
 }
 
@@ -77,7 +184,7 @@ void read_finite(const io::H5Reader& r, const std::string& path, const std::stri
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const AdamW* opt,
+void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const Optimizer* opt,
                      const CheckpointMeta& meta) {
   fs::create_directories(fs::path(path).parent_path());
   io::H5Writer w(path);
@@ -92,12 +199,9 @@ void save_checkpoint(const std::string& path, const ModelConfig& cfg, const Para
   write_config(w, cfg);
   for (const Param* p : params) w.write_tensor("model/" + p->name, p->value);
   if (opt) {
-    w.write_attr("optim.name", std::string("adamw"));
+    w.write_attr("optim.name", opt->config().name);
     w.write_attr("optim.steps", opt->steps_taken());
-    for (size_t i = 0; i < params.size(); ++i) {
-      w.write_tensor("optim/adamw/m/" + params[i]->name, opt->first_moments()[i]);
-      w.write_tensor("optim/adamw/v/" + params[i]->name, opt->second_moments()[i]);
-    }
+    for (const Optimizer::State& s : opt->state()) w.write_tensor("optim/" + s.key, s.tensor);
   }
   w.commit();
 }
@@ -105,7 +209,7 @@ void save_checkpoint(const std::string& path, const ModelConfig& cfg, const Para
 ModelConfig checkpoint_model_config(const std::string& path) {
   io::H5Reader r(path);
   check_format(r, path);
-  return read_config(r);
+  return read_config(r, path);
 }
 
 CheckpointMeta checkpoint_meta(const std::string& path) {
@@ -122,10 +226,10 @@ CheckpointMeta checkpoint_meta(const std::string& path) {
 }
 
 CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params,
-                               AdamW* opt) {
+                               Optimizer* opt) {
   CheckpointMeta meta = checkpoint_meta(path);
   io::H5Reader r(path);
-  auto saved = config_fields(read_config(r)), want = config_fields(cfg);
+  auto saved = config_fields(read_config(r, path)), want = config_fields(cfg);
   std::string diff;
   for (size_t i = 0; i < saved.size(); ++i)
     if (saved[i].second != want[i].second)
@@ -135,9 +239,14 @@ CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, 
   for (const Param* p : params) read_finite(r, path, "model/" + p->name, p->value);
   if (opt) {
     if (!r.has_attr("optim.name")) TS_FAIL("checkpoint '", path, "' has no optimizer state to resume from");
-    for (size_t i = 0; i < params.size(); ++i) {
-      read_finite(r, path, "optim/adamw/m/" + params[i]->name, opt->first_moments()[i]);
-      read_finite(r, path, "optim/adamw/v/" + params[i]->name, opt->second_moments()[i]);
+    if (r.attr_string("optim.name") != opt->config().name)
+      TS_FAIL("checkpoint '", path, "' was trained with optimizer.name = \"", r.attr_string("optim.name"),
+              "\", the recipe asks for \"", opt->config().name, "\"; its optimizer state cannot be resumed");
+    for (const Optimizer::State& s : opt->state()) {
+      if (!r.has_tensor("optim/" + s.key))
+        TS_FAIL("checkpoint '", path, "' has no optimizer state 'optim/", s.key,
+                "' (was optimizer.adamw_params changed?)");
+      read_finite(r, path, "optim/" + s.key, s.tensor);
     }
     opt->set_steps_taken(r.attr_int("optim.steps"));
   }

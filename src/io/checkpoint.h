@@ -1,5 +1,5 @@
 // Training checkpoints in HDF5 (layout in docs/checkpoint.md): weights under model/<name> with logical shapes,
-// AdamW moments under optim/adamw/{m,v}/<name>, and the step, seed, data cursor, model config and the
+// optimizer state under optim/<rule>/<moment>/<name>, and the step, seed, data cursor, model config and the
 // effective recipe as root attributes. Writes are atomic (H5Writer).
 #pragma once
 #include <string>
@@ -7,7 +7,7 @@
 
 #include "model/config.h"
 #include "model/param.h"
-#include "optim/adamw.h"
+#include "optim/optimizer.h"
 
 namespace tessera {
 
@@ -20,7 +20,8 @@ struct CheckpointMeta {
   uint64_t tokenizer_hash = 0;     // checked when the tokenizer is loaded again (eval, sample, export, resume)
 };
 
-void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const AdamW* opt,
+// `params` are every saved tensor: a model's trainable parameters and its buffers (Model::saved_tensors()).
+void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const Optimizer* opt,
                      const CheckpointMeta& meta);
 
 // The model config a checkpoint was saved with.
@@ -29,7 +30,8 @@ CheckpointMeta checkpoint_meta(const std::string& path);
 
 // Loads weights (and optimizer state if opt is non-null). The checkpoint's model config must equal `cfg`;
 // otherwise an error names the file and each differing field.
-CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, AdamW* opt);
+CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params,
+                               Optimizer* opt);
 
 // Checkpoint files of a run directory: RUN/checkpoints/step_XXXXXXXX.h5. latest_checkpoint returns "" if none.
 std::string checkpoint_path(const std::string& run_dir, int64_t step);

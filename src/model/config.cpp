@@ -53,10 +53,38 @@ static void validate_v4(const ModelConfig& c) {
   if (c.yarn_factor < 1.0) TS_FAIL("model.yarn_factor must be >= 1 (1 = no YaRN), got ", c.yarn_factor);
 }
 
+// DeepSeek-V3.2 (inspect only): MLA attention with the DSA lightning indexer, dense then MoE layers.
+static void validate_v32(const ModelConfig& c) {
+  auto positive = [](const char* key, int64_t v) {
+    if (v <= 0) TS_FAIL("model.", key, " must be positive, got ", v);
+  };
+  positive("q_lora_rank", c.q_lora_rank);
+  positive("kv_lora_rank", c.kv_lora_rank);
+  positive("qk_nope_head_dim", c.qk_nope_head_dim);
+  positive("qk_rope_head_dim", c.qk_rope_head_dim);
+  positive("v_head_dim", c.v_head_dim);
+  positive("index_n_heads", c.index_n_heads);
+  positive("index_head_dim", c.index_head_dim);
+  positive("index_topk", c.index_topk);
+  positive("n_routed_experts", c.n_routed_experts);
+  positive("n_activated_experts", c.n_activated_experts);
+  positive("moe_inter_dim", c.moe_inter_dim);
+  positive("ffn_dim", c.ffn_dim);
+  if (c.n_activated_experts > c.n_routed_experts)
+    TS_FAIL("model.n_activated_experts (", c.n_activated_experts, ") exceeds model.n_routed_experts (",
+            c.n_routed_experts, ")");
+  if (c.n_shared_experts < 0) TS_FAIL("model.n_shared_experts must be >= 0, got ", c.n_shared_experts);
+  if (c.n_dense_layers < 0 || c.n_dense_layers > c.n_layers)
+    TS_FAIL("model.n_dense_layers (", c.n_dense_layers, ") must lie in [0, model.n_layers = ", c.n_layers, "]");
+  if (c.mtp_depth != 0 && c.mtp_depth != 1) TS_FAIL("model.mtp_depth must be 0 or 1, got ", c.mtp_depth);
+}
+
 void ModelConfig::validate() const {
-  if (arch != "dense" && arch != "deepseek_v4")
-    TS_FAIL("model.arch: unknown architecture '", arch, "' (this build supports: dense, deepseek_v4)");
+  if (arch != "dense" && arch != "deepseek_v4" && arch != "deepseek_v32")
+    TS_FAIL("model.arch: unknown architecture '", arch,
+            "' (this build supports: dense, deepseek_v4, deepseek_v32 (inspect only))");
   if (is_v4()) return validate_v4(*this);
+  if (is_v32()) return validate_v32(*this);
   if (dim % n_heads != 0) TS_FAIL("model.dim (", dim, ") must be divisible by model.n_heads (", n_heads, ")");
   if (n_heads % n_kv_heads != 0)
     TS_FAIL("model.n_heads (", n_heads, ") must be a multiple of model.n_kv_heads (", n_kv_heads, ")");
@@ -64,7 +92,7 @@ void ModelConfig::validate() const {
 }
 
 double ModelConfig::train_flops_per_token(int64_t seq_len) const {
-  if (is_v4()) return 3.0 * forward_flops_per_token(*this, seq_len);
+  if (is_v4() || is_v32()) return 3.0 * forward_flops_per_token(*this, seq_len);
   double hd = double(attn_head_dim());
   double per_layer = dim * (n_heads * hd) * 2 + dim * (n_kv_heads * hd) * 2 + 3.0 * dim * ffn_dim;
   double matmul_params = n_layers * per_layer + double(dim) * vocab_size;

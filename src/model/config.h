@@ -62,7 +62,18 @@ struct ModelConfig {
   int64_t mtp_depth = 1;             // 0 or 1
   double mtp_loss_weight = 0.3;
 
+  // ---- deepseek_v32: DeepSeek-V3.2's MLA + DSA layout, for `tessera inspect` only (the baseline of V4's
+  // efficiency claims; no model is built for it). Shared with V4: n_heads, q_lora_rank, index_n_heads,
+  // index_head_dim, index_topk (DSA selects among tokens), the MoE fields, mtp_depth; ffn_dim is the
+  // SwiGLU hidden size of the first n_dense_layers (dense) layers.
+  int64_t kv_lora_rank = 512;       // the MLA latent (the KV cache entry, with the rope part)
+  int64_t qk_nope_head_dim = 128;
+  int64_t qk_rope_head_dim = 64;
+  int64_t v_head_dim = 128;
+  int64_t n_dense_layers = 3;
+
   bool is_v4() const { return arch == "deepseek_v4"; }
+  bool is_v32() const { return arch == "deepseek_v32"; }
   // Dense: dim / n_heads. V4: head_dim.
   int64_t attn_head_dim() const { return is_v4() ? head_dim : dim / n_heads; }
   int64_t layer_ratio(int64_t layer) const { return compress_ratios.empty() ? 0 : compress_ratios[layer]; }

@@ -6,23 +6,6 @@
 #include "ops/ops.h"
 
 namespace tessera {
-namespace {
-
-Param make_param(const std::string& name, ParamKind kind, const Shape& shape, DType dtype) {
-  Param p;
-  p.name = name;
-  p.kind = kind;
-  p.value = Tensor::zeros(shape, dtype);
-  p.grad = Tensor::zeros(shape, dtype);
-  return p;
-}
-
-// Views a (B*T, X) buffer as (B, T, heads, head_dim).
-Tensor heads_view(const Tensor& t, int64_t B, int64_t T, int64_t heads) {
-  return t.reshape({B, T, heads, t.numel() / (B * T * heads)});
-}
-
-}  // namespace
 
 DenseModel::DenseModel(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype_(dtype) {
   cfg_.validate();
@@ -68,10 +51,6 @@ void DenseModel::init(uint64_t seed) {
                                                        residual ? residual_std : cfg_.init_std);
     p->value.copy_from(f32.to(dtype_));
   }
-}
-
-void DenseModel::zero_grad() {
-  for (Param* p : params()) ops::zero(p->grad);
 }
 
 void DenseModel::ensure_buffers(int64_t B, int64_t T) {

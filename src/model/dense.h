@@ -6,27 +6,25 @@
 #include <vector>
 
 #include "core/batch.h"
-#include "model/config.h"
-#include "model/param.h"
+#include "model/model.h"
 
 namespace tessera {
 
-class DenseModel {
+class DenseModel final : public Model {
  public:
   explicit DenseModel(const ModelConfig& cfg, DType dtype = DType::f32);
 
-  const ModelConfig& config() const { return cfg_; }
-  ParamList params();
+  const ModelConfig& config() const override { return cfg_; }
+  ParamList params() override;
   // Normal(0, init_std) for every matrix, with the residual projections (wo, w2) scaled by 1/sqrt(2 n_layers);
   // norm weights 1. Each parameter draws from its own named Philox stream: independent of thread count.
-  void init(uint64_t seed);
-  void zero_grad();
+  void init(uint64_t seed) override;
 
   // Sum of token losses over positions with a target. If logits is non-null it receives (B*T, V) logits.
-  double forward(const TokenBatch& batch, Tensor* logits = nullptr);
+  double forward(const TokenBatch& batch, Tensor* logits = nullptr) override;
   // Forward, then backward of loss_scale * (sum of token losses); parameter gradients accumulate (+=).
   // Returns the sum of token losses.
-  double forward_backward(const TokenBatch& batch, double loss_scale);
+  double forward_backward(const TokenBatch& batch, double loss_scale) override;
 
  private:
   struct Layer {

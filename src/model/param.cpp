@@ -12,6 +12,15 @@ const char* param_kind_name(ParamKind k) {
   return "?";
 }
 
+Param make_param(const std::string& name, ParamKind kind, const Shape& shape, DType dtype) {
+  Param p;
+  p.name = name;
+  p.kind = kind;
+  p.value = Tensor::zeros(shape, dtype);
+  p.grad = Tensor::zeros(shape, dtype);
+  return p;
+}
+
 int64_t count_elements(const ParamList& params) {
   int64_t n = 0;
   for (const Param* p : params) n += p->value.numel();

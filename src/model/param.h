@@ -21,6 +21,9 @@ struct Param {
 
 using ParamList = std::vector<Param*>;
 
+// A zero-initialised parameter (value and gradient) of the given shape.
+Param make_param(const std::string& name, ParamKind kind, const Shape& shape, DType dtype);
+
 int64_t count_elements(const ParamList& params);
 
 }  // namespace tessera

@@ -52,6 +52,13 @@ void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const T
   if (dw.defined()) gemm(dy, true, x, false, dw, 1.0, 1.0);
 }
 
+void transpose01(const Tensor& x, const Tensor& out) {
+  check_float("transpose01", x, {&out});
+  TS_CHECK(x.ndim() == 3, "transpose01: x must be 3-D, got ", x.str());
+  check_shape("transpose01", "out", out, {x.size(1), x.size(0), x.size(2)});
+  be(x).transpose01(x, out);
+}
+
 void fill(const Tensor& x, double value) {
   check_float("fill", x, {});
   be(x).fill(x, value);

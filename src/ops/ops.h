@@ -13,6 +13,8 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Te
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor& y);
 void linear_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx, const Tensor& dw);
 
+// out (B, A, C) = x (A, B, C) with the first two dimensions swapped.
+void transpose01(const Tensor& x, const Tensor& out);
 void fill(const Tensor& x, double value);
 void zero(const Tensor& x);
 void axpy(double alpha, const Tensor& x, const Tensor& y);  // y += alpha * x

@@ -1,30 +1,200 @@
-// STUB: to be implemented. Shape checks for the V4 moe ops, then dispatch to the backend.
-#include "ops/v4_ops.h"
+// Shape, dtype and index checks for the V4 routing, token-movement and compressor ops, then dispatch to the
+// backend (contracts: v4_ops.h). Index values are checked when the index tensor is on the host.
+#include <string>
 
 #include "backend/backend.h"
+#include "ops/v4_ops.h"
 
 namespace tessera::ops {
+namespace {
 
-void router_scores_forward(const Tensor& logits, ScoreFunc f, const Tensor& scores) { TS_FAIL("router_scores_forward: not implemented"); }
+V4Kernels& v4(const Tensor& t) { return backend_for(t.device()).v4(); }
 
-void router_scores_backward(const Tensor& logits, const Tensor& scores, const Tensor& dscores, ScoreFunc f, const Tensor& dlogits) { TS_FAIL("router_scores_backward: not implemented"); }
+std::string desc(const Tensor& t) { return t.defined() ? t.str() : std::string("undefined"); }
 
-void topk_indices(const Tensor& scores, const Tensor& bias, const Tensor& idx) { TS_FAIL("topk_indices: not implemented"); }
+// All defined tensors: contiguous, on ref's device, with ref's float dtype (f32 or f64).
+void check_float(const char* op, const Tensor& ref, std::initializer_list<const Tensor*> others) {
+  TS_CHECK(ref.defined() && ref.is_contiguous(), op, ": first operand must be a defined contiguous tensor");
+  TS_CHECK(ref.dtype() == DType::f32 || ref.dtype() == DType::f64, op, ": float op on ", ref.str());
+  for (const Tensor* t : others) {
+    if (!t->defined()) continue;
+    TS_CHECK(t->is_contiguous(), op, ": non-contiguous operand ", t->str());
+    TS_CHECK(t->device() == ref.device(), op, ": operands on different devices");
+    TS_CHECK(t->dtype() == ref.dtype(), op, ": dtype mismatch ", t->str(), " vs ", ref.str());
+  }
+}
+void check_shape(const char* op, const char* what, const Tensor& t, const Shape& want) {
+  TS_CHECK(t.defined(), op, ": ", what, " must be defined");
+  TS_CHECK(t.shape() == want, op, ": ", what, " is ", shape_str(t.shape()), ", expected ", shape_str(want));
+}
+// An i32 index tensor of shape `want` on ref's device, every value in [lo, hi) (checked on the host).
+void check_index(const char* op, const char* what, const Tensor& t, const Shape& want, const Tensor& ref, int64_t lo,
+                 int64_t hi) {
+  TS_CHECK(t.defined() && t.dtype() == DType::i32 && t.is_contiguous(), op, ": ", what,
+           " must be a contiguous i32 tensor, got ", desc(t));
+  TS_CHECK(t.device() == ref.device(), op, ": ", what, " is on a different device");
+  check_shape(op, what, t, want);
+  if (t.device() != Device::cpu) return;
+  const int32_t* p = t.data<int32_t>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (p[i] < lo || p[i] >= hi)
+      TS_FAIL(op, ": ", what, " value ", p[i], " at flat position ", i, " is outside [", lo, ", ", hi, ")");
+}
+void check_matrix(const char* op, const char* what, const Tensor& t) {
+  TS_CHECK(t.ndim() == 2, op, ": ", what, " must be 2-D, got ", t.str());
+}
+int check_score_func(const char* op, ScoreFunc f) {
+  int v = static_cast<int>(f);
+  TS_CHECK(v >= 0 && v <= 2, op, ": unknown score function ", v);
+  return v;
+}
 
-void route_weights_forward(const Tensor& scores, const Tensor& idx, bool normalize, double route_scale, const Tensor& weights) { TS_FAIL("route_weights_forward: not implemented"); }
+}  // namespace
 
-void route_weights_backward(const Tensor& scores, const Tensor& idx, const Tensor& dweights, bool normalize, double route_scale, const Tensor& dscores) { TS_FAIL("route_weights_backward: not implemented"); }
+ScoreFunc score_func_from_name(const std::string& name) {
+  if (name == "sqrtsoftplus") return ScoreFunc::sqrt_softplus;
+  if (name == "sigmoid") return ScoreFunc::sigmoid;
+  if (name == "softmax") return ScoreFunc::softmax;
+  TS_FAIL("unknown router score function '", name, "' (expected sqrtsoftplus, sigmoid or softmax)");
+}
 
-double balance_loss(const Tensor& scores, const Tensor& idx, double alpha, double grad_scale, const Tensor& dscores) { TS_FAIL("balance_loss: not implemented"); }
+void router_scores_forward(const Tensor& logits, ScoreFunc f, const Tensor& scores) {
+  const char* op = "router_scores_forward";
+  check_float(op, logits, {&scores});
+  check_matrix(op, "logits", logits);
+  check_shape(op, "scores", scores, logits.shape());
+  v4(logits).router_scores_forward(logits, check_score_func(op, f), scores);
+}
 
-void gather_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, const Tensor& dst) { TS_FAIL("gather_rows: not implemented"); }
+void router_scores_backward(const Tensor& logits, const Tensor& scores, const Tensor& dscores, ScoreFunc f,
+                            const Tensor& dlogits) {
+  const char* op = "router_scores_backward";
+  check_float(op, logits, {&scores, &dscores, &dlogits});
+  check_matrix(op, "logits", logits);
+  check_shape(op, "scores", scores, logits.shape());
+  check_shape(op, "dscores", dscores, logits.shape());
+  check_shape(op, "dlogits", dlogits, logits.shape());
+  v4(logits).router_scores_backward(logits, scores, dscores, check_score_func(op, f), dlogits);
+}
 
-void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, const Tensor& dst) { TS_FAIL("scatter_add_rows: not implemented"); }
+void topk_indices(const Tensor& scores, const Tensor& bias, const Tensor& idx) {
+  const char* op = "topk_indices";
+  check_float(op, scores, {&bias});
+  check_matrix(op, "scores", scores);
+  if (bias.defined()) check_shape(op, "bias", bias, {scores.size(1)});
+  TS_CHECK(idx.defined() && idx.dtype() == DType::i32 && idx.is_contiguous() && idx.ndim() == 2 &&
+               idx.size(0) == scores.size(0) && idx.device() == scores.device(),
+           op, ": idx must be a contiguous i32 (", scores.size(0), ", k) tensor, got ", desc(idx));
+  v4(scores).topk_indices(scores, bias, idx);
+}
 
-void rows_dot(const Tensor& src, const Tensor& other, const Tensor& rows, const Tensor& out) { TS_FAIL("rows_dot: not implemented"); }
+void route_weights_forward(const Tensor& scores, const Tensor& idx, bool normalize, double route_scale,
+                           const Tensor& weights) {
+  const char* op = "route_weights_forward";
+  check_float(op, scores, {&weights});
+  check_matrix(op, "scores", scores);
+  check_matrix(op, "weights", weights);
+  check_shape(op, "weights", weights, {scores.size(0), weights.size(1)});
+  check_index(op, "idx", idx, weights.shape(), scores, -1, scores.size(1));
+  v4(scores).route_weights_forward(scores, idx, normalize, route_scale, weights);
+}
 
-void compress_forward(const Tensor& kv, const Tensor& score, const Tensor& ape, const Tensor& block_start, const Tensor& prev_start, int64_t m, const Tensor& out) { TS_FAIL("compress_forward: not implemented"); }
+void route_weights_backward(const Tensor& scores, const Tensor& idx, const Tensor& dweights, bool normalize,
+                            double route_scale, const Tensor& dscores) {
+  const char* op = "route_weights_backward";
+  check_float(op, scores, {&dweights, &dscores});
+  check_matrix(op, "scores", scores);
+  check_matrix(op, "dweights", dweights);
+  check_shape(op, "dweights", dweights, {scores.size(0), dweights.size(1)});
+  check_shape(op, "dscores", dscores, scores.shape());
+  check_index(op, "idx", idx, dweights.shape(), scores, -1, scores.size(1));
+  v4(scores).route_weights_backward(scores, idx, dweights, normalize, route_scale, dscores);
+}
 
-void compress_backward(const Tensor& kv, const Tensor& score, const Tensor& ape, const Tensor& block_start, const Tensor& prev_start, int64_t m, const Tensor& dout, const Tensor& dkv, const Tensor& dscore, const Tensor& dape) { TS_FAIL("compress_backward: not implemented"); }
+double balance_loss(const Tensor& scores, const Tensor& idx, double alpha, double grad_scale, const Tensor& dscores) {
+  const char* op = "balance_loss";
+  check_float(op, scores, {&dscores});
+  TS_CHECK(scores.ndim() == 3 && scores.size(1) > 0, op, ": scores must be (B, T, E) with T > 0, got ",
+           scores.str());
+  TS_CHECK(idx.defined() && idx.ndim() == 3 && idx.size(2) > 0, op, ": idx must be (B, T, k) with k > 0, got ",
+           desc(idx));
+  check_index(op, "idx", idx, {scores.size(0), scores.size(1), idx.size(2)}, scores, -1, scores.size(2));
+  if (dscores.defined()) check_shape(op, "dscores", dscores, scores.shape());
+  return v4(scores).balance_loss(scores, idx, alpha, grad_scale, dscores);
+}
+
+void gather_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, const Tensor& dst) {
+  const char* op = "gather_rows";
+  check_float(op, src, {&scale, &dst});
+  check_matrix(op, "src", src);
+  check_matrix(op, "dst", dst);
+  check_shape(op, "dst", dst, {dst.size(0), src.size(1)});
+  check_index(op, "rows", rows, {dst.size(0)}, src, 0, src.size(0));
+  if (scale.defined()) check_shape(op, "scale", scale, {dst.size(0)});
+  v4(src).gather_rows(src, rows, scale, dst);
+}
+
+void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, const Tensor& dst) {
+  const char* op = "scatter_add_rows";
+  check_float(op, src, {&scale, &dst});
+  check_matrix(op, "src", src);
+  check_matrix(op, "dst", dst);
+  check_shape(op, "dst", dst, {dst.size(0), src.size(1)});
+  check_index(op, "rows", rows, {src.size(0)}, src, 0, dst.size(0));
+  if (scale.defined()) check_shape(op, "scale", scale, {src.size(0)});
+  v4(src).scatter_add_rows(src, rows, scale, dst);
+}
+
+void rows_dot(const Tensor& src, const Tensor& other, const Tensor& rows, const Tensor& out) {
+  const char* op = "rows_dot";
+  check_float(op, src, {&other, &out});
+  check_matrix(op, "src", src);
+  check_matrix(op, "other", other);
+  check_shape(op, "other", other, {other.size(0), src.size(1)});
+  check_shape(op, "out", out, {src.size(0)});
+  check_index(op, "rows", rows, {src.size(0)}, src, 0, other.size(0));
+  v4(src).rows_dot(src, other, rows, out);
+}
+
+// Shared by forward and backward (out is the forward's output or the backward's dout).
+static void check_compress(const char* op, const Tensor& kv, const Tensor& score, const Tensor& ape,
+                           const Tensor& block_start, const Tensor& prev_start, int64_t m, const Tensor& out) {
+  check_float(op, kv, {&score, &ape, &out});
+  TS_CHECK(kv.ndim() == 3, op, ": kv must be (B, T, S*c), got ", kv.str());
+  TS_CHECK(out.defined() && out.ndim() == 3 && out.size(0) == kv.size(0) && out.size(2) > 0, op,
+           ": the output must be (B, NB, c), got ", desc(out), " for kv ", kv.str());
+  int64_t B = kv.size(0), T = kv.size(1), NB = out.size(1), c = out.size(2);
+  TS_CHECK(kv.size(2) == c || kv.size(2) == 2 * c, op, ": kv's last dim ", kv.size(2), " must be c or 2c for c = ", c);
+  int64_t S = kv.size(2) / c;
+  TS_CHECK(m >= 1, op, ": block size m must be >= 1, got ", m);
+  check_shape(op, "score", score, kv.shape());
+  check_shape(op, "ape", ape, {m, S * c});
+  // A block's tokens start..start+m-1 must lie inside the sequence.
+  check_index(op, "block_start", block_start, {B, NB}, kv, -1, std::max<int64_t>(0, T - m + 1));
+  if (S == 2) {
+    check_index(op, "prev_start", prev_start, {B, NB}, kv, -1, std::max<int64_t>(0, T - m + 1));
+  } else {
+    // HCA (S = 1) has no previous block: a value other than -1 would be silently ignored, so reject it.
+    check_index(op, "prev_start (must be -1 when S = 1)", prev_start, {B, NB}, kv, -1, 0);
+  }
+}
+
+void compress_forward(const Tensor& kv, const Tensor& score, const Tensor& ape, const Tensor& block_start,
+                      const Tensor& prev_start, int64_t m, const Tensor& out) {
+  check_compress("compress_forward", kv, score, ape, block_start, prev_start, m, out);
+  v4(kv).compress_forward(kv, score, ape, block_start, prev_start, m, out);
+}
+
+void compress_backward(const Tensor& kv, const Tensor& score, const Tensor& ape, const Tensor& block_start,
+                       const Tensor& prev_start, int64_t m, const Tensor& dout, const Tensor& dkv,
+                       const Tensor& dscore, const Tensor& dape) {
+  const char* op = "compress_backward";
+  check_compress(op, kv, score, ape, block_start, prev_start, m, dout);
+  check_float(op, kv, {&dkv, &dscore, &dape});
+  check_shape(op, "dkv", dkv, kv.shape());
+  check_shape(op, "dscore", dscore, kv.shape());
+  check_shape(op, "dape", dape, ape.shape());
+  v4(kv).compress_backward(kv, score, ape, block_start, prev_start, m, dout, dkv, dscore, dape);
+}
 
 }  // namespace tessera::ops

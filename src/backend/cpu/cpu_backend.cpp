@@ -70,6 +70,17 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void transpose01(const Tensor& x, const Tensor& out) override {
+    dispatch_float(x, [&]<class T>() {
+      const T* xs = x.data<T>();
+      T* o = out.data<T>();
+      int64_t A = x.size(0), B = x.size(1), C = x.size(2);
+#pragma omp parallel for schedule(static)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t a = 0; a < A; ++a) std::copy(xs + (a * B + b) * C, xs + (a * B + b + 1) * C, o + (b * A + a) * C);
+    });
+  }
+
   void fill(const Tensor& x, double value) override {
     dispatch_float(x, [&]<class T>() {
       T* p = x.data<T>();

@@ -1,0 +1,52 @@
+// The training optimizer: AdamW alone, or V4's hybrid of Muon for the hidden matrices and AdamW for the rest.
+// Group rule (docs/optimizer.md): a parameter of kind `matrix` (2-D matrices, and 3-D stacks of independent
+// matrices: routed experts, grouped output projections) goes to Muon; the embedding, the output head and every
+// vector (norm weights, mHC biases and gating factors, attention sinks, compressor positional biases) to AdamW.
+// `adamw_params` in the recipe moves matching matrices (by name substring) to AdamW.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "optim/adamw.h"
+#include "optim/muon.h"
+
+namespace tessera {
+
+struct OptimizerConfig {
+  std::string name = "adamw";  // "adamw" (every parameter) or "muon" (the hybrid)
+  AdamWConfig adamw;
+  MuonConfig muon;
+  std::vector<std::string> adamw_params;  // name substrings that stay on AdamW under "muon"
+};
+
+class Optimizer {
+ public:
+  Optimizer(ParamList params, const OptimizerConfig& cfg);
+  // One update of every parameter at learning rate lr (Muon uses the same lr, as V4's Algorithm 1).
+  void step(double lr);
+  int64_t steps_taken() const { return adamw_.steps_taken(); }
+  void set_steps_taken(int64_t s);
+  const OptimizerConfig& config() const { return cfg_; }
+  // Which parameters each rule updates, for the start-of-run log: "muon: 12 tensors (1.2M) ...".
+  std::string describe_groups() const;
+  bool uses_muon(const Param& p) const;
+
+  // Optimizer state for checkpoints: (key, tensor) with keys "adamw/m/<name>", "adamw/v/<name>",
+  // "muon/m/<name>".
+  struct State {
+    std::string key;
+    Tensor tensor;
+  };
+  std::vector<State> state() const;
+
+ private:
+  OptimizerConfig cfg_;
+  ParamList adamw_list_, muon_list_;
+  AdamW adamw_;
+  Muon muon_;
+};
+
+// Splits params by the rule above.
+void split_param_groups(const ParamList& params, const OptimizerConfig& cfg, ParamList& adamw, ParamList& muon);
+
+}  // namespace tessera

@@ -1,0 +1,34 @@
+// The interface the trainer and tools use for any architecture (dense Llama layout, DeepSeek-V4).
+#pragma once
+#include <memory>
+
+#include "core/batch.h"
+#include "model/config.h"
+#include "model/param.h"
+
+namespace tessera {
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual const ModelConfig& config() const = 0;
+  // Trainable parameters, in a fixed order (the checkpoint and optimizer order).
+  virtual ParamList params() = 0;
+  // State saved with the weights but not trained by an optimizer (V4's balancing bias, hash tables).
+  virtual ParamList buffers() { return {}; }
+  // What a checkpoint holds: params() then buffers().
+  ParamList saved_tensors();
+  // Deterministic initialisation from `seed` (each parameter from its own named Philox stream).
+  virtual void init(uint64_t seed) = 0;
+  void zero_grad();
+  // Sum of the main next-token losses over positions with a target; logits (B*T, V) if requested.
+  virtual double forward(const TokenBatch& batch, Tensor* logits = nullptr) = 0;
+  // Forward, then backward of loss_scale * (the model's objective summed over the batch's targets);
+  // parameter gradients accumulate (+=). Returns the sum of the main next-token losses.
+  virtual double forward_backward(const TokenBatch& batch, double loss_scale) = 0;
+};
+
+// The model a config describes (arch "dense" or "deepseek_v4").
+std::unique_ptr<Model> make_model(const ModelConfig& cfg, DType dtype = DType::f32);
+
+}  // namespace tessera

@@ -1,0 +1,991 @@
+#include "model/v4.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numbers>
+
+#include "core/rng.h"
+#include "ops/ops.h"
+#include "ops/v4_ops.h"
+
+namespace tessera {
+namespace {
+
+using std::string;
+
+// dx += dy @ w; dw += dy^T x (either may be undefined): a linear layer whose input feeds several branches.
+void linear_backward_acc(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx, const Tensor& dw) {
+  if (dx.defined()) ops::gemm(dy, false, w, false, dx, 1.0, 1.0);
+  if (dw.defined()) ops::gemm(dy, true, x, false, dw, 1.0, 1.0);
+}
+
+Tensor linear(const Tensor& x, const Param& w) {
+  Tensor y = Tensor::empty({x.size(0), w.value.size(0)}, x.dtype());
+  ops::linear_forward(x, w.value, y);
+  return y;
+}
+
+double sum_of(const Tensor& t) {
+  double s = 0;  // in order: deterministic
+  for (int64_t i = 0; i < t.numel(); ++i) s += t.dtype() == DType::f32 ? t.data<float>()[i] : t.data<double>()[i];
+  return s;
+}
+
+// Constant tensors of the batch: n ones per token, and the (n, n) zero and identity mixing matrices.
+struct Constants {
+  Tensor ones, zeros_nn, eye_nn, zeros_nd;
+};
+
+// Everything a forward pass shares across layers.
+struct Context {
+  const TokenBatch* batch = nullptr;
+  int64_t B = 0, T = 0, N = 0;
+  Tensor positions;  // (N) i32
+  std::vector<BlockLayout> layouts;  // by ratio (found by m)
+  Constants k;
+  bool backward = false;
+  double loss_scale = 0;   // forward_backward's scale
+  double aux_scale = 0;    // gradient multiplier of the per-batch auxiliary losses: loss_scale * N_tgt
+  double indexer_kl_sum = 0, balance_loss = 0;
+
+  const BlockLayout& layout(int64_t m) const {
+    for (const BlockLayout& l : layouts)
+      if (l.m == m) return l;
+    TS_FAIL("no block layout for ratio ", m);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ mHC site
+struct HyperConn {
+  Param fn, base, scale;
+  int64_t n = 0, iters = 0;
+  double eps = 0, norm_eps = 0;
+  // Forward state.
+  Tensor X, rstd, xn, mix, pre, post, comb, f;
+  Tensor dX;  // the residual path's part of dX, from expand's backward
+
+  HyperConn() = default;
+  HyperConn(const string& p, int64_t n_, int64_t d, const ModelConfig& c, DType dt, bool head)
+      : n(n_), iters(c.hc_sinkhorn_iters), eps(c.hc_eps), norm_eps(c.norm_eps) {
+    int64_t M = head ? n : 2 * n + n * n;
+    fn = make_param(p + "fn", ParamKind::matrix, {M, n * d}, dt);
+    base = make_param(p + "base", ParamKind::vector, {M}, dt);
+    scale = make_param(p + "scale", ParamKind::vector, {head ? 1 : 3}, dt);
+  }
+  bool is_head() const { return fn.value.size(0) == n; }
+
+  // y (N, d) = sum_j pre_j X_j, with the gates from the folded-RMS projection of vec(X).
+  Tensor collapse(const Tensor& X_) {
+    X = X_;
+    const int64_t N = X.size(0), d = X.size(2);
+    Tensor flat = X.reshape({N, n * d});
+    xn = Tensor::empty(flat.shape(), X.dtype());
+    rstd = Tensor::empty({N}, X.dtype());
+    ops::rmsnorm_forward(flat, Tensor(), norm_eps, xn, rstd);
+    mix = linear(xn, fn);
+    pre = Tensor::empty({N, n}, X.dtype());
+    if (!is_head()) {
+      post = Tensor::empty({N, n}, X.dtype());
+      comb = Tensor::empty({N, n, n}, X.dtype());
+    }
+    ops::hc_gates_forward(mix, scale.value, base.value, iters, eps, pre, post, comb);
+    Tensor y = Tensor::empty({N, d}, X.dtype());
+    ops::hc_collapse_forward(X, pre, y);
+    return y;
+  }
+  // X'_k = post_k f + sum_j comb_jk X_j.
+  Tensor expand(const Tensor& f_) {
+    f = f_;
+    Tensor out = Tensor::empty(X.shape(), X.dtype());
+    ops::hc_expand_forward(X, f, post, comb, out);
+    return out;
+  }
+  // Returns df; keeps the residual path's dX.
+  Tensor backward_expand(const Tensor& dout) {
+    dX = Tensor::empty(X.shape(), X.dtype());
+    Tensor df = Tensor::empty(f.shape(), f.dtype());
+    dpost_ = Tensor::empty(post.shape(), post.dtype());
+    dcomb_ = Tensor::empty(comb.shape(), comb.dtype());
+    ops::hc_expand_backward(X, f, post, comb, dout, dX, df, dpost_, dcomb_);
+    return df;
+  }
+  // Given dy, returns the total dX (adding the residual path's part when expand ran).
+  Tensor backward_collapse(const Tensor& dy) {
+    const int64_t N = X.size(0), d = X.size(2);
+    Tensor dXc = Tensor::empty(X.shape(), X.dtype()), dpre = Tensor::empty(pre.shape(), pre.dtype());
+    ops::hc_collapse_backward(X, pre, dy, dXc, dpre);
+    Tensor dmix = Tensor::empty(mix.shape(), mix.dtype());
+    ops::hc_gates_backward(mix, scale.value, base.value, iters, eps, dpre, dpost_, dcomb_, dmix, scale.grad,
+                           base.grad);
+    Tensor dxn = Tensor::empty(xn.shape(), xn.dtype());
+    ops::linear_backward(xn, fn.value, dmix, dxn, fn.grad);
+    Tensor dflat = Tensor::empty({N, n * d}, X.dtype());
+    ops::rmsnorm_backward(X.reshape({N, n * d}), Tensor(), rstd, dxn, dflat, Tensor());
+    ops::axpy(1.0, dXc, dflat.reshape(X.shape()));
+    if (dX.defined()) ops::axpy(1.0, dX, dflat.reshape(X.shape()));
+    dX = Tensor();
+    return dflat.reshape(X.shape());
+  }
+  ParamList params() { return {&fn, &base, &scale}; }
+
+ private:
+  Tensor dpost_, dcomb_;
+};
+
+// ------------------------------------------------------------------------------------------------ Compressor
+struct Compressor {
+  Param wkv, wgate, ape, norm;
+  int64_t m = 0, S = 0, c = 0;
+  Tensor kvp, score, blocks, rstd, normed;  // forward state
+
+  Compressor() = default;
+  Compressor(const string& p, int64_t m_, bool overlap, int64_t c_, int64_t d, DType dt) : m(m_), S(overlap ? 2 : 1), c(c_) {
+    wkv = make_param(p + "wkv", ParamKind::matrix, {S * c, d}, dt);
+    wgate = make_param(p + "wgate", ParamKind::matrix, {S * c, d}, dt);
+    ape = make_param(p + "ape", ParamKind::vector, {m, S * c}, dt);
+    norm = make_param(p + "norm", ParamKind::vector, {c}, dt);
+  }
+  // (B, NB, c): the normalised compressed entries (RoPE is applied by the caller).
+  Tensor forward(const Tensor& h, const BlockLayout& L, int64_t B, int64_t T, double eps) {
+    kvp = linear(h, wkv).reshape({B, T, S * c});
+    score = linear(h, wgate).reshape({B, T, S * c});
+    blocks = Tensor::empty({B, L.NB, c}, h.dtype());
+    ops::compress_forward(kvp, score, ape.value, L.block_start, S == 2 ? L.prev_start : L.no_prev, m, blocks);
+    normed = Tensor::empty({B * L.NB, c}, h.dtype());
+    rstd = Tensor::empty({B * L.NB}, h.dtype());
+    ops::rmsnorm_forward(blocks.reshape({B * L.NB, c}), norm.value, eps, normed, rstd);
+    return normed.reshape({B, L.NB, c});
+  }
+  // dnormed (B, NB, c) -> parameter grads, and dh += (if defined).
+  void backward(const Tensor& h, const BlockLayout& L, const Tensor& dnormed, const Tensor& dh) {
+    const int64_t B = blocks.size(0), T = kvp.size(1), N = B * T;
+    Tensor dblocks = Tensor::empty(blocks.shape(), blocks.dtype());
+    ops::rmsnorm_backward(blocks.reshape({B * L.NB, c}), norm.value, rstd, dnormed.reshape({B * L.NB, c}),
+                          dblocks.reshape({B * L.NB, c}), norm.grad);
+    Tensor dkv = Tensor::empty(kvp.shape(), kvp.dtype()), dscore = Tensor::empty(score.shape(), score.dtype());
+    ops::compress_backward(kvp, score, ape.value, L.block_start, S == 2 ? L.prev_start : L.no_prev, m, dblocks, dkv,
+                           dscore, ape.grad);
+    linear_backward_acc(h, wkv.value, dkv.reshape({N, S * c}), dh, wkv.grad);
+    linear_backward_acc(h, wgate.value, dscore.reshape({N, S * c}), dh, wgate.grad);
+  }
+  ParamList params() { return {&wkv, &wgate, &ape, &norm}; }
+};
+
+// ------------------------------------------------------------------------------------------------ Attention
+struct Attention {
+  Param wq_a, q_norm, wq_b, wkv, kv_norm, sink, wo_a, wo_b;
+  std::optional<Compressor> comp;
+  // Lightning indexer (CSA layers).
+  Param iwq_b, iweights;
+  std::optional<Compressor> icomp;
+  int64_t ratio = 0;
+  bool csa = false;
+  Tensor inv_freq;
+  const ModelConfig* cfg = nullptr;
+
+  // Forward state.
+  Tensor h, cqa, cq, rstd_cq, qraw, rstd_q, q, kvraw, rstd_kv, kv, ckv, cidx, out, lse, og_t, z;
+  Tensor qi, ki, iw, iscores;
+
+  Attention() = default;
+  Attention(const string& p, int64_t ratio_, const ModelConfig& c, DType dt) : ratio(ratio_), cfg(&c) {
+    const int64_t d = c.dim, H = c.n_heads, hd = c.head_dim, g = c.o_groups;
+    csa = ratio > 0 && ratio == c.csa_ratio;
+    wq_a = make_param(p + "wq_a", ParamKind::matrix, {c.q_lora_rank, d}, dt);
+    q_norm = make_param(p + "q_norm", ParamKind::vector, {c.q_lora_rank}, dt);
+    wq_b = make_param(p + "wq_b", ParamKind::matrix, {H * hd, c.q_lora_rank}, dt);
+    wkv = make_param(p + "wkv", ParamKind::matrix, {hd, d}, dt);
+    kv_norm = make_param(p + "kv_norm", ParamKind::vector, {hd}, dt);
+    sink = make_param(p + "sink", ParamKind::vector, {H}, dt);
+    wo_a = make_param(p + "wo_a", ParamKind::matrix, {g, c.o_lora_rank, H * hd / g}, dt);
+    wo_b = make_param(p + "wo_b", ParamKind::matrix, {d, g * c.o_lora_rank}, dt);
+    if (ratio > 0) comp.emplace(p + "compressor.", ratio, csa, hd, d, dt);
+    if (csa) {
+      iwq_b = make_param(p + "indexer.wq_b", ParamKind::matrix, {c.index_n_heads * c.index_head_dim, c.q_lora_rank}, dt);
+      iweights = make_param(p + "indexer.weights_proj", ParamKind::matrix, {c.index_n_heads, d}, dt);
+      icomp.emplace(p + "indexer.compressor.", ratio, true, c.index_head_dim, d, dt);
+    }
+    inv_freq = v4_inv_freq(c, ratio > 0);
+  }
+
+  ParamList params() {
+    ParamList ps{&wq_a, &q_norm, &wq_b, &wkv, &kv_norm, &sink, &wo_a, &wo_b};
+    if (comp)
+      for (Param* p : comp->params()) ps.push_back(p);
+    if (csa) {
+      ps.push_back(&iwq_b);
+      ps.push_back(&iweights);
+      for (Param* p : icomp->params()) ps.push_back(p);
+    }
+    return ps;
+  }
+
+  // Rotates x (B, T', heads, D)'s last rope dims in place at `positions`.
+  void rope(const Tensor& x, const Tensor& positions, bool inverse) const {
+    if (inverse) ops::rope_backward(x, positions, inv_freq, true, x);
+    else ops::rope_forward(x, positions, inv_freq, true, x);
+  }
+
+  Tensor forward(Context& ctx, const Tensor& h_) {
+    h = h_;
+    const ModelConfig& c = *cfg;
+    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, H = c.n_heads, hd = c.head_dim, g = c.o_groups;
+    const DType dt = h.dtype();
+    // Low-rank query with a weighted norm on the latent and a weightless norm per head.
+    cqa = linear(h, wq_a);
+    cq = Tensor::empty(cqa.shape(), dt);
+    rstd_cq = Tensor::empty({N}, dt);
+    ops::rmsnorm_forward(cqa, q_norm.value, c.norm_eps, cq, rstd_cq);
+    qraw = linear(cq, wq_b);  // (N, H*hd)
+    q = Tensor::empty({B, T, H, hd}, dt);
+    rstd_q = Tensor::empty({N * H}, dt);
+    ops::rmsnorm_forward(qraw.reshape({N * H, hd}), Tensor(), c.norm_eps, q.reshape({N * H, hd}), rstd_q);
+    rope(q, ctx.positions, false);
+    // The shared key/value head.
+    kvraw = linear(h, wkv);
+    kv = Tensor::empty({B, T, 1, hd}, dt);
+    rstd_kv = Tensor::empty({N}, dt);
+    ops::rmsnorm_forward(kvraw, kv_norm.value, c.norm_eps, kv.reshape({N, hd}), rstd_kv);
+    rope(kv, ctx.positions, false);
+    if (c.kv_fp8) ops::fake_quant_fp8(kv.reshape({N, hd}), 64, hd - c.rope_dim, kv.reshape({N, hd}));
+    // Compressed entries and which of them each query attends.
+    cidx = Tensor();
+    ckv = Tensor();
+    if (comp) {
+      const BlockLayout& L = ctx.layout(ratio);
+      ckv = comp->forward(h, L, B, T, c.norm_eps);
+      rope(ckv.reshape({B, L.NB, 1, hd}), L.positions, false);
+      if (c.kv_fp8) ops::fake_quant_fp8(ckv.reshape({B * L.NB, hd}), 64, hd - c.rope_dim, ckv.reshape({B * L.NB, hd}));
+      if (csa) select_by_indexer(ctx, L);
+      else cidx = all_visible(ctx, L);
+    }
+    out = Tensor::empty({B, T, H, hd}, dt);
+    lse = Tensor::empty({B, T, H}, dt);
+    if (!cidx.defined()) ckv = Tensor();  // no query sees a completed block
+    ops::sparse_attention_forward(q, kv.reshape({B, T, hd}), ckv, cidx, sink.value, ctx.batch->doc, c.window,
+                                  1.0 / std::sqrt(double(hd)), out, lse);
+    if (csa && c.indexer_loss_weight > 0) indexer_loss(ctx);
+    // Output: inverse RoPE (position-relative), grouped low-rank projection.
+    Tensor o = out.clone();
+    rope(o, ctx.positions, true);
+    og_t = Tensor::empty({g, N, H * hd / g}, dt);
+    ops::transpose01(o.reshape({N, g, H * hd / g}), og_t);
+    Tensor z_t = Tensor::empty({g, N, c.o_lora_rank}, dt);
+    ops::gemm(og_t, false, wo_a.value, true, z_t);
+    z = Tensor::empty({N, g, c.o_lora_rank}, dt);
+    ops::transpose01(z_t, z);
+    z = z.reshape({N, g * c.o_lora_rank});
+    return linear(z, wo_b);
+  }
+
+  // HCA: every visible compressed entry, in order. cidx undefined when no query sees any.
+  Tensor all_visible(Context& ctx, const BlockLayout& L) const {
+    if (L.max_visible == 0) return Tensor();
+    Tensor idx = Tensor::empty({ctx.B, ctx.T, L.max_visible}, DType::i32);
+    const int32_t *vb = L.vis_begin.data<int32_t>(), *ve = L.vis_end.data<int32_t>();
+    int32_t* p = idx.data<int32_t>();
+    for (int64_t i = 0; i < ctx.N; ++i)
+      for (int64_t j = 0; j < L.max_visible; ++j) p[i * L.max_visible + j] = vb[i] + j < ve[i] ? vb[i] + j : -1;
+    return idx;
+  }
+
+  // CSA: the lightning indexer's top-k of the visible entries.
+  void select_by_indexer(Context& ctx, const BlockLayout& L) {
+    const ModelConfig& c = *cfg;
+    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, HI = c.index_n_heads, cI = c.index_head_dim;
+    const DType dt = h.dtype();
+    qi = linear(cq, iwq_b).reshape({B, T, HI, cI});
+    rope(qi, ctx.positions, false);
+    ops::hadamard(qi, qi);
+    if (c.indexer_fp4) ops::fake_quant_fp4(qi, 32, qi);
+    ki = icomp->forward(h, L, B, T, c.norm_eps);  // (B, NB, cI)
+    rope(ki.reshape({B, L.NB, 1, cI}), L.positions, false);
+    ops::hadamard(ki, ki);
+    if (c.indexer_fp4) ops::fake_quant_fp4(ki, 32, ki);
+    iw = linear(h, iweights);
+    ops::scale(iw, 1.0 / std::sqrt(double(cI) * double(HI)));
+    iscores = Tensor::empty({B, T, L.NB}, dt);
+    ops::indexer_scores_forward(qi, ki, iw.reshape({B, T, HI}), L.vis_begin, L.vis_end, iscores);
+    int64_t K = std::min(c.index_topk, L.max_visible);
+    if (K == 0) return;
+    cidx = Tensor::empty({B, T, K}, DType::i32);
+    ops::topk_indices(iscores.reshape({N, L.NB}), Tensor(), cidx.reshape({N, K}));
+  }
+
+  // The V3.2-style indexer loss over the selected entries (docs/model.md "Objective"). Host-side gather of the
+  // selected scores (index bookkeeping on CPU tensors).
+  Tensor sel_scores, sel_target;
+  void indexer_loss(Context& ctx) {
+    if (!cidx.defined()) return;
+    const int64_t N = ctx.N, K = cidx.size(2), NB = iscores.size(2);
+    const DType dt = h.dtype();
+    Tensor cprob = Tensor::empty({ctx.B, ctx.T, K}, dt);
+    ops::sparse_attention_cprob(q, ckv, cidx, lse, 1.0 / std::sqrt(double(cfg->head_dim)), cprob);
+    sel_scores = Tensor::empty({N, K}, DType::f64);
+    sel_target = cprob.reshape({N, K}).to(DType::f64);
+    Tensor is64 = iscores.to(DType::f64);
+    const int32_t* ci = cidx.data<int32_t>();
+    for (int64_t i = 0; i < N * K; ++i)
+      sel_scores.data<double>()[i] =
+          ci[i] >= 0 ? is64.data<double>()[(i / K) * NB + ci[i]] : -std::numeric_limits<double>::infinity();
+    sel_scores = sel_scores.to(dt);
+    sel_target = sel_target.to(dt);
+    ctx.indexer_kl_sum += ops::indexer_kl(sel_scores, sel_target, 1.0, Tensor());
+  }
+
+  void indexer_backward(Context& ctx, const BlockLayout& L) {
+    const ModelConfig& c = *cfg;
+    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, K = cidx.size(2), NB = L.NB, HI = c.index_n_heads;
+    const int64_t cI = c.index_head_dim;
+    Tensor dsel = Tensor::empty(sel_scores.shape(), sel_scores.dtype());
+    ops::indexer_kl(sel_scores, sel_target, ctx.loss_scale * c.indexer_loss_weight, dsel);
+    Tensor dscores = Tensor::zeros({B, T, NB}, DType::f64);
+    Tensor dsel64 = dsel.to(DType::f64);
+    const int32_t* ci = cidx.data<int32_t>();
+    for (int64_t i = 0; i < N * K; ++i)
+      if (ci[i] >= 0) dscores.data<double>()[(i / K) * NB + ci[i]] += dsel64.data<double>()[i];
+    dscores = dscores.to(h.dtype());
+    Tensor dqi = Tensor::empty(qi.shape(), qi.dtype()), dki = Tensor::empty(ki.shape(), ki.dtype());
+    Tensor dw = Tensor::empty({B, T, HI}, h.dtype());
+    ops::indexer_scores_backward(qi, ki, iw.reshape({B, T, HI}), L.vis_begin, L.vis_end, dscores, dqi, dki, dw);
+    // The FP4 simulation passes the gradient straight through; the Hadamard rotation is its own transpose.
+    ops::hadamard(dqi, dqi);
+    rope(dqi, ctx.positions, true);
+    ops::gemm(dqi.reshape({N, HI * cI}), true, cq, false, iwq_b.grad, 1.0, 1.0);  // cq detached
+    ops::hadamard(dki, dki);
+    rope(dki.reshape({B, NB, 1, cI}), L.positions, true);
+    icomp->backward(h, L, dki, Tensor());  // h detached
+    ops::scale(dw, 1.0 / std::sqrt(double(cI) * double(HI)));
+    ops::gemm(dw.reshape({N, HI}), true, h, false, iweights.grad, 1.0, 1.0);
+  }
+
+  // dy (N, d) -> dh (N, d), parameter grads.
+  Tensor backward(Context& ctx, const Tensor& dy) {
+    const ModelConfig& c = *cfg;
+    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, H = c.n_heads, hd = c.head_dim, g = c.o_groups;
+    const DType dt = h.dtype();
+    Tensor dz = Tensor::empty(z.shape(), dt);
+    ops::linear_backward(z, wo_b.value, dy, dz, wo_b.grad);
+    Tensor dz_t = Tensor::empty({g, N, c.o_lora_rank}, dt);
+    ops::transpose01(dz.reshape({N, g, c.o_lora_rank}), dz_t);
+    Tensor dog_t = Tensor::empty(og_t.shape(), dt);
+    ops::gemm(dz_t, false, wo_a.value, false, dog_t);
+    ops::gemm(dz_t, true, og_t, false, wo_a.grad, 1.0, 1.0);
+    Tensor dout = Tensor::empty({B, T, H, hd}, dt);
+    ops::transpose01(dog_t, dout.reshape({N, g, H * hd / g}));
+    rope(dout, ctx.positions, false);  // the transpose of the inverse rotation
+    Tensor dq = Tensor::empty(q.shape(), dt), dkv = Tensor::empty({B, T, hd}, dt);
+    Tensor dckv = ckv.defined() ? Tensor::empty(ckv.shape(), dt) : Tensor();
+    ops::sparse_attention_backward(q, kv.reshape({B, T, hd}), ckv, cidx, sink.value, ctx.batch->doc, c.window,
+                                   1.0 / std::sqrt(double(hd)), out, lse, dout, dq, dkv, dckv, sink.grad);
+    Tensor dh = Tensor::zeros({N, c.dim}, dt);
+    if (comp) {
+      const BlockLayout& L = ctx.layout(ratio);
+      if (csa && c.indexer_loss_weight > 0 && cidx.defined() && ctx.backward) indexer_backward(ctx, L);
+      if (cidx.defined()) {
+        rope(dckv.reshape({B, L.NB, 1, hd}), L.positions, true);
+        comp->backward(h, L, dckv, dh);
+      }
+    }
+    // Key/value head (the FP8 simulation passes the gradient straight through).
+    rope(dkv.reshape({B, T, 1, hd}), ctx.positions, true);
+    Tensor dkvraw = Tensor::empty(kvraw.shape(), dt);
+    ops::rmsnorm_backward(kvraw, kv_norm.value, rstd_kv, dkv.reshape({N, hd}), dkvraw, kv_norm.grad);
+    linear_backward_acc(h, wkv.value, dkvraw, dh, wkv.grad);
+    // Query.
+    rope(dq, ctx.positions, true);
+    Tensor dqraw = Tensor::empty(qraw.shape(), dt);
+    ops::rmsnorm_backward(qraw.reshape({N * H, hd}), Tensor(), rstd_q, dq.reshape({N * H, hd}),
+                          dqraw.reshape({N * H, hd}), Tensor());
+    Tensor dcq = Tensor::empty(cq.shape(), dt);
+    ops::linear_backward(cq, wq_b.value, dqraw, dcq, wq_b.grad);
+    Tensor dcqa = Tensor::empty(cqa.shape(), dt);
+    ops::rmsnorm_backward(cqa, q_norm.value, rstd_cq, dcq, dcqa, q_norm.grad);
+    linear_backward_acc(h, wq_a.value, dcqa, dh, wq_a.grad);
+    return dh;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ MoE
+struct MoE {
+  Param gate, bias, tid2eid;  // bias, tid2eid: buffers
+  Param w1, w2, w3, sw1, sw2, sw3;
+  bool hash = false;
+  const ModelConfig* cfg = nullptr;
+  ops::ScoreFunc score_func = ops::ScoreFunc::sqrt_softplus;
+
+  Tensor h, logits, scores, idx, weights, rows, slots, wflat, xe, ye;
+  std::vector<int64_t> offsets;  // per expert, into the dispatched rows; E + 1 entries
+  std::vector<Tensor> g_, u_, s_;  // per expert SwiGLU inputs and output
+  Tensor sg, su, ss;               // shared expert
+
+  MoE() = default;
+  MoE(const string& p, bool hash_, const ModelConfig& c, DType dt) : hash(hash_), cfg(&c) {
+    const int64_t d = c.dim, E = c.n_routed_experts, F = c.moe_inter_dim, Fs = c.n_shared_experts * F;
+    score_func = ops::score_func_from_name(c.score_func);
+    gate = make_param(p + "gate.weight", ParamKind::matrix, {E, d}, dt);
+    bias = make_param(p + "gate.bias", ParamKind::vector, {E}, dt);
+    bias.grad = Tensor();
+    if (hash) {
+      tid2eid = make_param(p + "gate.tid2eid", ParamKind::vector, {1}, dt);
+      tid2eid.value = Tensor::zeros({c.vocab_size, c.n_activated_experts}, DType::i32);
+      tid2eid.grad = Tensor();
+    }
+    w1 = make_param(p + "experts.w1", ParamKind::matrix, {E, F, d}, dt);
+    w2 = make_param(p + "experts.w2", ParamKind::matrix, {E, d, F}, dt);
+    w3 = make_param(p + "experts.w3", ParamKind::matrix, {E, F, d}, dt);
+    if (Fs > 0) {
+      sw1 = make_param(p + "shared.w1", ParamKind::matrix, {Fs, d}, dt);
+      sw2 = make_param(p + "shared.w2", ParamKind::matrix, {d, Fs}, dt);
+      sw3 = make_param(p + "shared.w3", ParamKind::matrix, {Fs, d}, dt);
+    }
+  }
+  bool has_shared() const { return sw1.value.defined(); }
+  ParamList params() {
+    ParamList ps{&gate, &w1, &w2, &w3};
+    if (has_shared())
+      for (Param* p : {&sw1, &sw2, &sw3}) ps.push_back(p);
+    return ps;
+  }
+  ParamList buffers() {
+    ParamList ps{&bias};
+    if (hash) ps.push_back(&tid2eid);
+    return ps;
+  }
+
+  Tensor forward(Context& ctx, const Tensor& h_, std::vector<int64_t>& load) {
+    h = h_;
+    const ModelConfig& c = *cfg;
+    const int64_t N = ctx.N, E = c.n_routed_experts, k = c.n_activated_experts, d = c.dim;
+    const DType dt = h.dtype();
+    logits = linear(h, gate);
+    scores = Tensor::empty({N, E}, dt);
+    ops::router_scores_forward(logits, score_func, scores);
+    idx = Tensor::empty({N, k}, DType::i32);
+    if (hash) {
+      const int32_t* ids = ctx.batch->ids.data<int32_t>();
+      const int32_t* table = tid2eid.value.data<int32_t>();
+      for (int64_t i = 0; i < N; ++i) std::copy(table + ids[i] * k, table + (ids[i] + 1) * k, idx.data<int32_t>() + i * k);
+    } else {
+      ops::topk_indices(scores, bias.value, idx);
+    }
+    weights = Tensor::empty({N, k}, dt);
+    ops::route_weights_forward(scores, idx, score_func != ops::ScoreFunc::softmax, c.route_scale, weights);
+    if (!hash) {
+      double bal = ops::balance_loss(scores.reshape({ctx.B, ctx.T, E}), idx.reshape({ctx.B, ctx.T, k}),
+                                     c.balance_loss_weight, 0.0, Tensor());
+      ctx.balance_loss += bal;
+    }
+    // Dispatch: tokens grouped by expert, in token order within an expert (host-side bookkeeping).
+    const int32_t* ix = idx.data<int32_t>();
+    offsets.assign(E + 1, 0);
+    for (int64_t i = 0; i < N * k; ++i)
+      if (ix[i] >= 0) ++offsets[ix[i] + 1];
+    for (int64_t e = 0; e < E; ++e) {
+      load[e] += offsets[e + 1];
+      offsets[e + 1] += offsets[e];
+    }
+    const int64_t M = offsets[E];
+    rows = Tensor::empty({M}, DType::i32);
+    slots = Tensor::empty({M}, DType::i32);
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t i = 0; i < N * k; ++i)
+      if (ix[i] >= 0) {
+        int64_t at = fill[ix[i]]++;
+        rows.data<int32_t>()[at] = int32_t(i / k);
+        slots.data<int32_t>()[at] = int32_t(i);
+      }
+    wflat = Tensor::empty({M, 1}, dt);
+    ops::gather_rows(weights.reshape({N * k, 1}), slots, Tensor(), wflat);
+    xe = Tensor::empty({M, d}, dt);
+    ops::gather_rows(h, rows, Tensor(), xe);
+    ye = Tensor::empty({M, d}, dt);
+    g_.assign(E, Tensor());
+    u_.assign(E, Tensor());
+    s_.assign(E, Tensor());
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t n = offsets[e + 1] - offsets[e];
+      if (n == 0) continue;
+      Tensor x = xe.slice(offsets[e], n);
+      g_[e] = Tensor::empty({n, c.moe_inter_dim}, dt);
+      u_[e] = Tensor::empty({n, c.moe_inter_dim}, dt);
+      s_[e] = Tensor::empty({n, c.moe_inter_dim}, dt);
+      ops::linear_forward(x, w1.value.slice(e, 1).reshape({c.moe_inter_dim, d}), g_[e]);
+      ops::linear_forward(x, w3.value.slice(e, 1).reshape({c.moe_inter_dim, d}), u_[e]);
+      ops::swiglu_forward(g_[e], u_[e], s_[e], c.swiglu_limit);
+      ops::linear_forward(s_[e], w2.value.slice(e, 1).reshape({d, c.moe_inter_dim}), ye.slice(offsets[e], n));
+    }
+    Tensor y = Tensor::zeros({N, d}, dt);
+    if (has_shared()) {
+      sg = linear(h, sw1);
+      su = linear(h, sw3);
+      ss = Tensor::empty(sg.shape(), dt);
+      ops::swiglu_forward(sg, su, ss, c.swiglu_limit);
+      ops::linear_forward(ss, sw2.value, y);
+    }
+    ops::scatter_add_rows(ye, rows, wflat.reshape({M}), y);
+    return y;
+  }
+
+  Tensor backward(Context& ctx, const Tensor& dy) {
+    const ModelConfig& c = *cfg;
+    const int64_t N = ctx.N, E = c.n_routed_experts, k = c.n_activated_experts, d = c.dim, F = c.moe_inter_dim;
+    const int64_t M = offsets[E];
+    const DType dt = h.dtype();
+    Tensor dh = Tensor::zeros({N, d}, dt);
+    if (has_shared()) {
+      Tensor ds = Tensor::empty(ss.shape(), dt), dg = Tensor::empty(sg.shape(), dt), du = Tensor::empty(su.shape(), dt);
+      ops::linear_backward(ss, sw2.value, dy, ds, sw2.grad);
+      ops::swiglu_backward(sg, su, ds, dg, du, c.swiglu_limit);
+      linear_backward_acc(h, sw1.value, dg, dh, sw1.grad);
+      linear_backward_acc(h, sw3.value, du, dh, sw3.grad);
+    }
+    // Routed experts: d ye_i = w_i dy[row_i]; d w_i = ye_i . dy[row_i].
+    Tensor dye = Tensor::empty({M, d}, dt), dwflat = Tensor::empty({M}, dt);
+    ops::gather_rows(dy, rows, wflat.reshape({M}), dye);
+    ops::rows_dot(ye, dy, rows, dwflat);
+    Tensor dweights = Tensor::zeros({N * k, 1}, dt);
+    ops::scatter_add_rows(dwflat.reshape({M, 1}), slots, Tensor(), dweights);
+    Tensor dxe = Tensor::empty({M, d}, dt);
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t n = offsets[e + 1] - offsets[e];
+      if (n == 0) continue;
+      Tensor x = xe.slice(offsets[e], n), dx = dxe.slice(offsets[e], n), dyo = dye.slice(offsets[e], n);
+      Tensor ds = Tensor::empty({n, F}, dt), dg = Tensor::empty({n, F}, dt), du = Tensor::empty({n, F}, dt);
+      ops::linear_backward(s_[e], w2.value.slice(e, 1).reshape({d, F}), dyo, ds, w2.grad.slice(e, 1).reshape({d, F}));
+      ops::swiglu_backward(g_[e], u_[e], ds, dg, du, c.swiglu_limit);
+      ops::linear_backward(x, w1.value.slice(e, 1).reshape({F, d}), dg, dx, w1.grad.slice(e, 1).reshape({F, d}));
+      linear_backward_acc(x, w3.value.slice(e, 1).reshape({F, d}), du, dx, w3.grad.slice(e, 1).reshape({F, d}));
+    }
+    ops::scatter_add_rows(dxe, rows, Tensor(), dh);
+    // Router: gate weights, and the balance loss on score-routed layers.
+    Tensor dscores = Tensor::zeros(scores.shape(), dt);
+    ops::route_weights_backward(scores, idx, dweights.reshape({N, k}), score_func != ops::ScoreFunc::softmax,
+                                c.route_scale, dscores);
+    if (!hash)
+      ops::balance_loss(scores.reshape({ctx.B, ctx.T, E}), idx.reshape({ctx.B, ctx.T, k}), c.balance_loss_weight,
+                        ctx.aux_scale, dscores.reshape({ctx.B, ctx.T, E}));
+    Tensor dlogits = Tensor::empty(logits.shape(), dt);
+    ops::router_scores_backward(logits, scores, dscores, score_func, dlogits);
+    linear_backward_acc(h, gate.value, dlogits, dh, gate.grad);
+    return dh;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ Block
+struct Block {
+  HyperConn hc_attn, hc_ffn;
+  Param attn_norm, ffn_norm;
+  Attention attn;
+  MoE ffn;
+  double eps = 0;
+  Tensor ya, ha, rstd_a, yb, hb, rstd_b;
+
+  Block(const string& p, int64_t ratio, bool hash, const ModelConfig& c, DType dt)
+      : hc_attn(p + "hc_attn.", c.hc_mult, c.dim, c, dt, false),
+        hc_ffn(p + "hc_ffn.", c.hc_mult, c.dim, c, dt, false),
+        attn(p + "attn.", ratio, c, dt),
+        ffn(p + "ffn.", hash, c, dt),
+        eps(c.norm_eps) {
+    attn_norm = make_param(p + "attn_norm", ParamKind::vector, {c.dim}, dt);
+    ffn_norm = make_param(p + "ffn_norm", ParamKind::vector, {c.dim}, dt);
+  }
+  ParamList params() {
+    ParamList ps;
+    for (Param* p : hc_attn.params()) ps.push_back(p);
+    for (Param* p : hc_ffn.params()) ps.push_back(p);
+    ps.push_back(&attn_norm);
+    ps.push_back(&ffn_norm);
+    for (Param* p : attn.params()) ps.push_back(p);
+    for (Param* p : ffn.params()) ps.push_back(p);
+    return ps;
+  }
+
+  static Tensor norm(const Tensor& y, const Param& w, double eps, Tensor& rstd) {
+    Tensor out = Tensor::empty(y.shape(), y.dtype());
+    rstd = Tensor::empty({y.size(0)}, y.dtype());
+    ops::rmsnorm_forward(y, w.value, eps, out, rstd);
+    return out;
+  }
+
+  Tensor forward(Context& ctx, const Tensor& X, std::vector<int64_t>& load) {
+    ya = hc_attn.collapse(X);
+    ha = norm(ya, attn_norm, eps, rstd_a);
+    Tensor Xm = hc_attn.expand(attn.forward(ctx, ha));
+    yb = hc_ffn.collapse(Xm);
+    hb = norm(yb, ffn_norm, eps, rstd_b);
+    return hc_ffn.expand(ffn.forward(ctx, hb, load));
+  }
+
+  Tensor backward(Context& ctx, const Tensor& dX) {
+    Tensor df = hc_ffn.backward_expand(dX);
+    Tensor dhb = ffn.backward(ctx, df);
+    Tensor dyb = Tensor::empty(yb.shape(), yb.dtype());
+    ops::rmsnorm_backward(yb, ffn_norm.value, rstd_b, dhb, dyb, ffn_norm.grad);
+    Tensor dXm = hc_ffn.backward_collapse(dyb);
+    Tensor dfa = hc_attn.backward_expand(dXm);
+    Tensor dha = attn.backward(ctx, dfa);
+    Tensor dya = Tensor::empty(ya.shape(), ya.dtype());
+    ops::rmsnorm_backward(ya, attn_norm.value, rstd_a, dha, dya, attn_norm.grad);
+    return hc_attn.backward_collapse(dya);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ Head
+// hc_head -> RMSNorm -> the (shared) output projection.
+struct Head {
+  HyperConn hc;
+  Param norm;
+  double eps = 0;
+  Tensor y, hn, rstd;
+
+  Head(const string& p, const ModelConfig& c, DType dt) : hc(p + "hc_head.", c.hc_mult, c.dim, c, dt, true), eps(c.norm_eps) {
+    norm = make_param(p + "norm", ParamKind::vector, {c.dim}, dt);
+  }
+  ParamList params() {
+    ParamList ps = hc.params();
+    ps.push_back(&norm);
+    return ps;
+  }
+  Tensor forward(const Tensor& X, const Param& output) {
+    y = hc.collapse(X);
+    hn = Block::norm(y, norm, eps, rstd);
+    return linear(hn, output);
+  }
+  // dlogits -> dX (the output head's weight gradient accumulates).
+  Tensor backward(const Tensor& dlogits, Param& output) {
+    Tensor dhn = Tensor::empty(hn.shape(), hn.dtype());
+    ops::linear_backward(hn, output.value, dlogits, dhn, output.grad);
+    Tensor dy = Tensor::empty(y.shape(), y.dtype());
+    ops::rmsnorm_backward(y, norm.value, rstd, dhn, dy, norm.grad);
+    return hc.backward_collapse(dy);
+  }
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------ layouts
+BlockLayout make_block_layout(const Tensor& doc, int64_t B, int64_t T, int64_t m) {
+  BlockLayout L;
+  L.m = m;
+  std::vector<std::vector<int32_t>> starts(B), prevs(B);
+  L.vis_begin = Tensor::empty({B, T}, DType::i32);
+  L.vis_end = Tensor::empty({B, T}, DType::i32);
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t* dp = doc.defined() ? doc.data<int32_t>() + b * T : nullptr;
+    int64_t t0 = 0;
+    while (t0 < T) {
+      int64_t t1 = t0 + 1;
+      while (t1 < T && (!dp || dp[t1] == dp[t0])) ++t1;
+      // Document [t0, t1): blocks t0 + m i, and each query's visible range.
+      const int32_t first = int32_t(starts[b].size());
+      for (int64_t s = t0; s + m <= t1; s += m) {
+        prevs[b].push_back(s > t0 ? int32_t(s - m) : -1);
+        starts[b].push_back(int32_t(s));
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        L.vis_begin.data<int32_t>()[b * T + t] = first;
+        int32_t completed = int32_t((t - t0 + 1) / m);  // blocks whose last token is <= t
+        L.vis_end.data<int32_t>()[b * T + t] = first + completed;
+        L.max_visible = std::max<int64_t>(L.max_visible, completed);
+      }
+      t0 = t1;
+    }
+  }
+  for (auto& s : starts) L.NB = std::max<int64_t>(L.NB, int64_t(s.size()));
+  L.NB = std::max<int64_t>(L.NB, 1);
+  L.block_start = Tensor::empty({B, L.NB}, DType::i32);
+  L.prev_start = Tensor::empty({B, L.NB}, DType::i32);
+  L.positions = Tensor::empty({B * L.NB}, DType::i32);
+  L.no_prev = Tensor::empty({B, L.NB}, DType::i32);
+  std::fill(L.no_prev.data<int32_t>(), L.no_prev.data<int32_t>() + B * L.NB, -1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < L.NB; ++s) {
+      bool real = s < int64_t(starts[b].size());
+      L.block_start.data<int32_t>()[b * L.NB + s] = real ? starts[b][s] : -1;
+      L.prev_start.data<int32_t>()[b * L.NB + s] = real ? prevs[b][s] : -1;
+      L.positions.data<int32_t>()[b * L.NB + s] = real ? starts[b][s] : 0;
+    }
+  return L;
+}
+
+Tensor v4_inv_freq(const ModelConfig& c, bool compressed) {
+  const double theta = compressed ? c.compress_rope_theta : c.rope_theta;
+  const int64_t r = c.rope_dim, half = r / 2;
+  Tensor f = ops::rope_inv_freq(theta, r);
+  if (!compressed || c.yarn_factor <= 1.0) return f;
+  // YaRN: interpolate the low frequencies by the factor, keep the high ones, ramp linearly between the
+  // correction range given by beta_fast and beta_slow rotations over the original length.
+  auto correction_dim = [&](double rotations) {
+    return r * std::log(double(c.yarn_original_len) / (rotations * 2 * std::numbers::pi)) / (2 * std::log(theta));
+  };
+  double low = std::max(0.0, std::floor(correction_dim(c.yarn_beta_fast)));
+  double high = std::min(double(r - 1), std::ceil(correction_dim(c.yarn_beta_slow)));
+  if (low == high) high += 0.001;
+  for (int64_t i = 0; i < half; ++i) {
+    double ramp = std::clamp((double(i) - low) / (high - low), 0.0, 1.0);
+    double extrapolation = 1.0 - ramp;  // 1 keeps the original frequency
+    double& v = f.data<double>()[i];
+    v = v / c.yarn_factor * (1.0 - extrapolation) + v * extrapolation;
+  }
+  return f;
+}
+
+// ------------------------------------------------------------------------------------------------ the model
+struct V4Model::Impl {
+  Param tok_embeddings, output;
+  std::vector<Block> layers;
+  std::optional<Head> head;
+  // MTP
+  Param e_norm, h_norm, e_proj, h_proj;
+  std::optional<Block> mtp_block;
+  std::optional<Head> mtp_head;
+
+  // Forward state.
+  Context ctx;
+  Tensor X0, emb, logits, losses, X_final;
+  std::vector<Tensor> X_in;  // each layer's input
+  Tensor mtp_ids, mtp_targets, e_raw, e_rstd, e_n, xs_rstd, xs, Xm, mtp_logits, mtp_losses;
+};
+
+V4Model::V4Model(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype_(dtype), impl_(std::make_unique<Impl>()) {
+  cfg_.validate();
+  TS_CHECK(cfg_.is_v4(), "V4Model needs model.arch = \"deepseek_v4\", got '", cfg_.arch, "'");
+  const ModelConfig& c = cfg_;
+  Impl& m = *impl_;
+  m.tok_embeddings = make_param("tok_embeddings", ParamKind::embedding, {c.vocab_size, c.dim}, dtype);
+  for (int64_t l = 0; l < c.n_layers; ++l)
+    m.layers.emplace_back("layers." + std::to_string(l) + ".", c.layer_ratio(l), c.layer_is_hash(l), c, dtype);
+  m.head.emplace("", c, dtype);
+  m.output = make_param("output", ParamKind::head, {c.vocab_size, c.dim}, dtype);
+  if (c.mtp_depth == 1) {
+    m.e_norm = make_param("mtp.e_norm", ParamKind::vector, {c.dim}, dtype);
+    m.h_norm = make_param("mtp.h_norm", ParamKind::vector, {c.dim}, dtype);
+    m.e_proj = make_param("mtp.e_proj", ParamKind::matrix, {c.dim, c.dim}, dtype);
+    m.h_proj = make_param("mtp.h_proj", ParamKind::matrix, {c.dim, c.dim}, dtype);
+    m.mtp_block.emplace("mtp.block.", 0, false, c, dtype);
+    m.mtp_head.emplace("mtp.", c, dtype);
+  }
+  expert_load_.assign(c.n_layers + (c.mtp_depth == 1 ? 1 : 0), std::vector<int64_t>(c.n_routed_experts, 0));
+}
+
+V4Model::~V4Model() = default;
+
+ParamList V4Model::params() {
+  Impl& m = *impl_;
+  ParamList ps{&m.tok_embeddings};
+  for (Block& b : m.layers)
+    for (Param* p : b.params()) ps.push_back(p);
+  for (Param* p : m.head->params()) ps.push_back(p);
+  ps.push_back(&m.output);
+  if (m.mtp_block) {
+    for (Param* p : {&m.e_norm, &m.h_norm, &m.e_proj, &m.h_proj}) ps.push_back(p);
+    for (Param* p : m.mtp_block->params()) ps.push_back(p);
+    for (Param* p : m.mtp_head->params()) ps.push_back(p);
+  }
+  return ps;
+}
+
+ParamList V4Model::buffers() {
+  Impl& m = *impl_;
+  ParamList ps;
+  for (Block& b : m.layers)
+    for (Param* p : b.ffn.buffers()) ps.push_back(p);
+  if (m.mtp_block)
+    for (Param* p : m.mtp_block->ffn.buffers()) ps.push_back(p);
+  return ps;
+}
+
+void V4Model::init(uint64_t seed) {
+  const double residual_std = cfg_.init_std / std::sqrt(2.0 * cfg_.n_layers);
+  for (Param* p : params()) {
+    const string& n = p->name;
+    if (p->kind == ParamKind::vector) {
+      // Norm weights 1; hyper-connection gating factors 0.01 (mHC paper); biases, sinks, positional biases 0.
+      double v = n.ends_with("norm") ? 1.0 : n.ends_with(".scale") ? 0.01 : 0.0;
+      ops::fill(p->value, v);
+      continue;
+    }
+    bool residual = n.ends_with("attn.wo_b") || n.ends_with("experts.w2") || n.ends_with("shared.w2");
+    Tensor f32 = Tensor::empty(p->value.shape(), DType::f32);
+    Rng{seed, stream_id(n.c_str())}.fill_normal(f32.data<float>(), f32.numel(), 0.0,
+                                                residual ? residual_std : cfg_.init_std);
+    p->value.copy_from(f32.to(dtype_));
+  }
+  // Buffers: no balancing bias yet; the hash table is a fixed function of (layer, token) - k distinct experts by a
+  // partial Fisher-Yates shuffle on a Philox stream named after the table (independent of the training seed).
+  const int64_t E = cfg_.n_routed_experts, k = cfg_.n_activated_experts;
+  for (Param* p : buffers()) {
+    if (p->value.dtype() != DType::i32) {
+      ops::zero(p->value);
+      continue;
+    }
+    Rng rng{0, stream_id(p->name.c_str())};
+    std::vector<int32_t> perm(E);
+    int32_t* t = p->value.data<int32_t>();
+    for (int64_t v = 0; v < cfg_.vocab_size; ++v) {
+      for (int64_t e = 0; e < E; ++e) perm[e] = int32_t(e);
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t pick = j + int64_t(rng.below(uint64_t(v * k + j), uint64_t(E - j)));
+        std::swap(perm[j], perm[pick]);
+        t[v * k + j] = perm[j];
+      }
+    }
+  }
+}
+
+Tensor V4Model::last_mtp_logits() const { return impl_->mtp_logits; }
+
+void V4Model::reset_expert_load() {
+  for (auto& l : expert_load_) std::fill(l.begin(), l.end(), 0);
+}
+
+void V4Model::update_routing_bias(double speed) {
+  Impl& m = *impl_;
+  auto update = [&](MoE& ffn, const std::vector<int64_t>& load) {
+    if (ffn.hash) return;
+    double mean = 0;
+    for (int64_t v : load) mean += double(v);
+    mean /= double(load.size());
+    Tensor b = ffn.bias.value.to(DType::f64);
+    for (size_t e = 0; e < load.size(); ++e)
+      b.data<double>()[e] += speed * (double(load[e]) < mean ? 1.0 : double(load[e]) > mean ? -1.0 : 0.0);
+    ffn.bias.value.copy_from(b.to(ffn.bias.value.dtype()));
+  };
+  for (size_t l = 0; l < m.layers.size(); ++l) update(m.layers[l].ffn, expert_load_[l]);
+  if (m.mtp_block) update(m.mtp_block->ffn, expert_load_.back());
+  reset_expert_load();
+}
+
+double V4Model::forward(const TokenBatch& batch, Tensor* logits) {
+  return run(batch, false, 0.0, logits);
+}
+
+double V4Model::forward_backward(const TokenBatch& batch, double loss_scale) {
+  return run(batch, true, loss_scale, nullptr);
+}
+
+double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, Tensor* logits_out) {
+  Impl& m = *impl_;
+  const ModelConfig& c = cfg_;
+  const int64_t B = batch.batch_size(), T = batch.seq_len(), N = B * T, n = c.hc_mult, d = c.dim;
+  if (T > c.max_seq_len) TS_FAIL("sequence length ", T, " exceeds model.max_seq_len ", c.max_seq_len);
+  const DType dt = dtype_;
+
+  // Per-batch context: positions, block layouts per ratio, constants.
+  Context& ctx = m.ctx;
+  ctx = Context{};
+  ctx.batch = &batch;
+  ctx.B = B, ctx.T = T, ctx.N = N;
+  ctx.backward = backward;
+  ctx.loss_scale = loss_scale;
+  ctx.positions = Tensor::empty({N}, DType::i32);
+  for (int64_t i = 0; i < N; ++i) ctx.positions.data<int32_t>()[i] = int32_t(i % T);
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    int64_t r = c.layer_ratio(l);
+    bool have = r == 0;
+    for (const BlockLayout& L : ctx.layouts) have |= L.m == r;
+    if (!have) ctx.layouts.push_back(make_block_layout(batch.doc, B, T, r));
+  }
+  ctx.k.ones = Tensor::empty({N, n}, dt);
+  ops::fill(ctx.k.ones, 1.0);
+  ctx.k.zeros_nn = Tensor::zeros({N, n, n}, dt);
+  ctx.k.zeros_nd = Tensor::zeros({N, n, d}, dt);
+  const int64_t n_targets = batch.count_targets();
+  ctx.aux_scale = loss_scale * double(n_targets);
+
+  // Embedding, copied into the n streams.
+  m.emb = Tensor::empty({N, d}, dt);
+  ops::embedding_forward(batch.ids.reshape({N}), m.tok_embeddings.value, m.emb);
+  m.X0 = Tensor::empty({N, n, d}, dt);
+  ops::hc_expand_forward(ctx.k.zeros_nd, m.emb, ctx.k.ones, ctx.k.zeros_nn, m.X0);
+  stats_ = Stats{};
+  Tensor X = m.X0;
+  m.X_in.clear();
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    m.X_in.push_back(X);
+    X = m.layers[l].forward(ctx, X, expert_load_[l]);
+  }
+  m.X_final = X;
+  m.logits = m.head->forward(X, m.output);
+  m.losses = Tensor::empty({N}, dt);
+  Tensor targets = batch.targets.reshape({N});
+  ops::cross_entropy(m.logits, targets, m.losses, 0.0, Tensor());
+  stats_.main_loss_sum = sum_of(m.losses);
+  stats_.main_targets = n_targets;
+  if (logits_out) *logits_out = m.logits.clone();
+
+  // MTP: position t reads token t+1 and predicts target t+1.
+  if (m.mtp_block) {
+    m.mtp_ids = Tensor::zeros({N}, DType::i32);
+    m.mtp_targets = Tensor::empty({N}, DType::i32);
+    const int32_t *ids = batch.ids.data<int32_t>(), *tg = batch.targets.data<int32_t>();
+    const int32_t* doc = batch.doc.defined() ? batch.doc.data<int32_t>() : nullptr;
+    for (int64_t i = 0; i < N; ++i) {
+      bool next = i % T + 1 < T && (!doc || doc[i + 1] == doc[i]);
+      m.mtp_ids.data<int32_t>()[i] = i % T + 1 < T ? ids[i + 1] : 0;
+      m.mtp_targets.data<int32_t>()[i] = next && tg[i + 1] >= 0 ? tg[i + 1] : -1;
+      stats_.mtp_targets += next && tg[i + 1] >= 0;
+    }
+    m.e_raw = Tensor::empty({N, d}, dt);
+    ops::embedding_forward(m.mtp_ids, m.tok_embeddings.value, m.e_raw);
+    m.e_n = Block::norm(m.e_raw, m.e_norm, c.norm_eps, m.e_rstd);
+    Tensor ep = linear(m.e_n, m.e_proj);
+    m.xs = Block::norm(X.reshape({N * n, d}), m.h_norm, c.norm_eps, m.xs_rstd);
+    Tensor hp = linear(m.xs, m.h_proj).reshape({N, n, d});
+    ctx.k.eye_nn = Tensor::zeros({N, n, n}, dt);
+    Tensor eye64 = Tensor::zeros({N, n, n}, DType::f64);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < n; ++j) eye64.data<double>()[(i * n + j) * n + j] = 1.0;
+    ctx.k.eye_nn.copy_from(eye64.to(dt));
+    m.Xm = Tensor::empty({N, n, d}, dt);
+    ops::hc_expand_forward(hp, ep, ctx.k.ones, ctx.k.eye_nn, m.Xm);  // X_k = ep + hp_k
+    Tensor Xo = m.mtp_block->forward(ctx, m.Xm, expert_load_.back());
+    m.mtp_logits = m.mtp_head->forward(Xo, m.output);
+    m.mtp_losses = Tensor::empty({N}, dt);
+    ops::cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, 0.0, Tensor());
+    stats_.mtp_loss_sum = sum_of(m.mtp_losses);
+  }
+  stats_.balance_loss = ctx.balance_loss;
+  stats_.indexer_kl_sum = ctx.indexer_kl_sum;
+  stats_.objective = (n_targets > 0 ? (stats_.main_loss_sum + c.mtp_loss_weight * stats_.mtp_loss_sum +
+                                       c.indexer_loss_weight * stats_.indexer_kl_sum) /
+                                          double(n_targets)
+                                    : 0.0) +
+                     stats_.balance_loss;
+  if (!backward) return stats_.main_loss_sum;
+
+  // ---------------------------------------------------------------- backward
+  Tensor dX = Tensor::zeros({N, n, d}, dt);
+  Tensor demb = Tensor::zeros({N, d}, dt);  // d loss / d embedding rows of the input tokens
+  Tensor dlogits = Tensor::empty(m.logits.shape(), dt);
+  ops::cross_entropy(m.logits, targets, m.losses, loss_scale, dlogits);
+  Tensor dXf = m.head->backward(dlogits, m.output);
+  ops::axpy(1.0, dXf, dX);
+  if (m.mtp_block) {
+    Tensor dml = Tensor::empty(m.mtp_logits.shape(), dt);
+    ops::cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, loss_scale * c.mtp_loss_weight, dml);
+    Tensor dXo = m.mtp_head->backward(dml, m.output);
+    Tensor dXm = m.mtp_block->backward(ctx, dXo);
+    // X_k = e_proj e + h_proj rmsnorm(X_main,k).
+    Tensor dep = Tensor::empty({N, d}, dt);
+    ops::hc_collapse_forward(dXm, ctx.k.ones, dep);  // sum over streams
+    Tensor den = Tensor::empty({N, d}, dt);
+    ops::linear_backward(m.e_n, m.e_proj.value, dep, den, m.e_proj.grad);
+    Tensor de = Tensor::empty({N, d}, dt);
+    ops::rmsnorm_backward(m.e_raw, m.e_norm.value, m.e_rstd, den, de, m.e_norm.grad);
+    ops::embedding_backward(m.mtp_ids, de, m.tok_embeddings.grad);
+    Tensor dxs = Tensor::empty({N * n, d}, dt);
+    ops::linear_backward(m.xs, m.h_proj.value, dXm.reshape({N * n, d}), dxs, m.h_proj.grad);
+    Tensor dxm = Tensor::empty({N * n, d}, dt);
+    ops::rmsnorm_backward(X.reshape({N * n, d}), m.h_norm.value, m.xs_rstd, dxs, dxm, m.h_norm.grad);
+    ops::axpy(1.0, dxm.reshape({N, n, d}), dX);
+  }
+  for (int64_t l = int64_t(m.layers.size()) - 1; l >= 0; --l) dX = m.layers[l].backward(ctx, dX);
+  ops::hc_collapse_forward(dX, ctx.k.ones, demb);  // the n copies of the embedding
+  ops::embedding_backward(batch.ids.reshape({N}), demb, m.tok_embeddings.grad);
+  return stats_.main_loss_sum;
+}
+
+}  // namespace tessera

@@ -1,0 +1,71 @@
+// Writes what the PyTorch oracle (check_v4.py) compares against: the tiny V4 model's parameters (moved off their
+// initialisation), a packed batch with two documents, and Tessera's objective, main loss, logits, MTP logits and
+// every parameter gradient of the objective. Usage: v4_dump OUT.h5 f32|f64 [score_func]
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "io/h5.h"
+#include "tests/unit/v4_test_model.h"
+
+using namespace tessera;
+
+static std::string config_json(const ModelConfig& c) {
+  nlohmann::json j = {
+      {"arch", c.arch}, {"vocab_size", c.vocab_size}, {"dim", c.dim}, {"n_layers", c.n_layers},
+      {"max_seq_len", c.max_seq_len}, {"norm_eps", c.norm_eps}, {"rope_theta", c.rope_theta},
+      {"head_dim", c.head_dim}, {"rope_dim", c.rope_dim}, {"n_heads", c.n_heads}, {"q_lora_rank", c.q_lora_rank},
+      {"o_groups", c.o_groups}, {"o_lora_rank", c.o_lora_rank}, {"window", c.window},
+      {"compress_ratios", c.compress_ratios}, {"csa_ratio", c.csa_ratio},
+      {"compress_rope_theta", c.compress_rope_theta}, {"yarn_factor", c.yarn_factor},
+      {"yarn_original_len", c.yarn_original_len}, {"yarn_beta_fast", c.yarn_beta_fast},
+      {"yarn_beta_slow", c.yarn_beta_slow}, {"index_n_heads", c.index_n_heads},
+      {"index_head_dim", c.index_head_dim}, {"index_topk", c.index_topk}, {"indexer_fp4", c.indexer_fp4},
+      {"kv_fp8", c.kv_fp8}, {"indexer_loss_weight", c.indexer_loss_weight},
+      {"n_routed_experts", c.n_routed_experts}, {"n_shared_experts", c.n_shared_experts},
+      {"n_activated_experts", c.n_activated_experts}, {"moe_inter_dim", c.moe_inter_dim},
+      {"n_hash_layers", c.n_hash_layers}, {"route_scale", c.route_scale}, {"score_func", c.score_func},
+      {"swiglu_limit", c.swiglu_limit}, {"balance_loss_weight", c.balance_loss_weight}, {"hc_mult", c.hc_mult},
+      {"hc_sinkhorn_iters", c.hc_sinkhorn_iters}, {"hc_eps", c.hc_eps}, {"mtp_depth", c.mtp_depth},
+      {"mtp_loss_weight", c.mtp_loss_weight}};
+  return j.dump();
+}
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s OUT.h5 f32|f64 [score_func]\n", argv[0]);
+    return 2;
+  }
+  const std::string out = argv[1], prec = argv[2];
+  const DType dt = prec == "f64" ? DType::f64 : DType::f32;
+  ModelConfig cfg = testing::tiny_v4_config();
+  if (argc > 3) cfg.score_func = argv[3];
+  V4Model model(cfg, dt);
+  testing::randomize_v4(model, 7);
+  TokenBatch batch = testing::tiny_v4_batch(cfg.vocab_size, 3);
+  const int64_t B = batch.batch_size(), T = batch.seq_len(), V = cfg.vocab_size;
+  const int64_t n_targets = batch.count_targets();
+  model.zero_grad();
+  double loss_sum = model.forward_backward(batch, 1.0 / double(n_targets));
+  Tensor logits;
+  model.forward(batch, &logits);
+
+  io::H5Writer w(out);
+  w.write_attr("config_json", config_json(cfg));
+  w.write_attr("dtype", prec);
+  for (const Param* p : model.params()) w.write_tensor("params/" + p->name, p->value);
+  for (const Param* p : model.buffers()) w.write_tensor("params/" + p->name, p->value);
+  w.write_tensor("batch/ids", batch.ids);
+  w.write_tensor("batch/targets", batch.targets);
+  w.write_tensor("batch/doc", batch.doc);
+  Tensor obj = Tensor::empty({1}, DType::f64), loss = Tensor::empty({1}, DType::f64);
+  obj.data<double>()[0] = model.last_stats().objective;
+  loss.data<double>()[0] = loss_sum / double(n_targets);
+  w.write_tensor("out/objective", obj);
+  w.write_tensor("out/loss", loss);
+  w.write_tensor("out/logits", logits.reshape({B, T, V}));
+  if (cfg.mtp_depth == 1) w.write_tensor("out/mtp_logits", model.last_mtp_logits().reshape({B, T, V}));
+  for (const Param* p : model.params()) w.write_tensor("grads/" + p->name, p->grad);
+  w.commit();
+  std::printf("wrote %s: loss %.6f objective %.6f\n", out.c_str(), loss.data<double>()[0], obj.data<double>()[0]);
+  return 0;
+}
