@@ -66,4 +66,21 @@ std::vector<Optimizer::State> Optimizer::state() const {
   return s;
 }
 
+Optimizer::Snapshot Optimizer::snapshot() const {
+  Snapshot s;
+  for (const State& st : state()) s.tensors.push_back(st.tensor.clone());
+  s.adamw_steps = adamw_.steps_taken();
+  s.muon_steps = muon_.steps_taken();
+  return s;
+}
+
+void Optimizer::restore(const Snapshot& s) {
+  std::vector<State> now = state();
+  TS_CHECK(now.size() == s.tensors.size(), "optimizer snapshot of ", s.tensors.size(), " tensors, the optimizer has ",
+           now.size());
+  for (size_t i = 0; i < now.size(); ++i) now[i].tensor.copy_from(s.tensors[i]);  // shares the moment's storage
+  adamw_.set_steps_taken(s.adamw_steps);
+  muon_.set_steps_taken(s.muon_steps);
+}
+
 }  // namespace tessera

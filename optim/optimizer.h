@@ -39,6 +39,15 @@ class Optimizer {
   };
   std::vector<State> state() const;
 
+  // An in-memory copy of the whole optimizer state (every tensor of state() and the step counts), for the
+  // trainer's rollback on a loss spike: restore(snapshot()) puts the optimizer back exactly.
+  struct Snapshot {
+    std::vector<Tensor> tensors;  // in the order of state()
+    int64_t adamw_steps = 0, muon_steps = 0;
+  };
+  Snapshot snapshot() const;
+  void restore(const Snapshot& s);
+
  private:
   OptimizerConfig cfg_;
   ParamList adamw_list_, muon_list_;

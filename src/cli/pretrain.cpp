@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -50,6 +51,21 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.seq_len = r.require_int("training.seq_len", 1, c.model.max_seq_len);
   c.grad_accum = r.get_int("training.grad_accum", 1, 1);
   c.grad_clip = r.get_double("training.grad_clip", 1.0, 0.0);
+
+  if (c.model.is_v4()) {  // [routing]: anticipatory routing and the loss-spike detector (MoE models only)
+    RoutingConfig& a = c.routing;
+    a.anticipatory = r.get_string("routing.anticipatory", a.anticipatory, {"off", "always", "on_spike"});
+    a.dt = r.get_int("routing.dt", a.dt, 1, 1 << 20);
+    a.ar_steps = r.get_int("routing.ar_steps", a.ar_steps, 1);
+    a.snapshot_every = r.get_int("routing.snapshot_every", a.snapshot_every, 1);
+    a.spike_window = r.get_int("routing.spike_window", a.spike_window, 1);
+    a.spike_k = r.get_double("routing.spike_k", a.spike_k, 0.0);
+    a.spike_mad_floor = r.get_double("routing.spike_mad_floor", a.spike_mad_floor, 0.0);
+    a.force_spike_at = r.get_int("routing.force_spike_at", a.force_spike_at, 0);
+    if (a.anticipatory == "on_spike" && a.snapshot_every < a.dt)
+      TS_FAIL(r.path(), ": routing.snapshot_every (", a.snapshot_every, ") must be >= routing.dt (", a.dt,
+              ") for routing.anticipatory = \"on_spike\": a rollback must reach at least dt steps back");
+  }
 
   OptimizerConfig& o = c.optimizer;
   o.name = r.get_string("optimizer.name", "adamw", {"adamw", "muon"});
@@ -173,19 +189,137 @@ void write_atomically(const fs::path& path, const std::string& text) {
   fs::rename(tmp, path);
 }
 
-// Keeps the metrics lines of steps <= last_step (what the checkpoint we resume from had seen).
+// Keeps the metrics lines the checkpoint we resume from had seen: every line up to the last one of step
+// last_step (a rollback on a loss spike repeats step numbers, and the lines of the abandoned steps stay), or,
+// without such a line, the lines of steps <= last_step.
 void truncate_metrics(const fs::path& path, int64_t last_step) {
   if (!fs::exists(path)) return;
   std::ifstream in(path);
-  std::string line, kept;
+  std::string line;
+  std::vector<std::pair<long long, std::string>> lines;
   for (int64_t n = 1; std::getline(in, line); ++n) {
     auto pos = line.find("\"step\": ");
     char* end = nullptr;
     long long step = pos == std::string::npos ? -1 : std::strtoll(line.c_str() + pos + 8, &end, 10);
     if (step < 0) log_warn(cat(path.string(), ":", n, ": not a metrics line, dropped"));
-    else if (step <= last_step) kept += line + "\n";
+    else lines.emplace_back(step, line);
   }
+  size_t last = lines.size();
+  for (size_t i = 0; i < lines.size(); ++i)
+    if (lines[i].first == last_step) last = i;
+  std::string kept;
+  for (size_t i = 0; i < lines.size(); ++i)
+    if (last < lines.size() ? i <= last : lines[i].first <= last_step) kept += lines[i].second + "\n";
   write_atomically(path, kept);
+}
+
+// ------------------------------------------------------------------------ anticipatory routing state on disk
+// Beside each checkpoint step_N.h5 of a V4 run with routing.anticipatory != "off", step_N.routing holds what the
+// checkpoint lacks to continue exactly: the look-ahead cache (indices computed before the last updates, with
+// parameters the checkpoint no longer has), the on_spike state and the detector's window. Text header lines,
+// then per cached tensor a line "tensor N k" followed by N*k raw little-endian i32 and a newline.
+struct RoutingState {
+  int64_t step = 0, dt = 0, ar_until = 0, last_rollback_to = -1;
+  uint64_t params_hash = 0;  // of the checkpoint's parameters and buffers: pairs the file with its checkpoint
+  std::string mode;
+  bool forced_fired = false;
+  std::vector<double> window;
+  RoutingCache cache;
+};
+
+// FNV-1a over the bytes of every value: identifies the state a routing state file was written with (a rollback
+// can write a checkpoint of the same step again, and a kill may land between the two files).
+uint64_t hash_values(const ParamList& ps) {
+  uint64_t h = 1469598103934665603ull;
+  for (const Param* p : ps) {
+    const unsigned char* b = static_cast<const unsigned char*>(p->value.raw());
+    for (size_t i = 0; i < p->value.nbytes(); ++i) h = (h ^ b[i]) * 1099511628211ull;
+  }
+  return h;
+}
+
+fs::path routing_state_path(const std::string& checkpoint) {
+  fs::path p(checkpoint);
+  p.replace_extension(".routing");
+  return p;
+}
+
+void save_routing_state(const fs::path& path, const RoutingState& st) {
+  std::ostringstream out;
+  out << "tessera-routing-state 1\nstep " << st.step << "\nparams_hash " << st.params_hash << "\nmode " << st.mode << "\ndt " << st.dt << "\nar_until "
+      << st.ar_until << "\nlast_rollback_to " << st.last_rollback_to << "\nforced_fired " << int(st.forced_fired)
+      << "\nwindow " << st.window.size();
+  for (double x : st.window) {
+    char buf[40];
+    std::snprintf(buf, sizeof buf, " %a", x);  // hexadecimal: exact
+    out << buf;
+  }
+  out << "\nentries " << st.cache.entries.size() << "\n";
+  for (const auto& [step, micro] : st.cache.entries) {
+    out << "entry " << step << " " << micro.size() << " " << (micro.empty() ? 0 : micro[0].size()) << "\n";
+    for (const auto& layers : micro)
+      for (const Tensor& t : layers) {
+        out << "tensor " << t.size(0) << " " << t.size(1) << "\n";
+        out.write(reinterpret_cast<const char*>(t.data<int32_t>()), std::streamsize(t.numel() * sizeof(int32_t)));
+        out << "\n";
+      }
+  }
+  write_atomically(path, out.str());
+}
+
+// False when the file does not exist; a malformed file is an error naming it.
+bool load_routing_state(const fs::path& path, RoutingState& st) {
+  if (!fs::exists(path)) return false;
+  std::ifstream in(path, std::ios::binary);
+  auto bad = [&](const std::string& what) -> void { TS_FAIL("'", path.string(), "': malformed routing state (", what, ")"); };
+  auto word = [&](const char* w) {
+    std::string got;
+    if (!(in >> got) || got != w) bad(cat("expected '", w, "'"));
+  };
+  auto integer = [&](const char* w) {
+    word(w);
+    long long v = 0;
+    if (!(in >> v)) bad(cat("no value after '", w, "'"));
+    return int64_t(v);
+  };
+  word("tessera-routing-state");
+  word("1");
+  st.step = integer("step");
+  word("params_hash");
+  if (!(in >> st.params_hash)) bad("params_hash");
+  word("mode");
+  in >> st.mode;
+  st.dt = integer("dt");
+  st.ar_until = integer("ar_until");
+  st.last_rollback_to = integer("last_rollback_to");
+  st.forced_fired = integer("forced_fired") != 0;
+  const int64_t nw = integer("window");
+  for (int64_t i = 0; i < nw; ++i) {
+    std::string x;
+    in >> x;
+    char* end = nullptr;
+    st.window.push_back(std::strtod(x.c_str(), &end));
+    if (x.empty() || *end) bad("window value");
+  }
+  const int64_t ne = integer("entries");
+  for (int64_t e = 0; e < ne; ++e) {
+    const int64_t step = integer("entry");
+    long long n_micro = 0, n_layers = 0;
+    if (!(in >> n_micro >> n_layers) || n_micro < 0 || n_layers < 0) bad("entry sizes");
+    auto& micro = st.cache.entries[step];
+    micro.resize(size_t(n_micro));
+    for (auto& layers : micro)
+      for (long long l = 0; l < n_layers; ++l) {
+        const int64_t N = integer("tensor");
+        long long k = 0;
+        if (!(in >> k) || N < 0 || k < 0 || in.get() != '\n') bad("tensor shape");
+        Tensor t = Tensor::empty({N, int64_t(k)}, DType::i32);
+        if (!in.read(reinterpret_cast<char*>(t.data<int32_t>()), std::streamsize(t.numel() * sizeof(int32_t))))
+          bad("truncated tensor");
+        layers.push_back(t);
+      }
+  }
+  return true;
 }
 
 std::string join_paths(const std::vector<std::string>& files) {
@@ -310,14 +444,73 @@ int run_pretrain(const TrainOptions& opts) {
                " tokens; MFU against ", peak / 1e9, " GFLOP/s (",
                cfg.peak_flops > 0 ? "metrics.peak_flops" : "measured fp32 GEMM", ")"));
 
+  // Anticipatory routing (V4 only; docs/model.md "Anticipatory routing"): the look-ahead cache, the on_spike
+  // state, the loss-spike detector (it runs, and flags spikes in metrics.jsonl, in every mode) and the snapshots.
+  const RoutingConfig& rc = cfg.routing;
+  const bool ar_always = v4 && rc.anticipatory == "always", on_spike = v4 && rc.anticipatory == "on_spike";
+  RoutingCache cache;
+  LossSpikeDetector detector;
+  detector.window = rc.spike_window, detector.k = rc.spike_k, detector.mad_floor = rc.spike_mad_floor;
+  int64_t ar_until = 0;           // on_spike: anticipatory routing for the 0-based steps < ar_until
+  int64_t last_rollback_to = -1;  // a snapshot serves at most one rollback, and later ones go to newer snapshots
+  bool forced_fired = false;      // routing.force_spike_at fires once
+  auto ar_active = [&](int64_t s) { return ar_always || (on_spike && s < ar_until); };
+  struct Snapshot {
+    int64_t step = 0;             // steps completed when it was taken
+    std::vector<Tensor> tensors;  // the values of `saved`: parameters and buffers (the balancing bias)
+    Optimizer::Snapshot opt;
+  };
+  std::deque<Snapshot> snapshots;  // on_spike: the newest two, oldest first
+  if (v4 && rc.anticipatory != "off" && !resume_from.empty()) {
+    RoutingState st;
+    const fs::path sp = routing_state_path(resume_from);
+    if (!load_routing_state(sp, st)) {
+      log_info(cat("anticipatory routing: no ", sp.string(), "; the first ", rc.dt,
+                   " step(s) route with the current parameters"));
+    } else if (st.step != start_step || st.mode != rc.anticipatory || st.dt != rc.dt ||
+               st.params_hash != hash_values(saved)) {
+      log_info(cat("anticipatory routing: ", sp.string(), " (step ", st.step, ", anticipatory = ", st.mode, ", dt = ",
+                   st.dt, st.params_hash != hash_values(saved) ? ", written with other parameters" : "",
+                   ") does not match this run (step ", start_step, ", anticipatory = ", rc.anticipatory, ", dt = ",
+                   rc.dt, "), ignored; the first ", rc.dt, " step(s) route with the current parameters"));
+    } else {
+      bool same_split = true;  // the global batch may be re-split on resume: then the cache does not fit
+      for (const auto& [s, micro] : st.cache.entries) {
+        same_split &= int64_t(micro.size()) == cfg.grad_accum;
+        for (const auto& layers : micro) {
+          same_split &= int64_t(layers.size()) == v4->n_score_routed_layers();
+          for (const Tensor& t : layers) same_split &= t.size(0) == cfg.batch_size * cfg.seq_len;
+        }
+      }
+      if (same_split) cache = std::move(st.cache);
+      ar_until = st.ar_until, last_rollback_to = st.last_rollback_to, forced_fired = st.forced_fired;
+      for (double x : st.window) detector.push(x);
+      log_info(cat("anticipatory routing: state restored from ", sp.string(), " (", cache.entries.size(),
+                   " cached step(s)", same_split ? "" : "; the cache was for another micro-batch split, dropped",
+                   ")"));
+    }
+  }
+
   std::ofstream metrics(metrics_path, std::ios::app);
   const double t_start = now_seconds();
   double window_compute = 0;  // training-step time since the last progress line (evals and checkpoints excluded)
   int64_t window_steps = 0;
+  bool ar_was = false;
   for (int64_t step = start_step; step < cfg.steps; ++step) {
     if (opts.stop_after >= 0 && step >= start_step + opts.stop_after) break;
     const double t_step = now_seconds();
     const double lr = cfg.schedule.at(step);
+    if (on_spike && (snapshots.empty() || (step % rc.snapshot_every == 0 && snapshots.back().step != step))) {
+      Snapshot snap{step, {}, opt.snapshot()};
+      for (Param* p : saved) snap.tensors.push_back(p->value.clone());
+      snapshots.push_back(std::move(snap));
+      if (snapshots.size() > 2) snapshots.pop_front();
+    }
+    const bool ar = ar_active(step), cached = ar && cache.has(step);
+    if (v4 && ar != ar_was)
+      log_info(ar ? cat("anticipatory routing on from step ", step + 1, " (dt = ", rc.dt, ")")
+                  : cat("anticipatory routing off from step ", step + 1, " (back to TopK(scores + bias))"));
+    ar_was = ar;
     model.zero_grad();
     std::vector<TokenBatch> micro;
     int64_t n_targets = 0;
@@ -327,23 +520,47 @@ int run_pretrain(const TrainOptions& opts) {
     }
     double loss_sum = 0, mtp_sum = 0, balance = 0;
     int64_t mtp_targets = 0;
-    for (const TokenBatch& b : micro) {
-      loss_sum += model.forward_backward(b, 1.0 / double(n_targets));
+    std::vector<double> swiglu_max, logit_max;  // per MoE layer, max over the micro-batches
+    for (size_t mi = 0; mi < micro.size(); ++mi) {
       if (v4) {
-        mtp_sum += v4->last_stats().mtp_loss_sum;
-        mtp_targets += v4->last_stats().mtp_targets;
-        balance += v4->last_stats().balance_loss / double(micro.size());
+        if (cached) cache.apply(*v4, step, int64_t(mi));  // indices from the parameters of step - dt
+        else v4->clear_routing_override();
+      }
+      loss_sum += model.forward_backward(micro[mi], 1.0 / double(n_targets));
+      if (v4) {
+        const V4Model::Stats& st = v4->last_stats();
+        mtp_sum += st.mtp_loss_sum;
+        mtp_targets += st.mtp_targets;
+        balance += st.balance_loss / double(micro.size());
+        if (mi == 0) swiglu_max = st.swiglu_input_max_abs, logit_max = st.router_logit_max;
+        for (size_t l = 0; l < swiglu_max.size(); ++l) {
+          swiglu_max[l] = std::max(swiglu_max[l], st.swiglu_input_max_abs[l]);
+          logit_max[l] = std::max(logit_max[l], st.router_logit_max[l]);
+        }
       }
     }
+    if (v4) v4->clear_routing_override();
     const double loss = loss_sum / double(n_targets);
-    if (!std::isfinite(loss))
+
+    // The spike detector, against the losses of the previous steps.
+    LossSpikeDetector::Check sc;
+    if (v4) sc = detector.check(loss);
+    const bool forced = v4 && !forced_fired && rc.force_spike_at == step + 1;
+    forced_fired |= forced;
+    const bool spike = sc.spike || forced;
+    // on_spike: the newest snapshot at least dt steps old (so that the spiking step is replayed with looked-ahead
+    // indices) that no earlier rollback used.
+    const Snapshot* back_to = nullptr;
+    if (on_spike && spike)
+      for (auto it = snapshots.rbegin(); it != snapshots.rend() && !back_to; ++it)
+        if (it->step <= step - rc.dt && it->step > last_rollback_to) back_to = &*it;
+    if (!std::isfinite(loss) && !back_to)
       TS_FAIL("training loss is ", loss, " at step ", step + 1, "; the last checkpoint in ", cfg.run_dir,
               " is intact (lower optimizer.lr or training.grad_clip?)");
     const double grad_norm = clip_grad_norm(params, cfg.grad_clip);
-    opt.step(lr);
-    std::string moe_metrics;
+    std::string moe_metrics, routing_metrics;
     if (v4) {
-      // Expert load of this step (max over mean per MoE layer), then the aux-loss-free bias update from it.
+      // Expert load of this step (max over mean per MoE layer) and the spike instrumentation.
       moe_metrics = cat(", \"mtp_loss\": ", json_number(mtp_targets ? mtp_sum / double(mtp_targets) : NAN),
                         ", \"balance_loss\": ", json_number(balance), ", \"expert_load_max_over_mean\": [");
       const auto& loads = v4->expert_load();
@@ -352,29 +569,95 @@ int run_pretrain(const TrainOptions& opts) {
         for (int64_t x : loads[l]) total += double(x), top = std::max(top, double(x));
         moe_metrics += cat(l ? ", " : "", json_number(total > 0 ? top * double(loads[l].size()) / total : NAN));
       }
-      moe_metrics += "]";
-      v4->update_routing_bias(cfg.model.bias_update_speed);
+      auto list = [](const std::vector<double>& v) {
+        std::string out = "[";
+        for (size_t i = 0; i < v.size(); ++i) out += cat(i ? ", " : "", json_number(v[i]));
+        return out + "]";
+      };
+      moe_metrics += cat("], \"swiglu_input_max_abs\": ", list(swiglu_max), ", \"router_logit_max\": ", list(logit_max));
+      routing_metrics = cat(", \"spike\": ", spike ? "true" : "false", ", \"anticipatory_routing\": ",
+                            ar ? "true" : "false");
+      if (ar) routing_metrics += cat(", \"routing_lag\": ", cached ? rc.dt : 0);
+    }
+    auto write_metrics = [&](int64_t done, double step_time, const std::string& extra) {
+      const double tokens_per_s = double(tokens_per_step) / step_time;
+      metrics << "{\"step\": " << done << ", \"loss\": " << json_number(loss) << ", \"lr\": " << json_number(lr)
+              << ", \"grad_norm\": " << json_number(grad_norm) << ", \"tokens\": " << done * tokens_per_step
+              << ", \"tokens_per_s\": " << json_number(tokens_per_s)
+              << ", \"mfu\": " << json_number(tokens_per_s * flops_per_token / peak)
+              << ", \"elapsed_s\": " << json_number(now_seconds() - t_start) << moe_metrics << routing_metrics << extra
+              << "}\n"
+              << std::flush;
+    };
+    if (spike) {
+      std::string why = forced ? std::string("routing.force_spike_at")
+                        : !std::isfinite(loss)
+                            ? std::string("a non-finite loss")
+                            : cat("> ", sc.threshold, " = median ", sc.median, " + ", rc.spike_k, " x max(MAD ", sc.mad,
+                                  ", ", rc.spike_mad_floor, ") of the last ", rc.spike_window, " steps");
+      if (back_to) {
+        // Roll back: the update of this step is not applied; training continues at step S + 1 on the same batches
+        // (the loader is stateless), with anticipatory routing through the spiking step and ar_steps from S.
+        const int64_t S = back_to->step;
+        const double step_time = now_seconds() - t_step;
+        window_compute += step_time;
+        ++window_steps;
+        write_metrics(step + 1, step_time, cat(", \"rollback_to\": ", S));
+        ar_until = std::max(S + rc.ar_steps, step + 1);
+        log_warn(cat("loss spike at step ", step + 1, ": loss ", loss, " (", why, "); rolling back to step ", S, " (",
+                     step + 1 - S, " step(s) lost), anticipatory routing (dt = ", rc.dt, ") for steps ", S + 1, "-",
+                     ar_until));
+        for (size_t i = 0; i < saved.size(); ++i) saved[i]->value.copy_from(back_to->tensors[i]);
+        opt.restore(back_to->opt);
+        v4->reset_expert_load();
+        cache.clear();
+        detector.clear();
+        last_rollback_to = S;
+        while (snapshots.back().step > S) snapshots.pop_back();  // taken on the abandoned steps
+        step = S - 1;
+        continue;
+      }
+      if (on_spike) {
+        ar_until = std::max(ar_until, step + 1 + rc.ar_steps);
+        log_warn(cat("loss spike at step ", step + 1, ": loss ", loss, " (", why, "); no snapshot at least ", rc.dt,
+                     " step(s) old that no rollback used yet, so no rollback; anticipatory routing (dt = ", rc.dt,
+                     ") for steps ", step + 2, "-", ar_until));
+      } else {
+        log_warn(cat("loss spike at step ", step + 1, ": loss ", loss, " (", why, "); routing.anticipatory = \"",
+                     rc.anticipatory, "\": flagged only"));
+      }
+    }
+    if (v4) detector.push(loss);
+    // Look-ahead (anticipatory routing): the indices of step + dt from the parameters of this step, i.e. after its
+    // backward and before its update. Computed past the last step too, so that an extended run continues exactly.
+    const int64_t ahead = step + rc.dt;
+    if (v4 && ar_active(ahead) && !cache.has(ahead)) {
+      std::vector<TokenBatch> next;
+      for (int64_t m = 0; m < cfg.grad_accum; ++m)
+        next.push_back(train_loader.train_batch(ahead, m, cfg.grad_accum, cfg.batch_size));
+      cache.precompute(*v4, ahead, next);
+    }
+    opt.step(lr);
+    if (v4) {
+      v4->update_routing_bias(cfg.model.bias_update_speed);  // the aux-loss-free rule, from this step's loads
+      cache.drop_through(step);
     }
     const double step_time = now_seconds() - t_step;
     window_compute += step_time;
     ++window_steps;
 
     const int64_t done = step + 1;
-    const double tokens_per_s = double(tokens_per_step) / step_time;
-    const double mfu = tokens_per_s * flops_per_token / peak;
     const bool last = done == cfg.steps;
     double val_loss = NAN, val_per_byte = NAN;
     if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
       EvalResult ev = evaluate_loss(model, val_loader, *data.tokenizer, cfg.batch_size, cfg.eval_batches);
       val_loss = ev.nats_per_token, val_per_byte = ev.nats_per_byte;
+      if (v4) v4->reset_expert_load();  // held-out batches do not count towards the next bias update
     }
-    metrics << "{\"step\": " << done << ", \"loss\": " << json_number(loss) << ", \"lr\": " << json_number(lr)
-            << ", \"grad_norm\": " << json_number(grad_norm) << ", \"tokens\": " << done * tokens_per_step
-            << ", \"tokens_per_s\": " << json_number(tokens_per_s) << ", \"mfu\": " << json_number(mfu)
-            << ", \"elapsed_s\": " << json_number(now_seconds() - t_start) << moe_metrics;
-    if (!std::isnan(val_loss))
-      metrics << ", \"val_loss\": " << json_number(val_loss) << ", \"val_nats_per_byte\": " << json_number(val_per_byte);
-    metrics << "}\n" << std::flush;
+    write_metrics(done, step_time,
+                  std::isnan(val_loss) ? std::string()
+                                       : cat(", \"val_loss\": ", json_number(val_loss),
+                                             ", \"val_nats_per_byte\": ", json_number(val_per_byte)));
 
     if (done % cfg.log_every == 0 || last || !std::isnan(val_loss)) {
       const double window_tps = double(tokens_per_step * window_steps) / window_compute;
@@ -393,10 +676,24 @@ int run_pretrain(const TrainOptions& opts) {
     if ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last) {
       CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind,
                           data.tokenizer->hash()};
-      save_checkpoint(checkpoint_path(cfg.run_dir, done), cfg.model, saved, &opt, meta);
+      const std::string path = checkpoint_path(cfg.run_dir, done);
+      if (v4 && rc.anticipatory != "off") {  // written first: a checkpoint file always has its routing state
+        RoutingState st;
+        st.step = done, st.mode = rc.anticipatory, st.dt = rc.dt, st.ar_until = ar_until;
+        st.params_hash = hash_values(saved);
+        st.last_rollback_to = last_rollback_to, st.forced_fired = forced_fired;
+        st.window.assign(detector.history.begin(), detector.history.end());
+        st.cache = cache;
+        fs::create_directories(fs::path(path).parent_path());
+        save_routing_state(routing_state_path(path), st);
+      }
+      save_checkpoint(path, cfg.model, saved, &opt, meta);
       if (cfg.checkpoint_keep > 0) {
         std::vector<std::string> all = list_checkpoints(cfg.run_dir);
-        for (size_t i = 0; i + cfg.checkpoint_keep < all.size(); ++i) fs::remove(all[i]);
+        for (size_t i = 0; i + cfg.checkpoint_keep < all.size(); ++i) {
+          fs::remove(all[i]);
+          fs::remove(routing_state_path(all[i]));
+        }
       }
     }
   }

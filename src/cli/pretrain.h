@@ -12,6 +12,19 @@
 
 namespace tessera {
 
+// Anticipatory routing and the loss-spike detector ([routing]; read for model.arch = "deepseek_v4" only;
+// docs/recipes.md, docs/model.md "Anticipatory routing").
+struct RoutingConfig {
+  std::string anticipatory = "off";  // "off", "always" or "on_spike"
+  int64_t dt = 1;                    // the routing of step t comes from the parameters of step t - dt
+  int64_t ar_steps = 100;            // on_spike: steps of anticipatory routing after a rollback
+  int64_t snapshot_every = 10;       // on_spike: in-memory snapshot cadence (steps)
+  int64_t spike_window = 50;         // W: losses the detector's median and MAD are taken over
+  double spike_k = 6.0;              // spike: loss > median + k * max(MAD, mad_floor)
+  double spike_mad_floor = 0.01;     // nats
+  int64_t force_spike_at = 0;        // tests: the detector fires at this step (1-based) the first time; 0 = never
+};
+
 struct PretrainConfig {
   std::string name;
   std::string run_dir;
@@ -23,6 +36,7 @@ struct PretrainConfig {
   bool document_mask = true;
   int64_t steps = 0, batch_size = 0, seq_len = 0, grad_accum = 1;
   double grad_clip = 1.0;
+  RoutingConfig routing;
   OptimizerConfig optimizer;
   LrSchedule schedule;
   int64_t eval_every = 0, eval_batches = 0;

@@ -5,29 +5,35 @@
 
 namespace tessera {
 
+static void require_positive(const char* key, int64_t v) {
+  if (v <= 0) TS_FAIL("model.", key, " must be positive, got ", v);
+}
+
+// The MoE expert counts, alike in V4 and V3.2 (their positivity is checked by the caller).
+static void check_expert_counts(const ModelConfig& c) {
+  if (c.n_activated_experts > c.n_routed_experts)
+    TS_FAIL("model.n_activated_experts (", c.n_activated_experts, ") exceeds model.n_routed_experts (",
+            c.n_routed_experts, ")");
+  if (c.n_shared_experts < 0) TS_FAIL("model.n_shared_experts must be >= 0, got ", c.n_shared_experts);
+}
+
 static void validate_v4(const ModelConfig& c) {
-  auto positive = [](const char* key, int64_t v) {
-    if (v <= 0) TS_FAIL("model.", key, " must be positive, got ", v);
-  };
-  positive("head_dim", c.head_dim);
-  positive("q_lora_rank", c.q_lora_rank);
-  positive("o_groups", c.o_groups);
-  positive("o_lora_rank", c.o_lora_rank);
-  positive("window", c.window);
-  positive("n_routed_experts", c.n_routed_experts);
-  positive("n_activated_experts", c.n_activated_experts);
-  positive("moe_inter_dim", c.moe_inter_dim);
-  positive("hc_mult", c.hc_mult);
-  positive("hc_sinkhorn_iters", c.hc_sinkhorn_iters);
+  require_positive("head_dim", c.head_dim);
+  require_positive("q_lora_rank", c.q_lora_rank);
+  require_positive("o_groups", c.o_groups);
+  require_positive("o_lora_rank", c.o_lora_rank);
+  require_positive("window", c.window);
+  require_positive("n_routed_experts", c.n_routed_experts);
+  require_positive("n_activated_experts", c.n_activated_experts);
+  require_positive("moe_inter_dim", c.moe_inter_dim);
+  require_positive("hc_mult", c.hc_mult);
+  require_positive("hc_sinkhorn_iters", c.hc_sinkhorn_iters);
   if (c.rope_dim <= 0 || c.rope_dim % 2 != 0 || c.rope_dim > c.head_dim)
     TS_FAIL("model.rope_dim (", c.rope_dim, ") must be even, positive and at most model.head_dim (", c.head_dim, ")");
   if (c.n_heads * c.head_dim % c.o_groups != 0)
     TS_FAIL("model.n_heads * model.head_dim (", c.n_heads * c.head_dim, ") must be divisible by model.o_groups (",
             c.o_groups, ")");
-  if (c.n_activated_experts > c.n_routed_experts)
-    TS_FAIL("model.n_activated_experts (", c.n_activated_experts, ") exceeds model.n_routed_experts (",
-            c.n_routed_experts, ")");
-  if (c.n_shared_experts < 0) TS_FAIL("model.n_shared_experts must be >= 0, got ", c.n_shared_experts);
+  check_expert_counts(c);
   if (c.n_hash_layers < 0 || c.n_hash_layers > c.n_layers)
     TS_FAIL("model.n_hash_layers (", c.n_hash_layers, ") must lie in [0, model.n_layers = ", c.n_layers, "]");
   if (c.score_func != "sqrtsoftplus" && c.score_func != "sigmoid" && c.score_func != "softmax")
@@ -44,8 +50,8 @@ static void validate_v4(const ModelConfig& c) {
   bool any_csa = false;
   for (int64_t i = 0; i < c.n_layers; ++i) any_csa |= c.layer_is_csa(i);
   if (any_csa) {
-    positive("index_n_heads", c.index_n_heads);
-    positive("index_topk", c.index_topk);
+    require_positive("index_n_heads", c.index_n_heads);
+    require_positive("index_topk", c.index_topk);
     if (c.index_head_dim <= 0 || (c.index_head_dim & (c.index_head_dim - 1)) != 0 || c.index_head_dim < c.rope_dim)
       TS_FAIL("model.index_head_dim (", c.index_head_dim,
               ") must be a power of two (Walsh-Hadamard rotation) and at least model.rope_dim (", c.rope_dim, ")");
@@ -55,25 +61,19 @@ static void validate_v4(const ModelConfig& c) {
 
 // DeepSeek-V3.2 (inspect only): MLA attention with the DSA lightning indexer, dense then MoE layers.
 static void validate_v32(const ModelConfig& c) {
-  auto positive = [](const char* key, int64_t v) {
-    if (v <= 0) TS_FAIL("model.", key, " must be positive, got ", v);
-  };
-  positive("q_lora_rank", c.q_lora_rank);
-  positive("kv_lora_rank", c.kv_lora_rank);
-  positive("qk_nope_head_dim", c.qk_nope_head_dim);
-  positive("qk_rope_head_dim", c.qk_rope_head_dim);
-  positive("v_head_dim", c.v_head_dim);
-  positive("index_n_heads", c.index_n_heads);
-  positive("index_head_dim", c.index_head_dim);
-  positive("index_topk", c.index_topk);
-  positive("n_routed_experts", c.n_routed_experts);
-  positive("n_activated_experts", c.n_activated_experts);
-  positive("moe_inter_dim", c.moe_inter_dim);
-  positive("ffn_dim", c.ffn_dim);
-  if (c.n_activated_experts > c.n_routed_experts)
-    TS_FAIL("model.n_activated_experts (", c.n_activated_experts, ") exceeds model.n_routed_experts (",
-            c.n_routed_experts, ")");
-  if (c.n_shared_experts < 0) TS_FAIL("model.n_shared_experts must be >= 0, got ", c.n_shared_experts);
+  require_positive("q_lora_rank", c.q_lora_rank);
+  require_positive("kv_lora_rank", c.kv_lora_rank);
+  require_positive("qk_nope_head_dim", c.qk_nope_head_dim);
+  require_positive("qk_rope_head_dim", c.qk_rope_head_dim);
+  require_positive("v_head_dim", c.v_head_dim);
+  require_positive("index_n_heads", c.index_n_heads);
+  require_positive("index_head_dim", c.index_head_dim);
+  require_positive("index_topk", c.index_topk);
+  require_positive("n_routed_experts", c.n_routed_experts);
+  require_positive("n_activated_experts", c.n_activated_experts);
+  require_positive("moe_inter_dim", c.moe_inter_dim);
+  require_positive("ffn_dim", c.ffn_dim);
+  check_expert_counts(c);
   if (c.n_dense_layers < 0 || c.n_dense_layers > c.n_layers)
     TS_FAIL("model.n_dense_layers (", c.n_dense_layers, ") must lie in [0, model.n_layers = ", c.n_layers, "]");
   if (c.mtp_depth != 0 && c.mtp_depth != 1) TS_FAIL("model.mtp_depth must be 0 or 1, got ", c.mtp_depth);

@@ -32,6 +32,18 @@ double sum_of(const Tensor& t) {
   return s;
 }
 
+// max_i t_i (or max_i |t_i|) over a CPU float tensor: a host loop, for the spike instrumentation. -inf when empty.
+double max_of(const Tensor& t, bool abs) {
+  double m = -std::numeric_limits<double>::infinity();
+  const int64_t n = t.numel();
+  auto scan = [&](const auto* p) {
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, abs ? std::abs(double(p[i])) : double(p[i]));
+  };
+  if (t.dtype() == DType::f32) scan(t.data<float>());
+  else scan(t.data<double>());
+  return m;
+}
+
 // Constant tensors of the batch: n ones per token, and the (n, n) zero and identity mixing matrices.
 struct Constants {
   Tensor ones, zeros_nn, eye_nn, zeros_nd;
@@ -419,6 +431,8 @@ struct MoE {
   std::vector<int64_t> offsets;  // per expert, into the dispatched rows; E + 1 entries
   std::vector<Tensor> g_, u_, s_;  // per expert SwiGLU inputs and output
   Tensor sg, su, ss;               // shared expert
+  Tensor override_idx;             // (N, k) i32 used instead of TopK(scores + bias) when defined (score-routed)
+  double preact_max_abs = 0, logit_max = 0;  // spike instrumentation of the last forward
 
   MoE() = default;
   MoE(const string& p, bool hash_, const ModelConfig& c, DType dt) : hash(hash_), cfg(&c) {
@@ -467,9 +481,19 @@ struct MoE {
       const int32_t* ids = ctx.batch->ids.data<int32_t>();
       const int32_t* table = tid2eid.value.data<int32_t>();
       for (int64_t i = 0; i < N; ++i) std::copy(table + ids[i] * k, table + (ids[i] + 1) * k, idx.data<int32_t>() + i * k);
+    } else if (override_idx.defined()) {
+      TS_CHECK(override_idx.dtype() == DType::i32 && override_idx.shape() == idx.shape(),
+               "routing override for ", gate.name, ": expected i32", shape_str(idx.shape()), ", got ",
+               override_idx.str());
+      const int32_t* o = override_idx.data<int32_t>();
+      for (int64_t i = 0; i < N * k; ++i)
+        TS_CHECK(o[i] >= -1 && o[i] < E, "routing override for ", gate.name, ": expert ", o[i], " out of range");
+      idx.copy_from(override_idx);
     } else {
       ops::topk_indices(scores, bias.value, idx);
     }
+    logit_max = max_of(logits, false);
+    preact_max_abs = 0;
     weights = Tensor::empty({N, k}, dt);
     ops::route_weights_forward(scores, idx, score_func != ops::ScoreFunc::softmax, c.route_scale, weights);
     if (!hash) {
@@ -513,6 +537,7 @@ struct MoE {
       s_[e] = Tensor::empty({n, c.moe_inter_dim}, dt);
       ops::linear_forward(x, w1.value.slice(e, 1).reshape({c.moe_inter_dim, d}), g_[e]);
       ops::linear_forward(x, w3.value.slice(e, 1).reshape({c.moe_inter_dim, d}), u_[e]);
+      preact_max_abs = std::max({preact_max_abs, max_of(g_[e], true), max_of(u_[e], true)});
       ops::swiglu_forward(g_[e], u_[e], s_[e], c.swiglu_limit);
       ops::linear_forward(s_[e], w2.value.slice(e, 1).reshape({d, c.moe_inter_dim}), ye.slice(offsets[e], n));
     }
@@ -520,6 +545,7 @@ struct MoE {
     if (has_shared()) {
       sg = linear(h, sw1);
       su = linear(h, sw3);
+      preact_max_abs = std::max({preact_max_abs, max_of(sg, true), max_of(su, true)});
       ss = Tensor::empty(sg.shape(), dt);
       ops::swiglu_forward(sg, su, ss, c.swiglu_limit);
       ops::linear_forward(ss, sw2.value, y);
@@ -747,6 +773,21 @@ struct V4Model::Impl {
   Tensor X0, emb, logits, losses, X_final;
   std::vector<Tensor> X_in;  // each layer's input
   Tensor mtp_ids, mtp_targets, e_raw, e_rstd, e_n, xs_rstd, xs, Xm, mtp_logits, mtp_losses;
+  bool ran = false;  // a forward has run (routing_indices is defined)
+
+  // Every MoE layer (the MTP block last), and the score-routed ones.
+  std::vector<MoE*> moes() {
+    std::vector<MoE*> out;
+    for (Block& b : layers) out.push_back(&b.ffn);
+    if (mtp_block) out.push_back(&mtp_block->ffn);
+    return out;
+  }
+  std::vector<MoE*> routed() {
+    std::vector<MoE*> out;
+    for (MoE* f : moes())
+      if (!f->hash) out.push_back(f);
+    return out;
+  }
 };
 
 V4Model::V4Model(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype_(dtype), impl_(std::make_unique<Impl>()) {
@@ -858,6 +899,51 @@ void V4Model::update_routing_bias(double speed) {
   reset_expert_load();
 }
 
+int64_t V4Model::n_score_routed_layers() const { return int64_t(impl_->routed().size()); }
+
+std::vector<Tensor> V4Model::routing_indices() const {
+  TS_CHECK(impl_->ran, "routing_indices: no forward has run");
+  std::vector<Tensor> out;
+  for (MoE* f : impl_->routed()) out.push_back(f->idx.clone());
+  return out;
+}
+
+void V4Model::set_routing_override(std::vector<Tensor> idx) {
+  std::vector<MoE*> r = impl_->routed();
+  TS_CHECK(idx.size() == r.size(), "set_routing_override: ", idx.size(), " index tensors for ", r.size(),
+           " score-routed MoE layers");
+  for (size_t i = 0; i < r.size(); ++i) {
+    TS_CHECK(idx[i].defined() && idx[i].dtype() == DType::i32 && idx[i].ndim() == 2 &&
+                 idx[i].size(1) == cfg_.n_activated_experts,
+             "set_routing_override: tensor ", i, " (", r[i]->gate.name, ") must be (N, ", cfg_.n_activated_experts,
+             ") i32, got ", idx[i].defined() ? idx[i].str() : std::string("undefined"));
+    r[i]->override_idx = std::move(idx[i]);
+  }
+}
+
+void V4Model::clear_routing_override() {
+  for (MoE* f : impl_->routed()) f->override_idx = Tensor();
+}
+
+bool V4Model::has_routing_override() const {
+  std::vector<MoE*> r = impl_->routed();
+  return !r.empty() && r.front()->override_idx.defined();
+}
+
+std::vector<Tensor> V4Model::routing_lookahead(const TokenBatch& batch) {
+  std::vector<MoE*> r = impl_->routed();
+  std::vector<Tensor> saved_override;
+  for (MoE* f : r) saved_override.push_back(f->override_idx), f->override_idx = Tensor();
+  const std::vector<std::vector<int64_t>> saved_load = expert_load_;
+  const Stats saved_stats = stats_;
+  run(batch, false, 0.0, nullptr);
+  std::vector<Tensor> idx = routing_indices();
+  for (size_t i = 0; i < r.size(); ++i) r[i]->override_idx = saved_override[i];
+  expert_load_ = saved_load;
+  stats_ = saved_stats;
+  return idx;
+}
+
 double V4Model::forward(const TokenBatch& batch, Tensor* logits) {
   return run(batch, false, 0.0, logits);
 }
@@ -947,6 +1033,11 @@ double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, T
     ops::cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, 0.0, Tensor());
     stats_.mtp_loss_sum = sum_of(m.mtp_losses);
   }
+  for (MoE* f : m.moes()) {
+    stats_.swiglu_input_max_abs.push_back(f->preact_max_abs);
+    stats_.router_logit_max.push_back(f->logit_max);
+  }
+  m.ran = true;
   stats_.balance_loss = ctx.balance_loss;
   stats_.indexer_kl_sum = ctx.indexer_kl_sum;
   stats_.objective = (n_targets > 0 ? (stats_.main_loss_sum + c.mtp_loss_weight * stats_.mtp_loss_sum +
@@ -986,6 +1077,56 @@ double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, T
   ops::hc_collapse_forward(dX, ctx.k.ones, demb);  // the n copies of the embedding
   ops::embedding_backward(batch.ids.reshape({N}), demb, m.tok_embeddings.grad);
   return stats_.main_loss_sum;
+}
+
+// ------------------------------------------------------------------------------------------------ anticipatory routing
+void RoutingCache::precompute(V4Model& model, int64_t step, const std::vector<TokenBatch>& micro) {
+  std::vector<std::vector<Tensor>> sets;
+  for (const TokenBatch& b : micro) sets.push_back(model.routing_lookahead(b));
+  entries[step] = std::move(sets);
+}
+
+bool RoutingCache::apply(V4Model& model, int64_t step, int64_t micro) const {
+  auto it = entries.find(step);
+  if (it == entries.end() || micro >= int64_t(it->second.size())) {
+    model.clear_routing_override();
+    return false;
+  }
+  model.set_routing_override(it->second[micro]);
+  return true;
+}
+
+void RoutingCache::drop_through(int64_t step) {
+  while (!entries.empty() && entries.begin()->first <= step) entries.erase(entries.begin());
+}
+
+namespace {
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+}  // namespace
+
+LossSpikeDetector::Check LossSpikeDetector::check(double loss) const {
+  Check c;
+  c.median = c.mad = c.threshold = std::numeric_limits<double>::quiet_NaN();
+  if (int64_t(history.size()) >= window && window > 0) {
+    std::vector<double> v(history.begin(), history.end());
+    c.median = median_of(v);
+    for (double& x : v) x = std::abs(x - c.median);
+    c.mad = median_of(v);
+    c.threshold = c.median + k * std::max(c.mad, mad_floor);
+    c.spike = loss > c.threshold;
+  }
+  if (!std::isfinite(loss)) c.spike = true;
+  return c;
+}
+
+void LossSpikeDetector::push(double loss) {
+  if (!std::isfinite(loss)) return;
+  history.push_back(loss);
+  while (int64_t(history.size()) > window) history.pop_front();
 }
 
 }  // namespace tessera

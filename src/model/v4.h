@@ -2,6 +2,9 @@
 // window-only attention with a shared-KV head, a learned sink and grouped output, the lightning indexer, MoE with
 // routed + shared experts and hash layers, and depth-1 MTP. Explicit forward and backward on src/ops.
 #pragma once
+#include <cstdint>
+#include <deque>
+#include <map>
 #include <optional>
 #include <vector>
 
@@ -38,10 +41,14 @@ class V4Model final : public Model {
   double forward(const TokenBatch& batch, Tensor* logits = nullptr) override;
   double forward_backward(const TokenBatch& batch, double loss_scale) override;
 
-  // Extra outputs of the last forward: MTP logits (B*T, V) and losses, the objective J of docs/model.md.
+  // Extra outputs of the last forward: MTP logits (B*T, V) and losses, the objective J of docs/model.md, and the
+  // spike instrumentation, one entry per MoE layer (the MTP block last, hash layers included):
+  // swiglu_input_max_abs is max |x| over the SwiGLU inputs (x W1 and x W3, routed and shared experts, before the
+  // clamp), router_logit_max the largest router logit h . e_i (before the score function).
   struct Stats {
     double main_loss_sum = 0, mtp_loss_sum = 0, balance_loss = 0, indexer_kl_sum = 0, objective = 0;
     int64_t main_targets = 0, mtp_targets = 0;
+    std::vector<double> swiglu_input_max_abs, router_logit_max;
   };
   const Stats& last_stats() const { return stats_; }
   Tensor last_mtp_logits() const;
@@ -54,6 +61,23 @@ class V4Model final : public Model {
   // from the accumulated loads; then resets them.
   void update_routing_bias(double speed);
 
+  // Anticipatory routing (spec §11, docs/model.md "Anticipatory routing"). The score-routed MoE layers are the
+  // main layers from n_hash_layers on, then the MTP block; hash layers are never overridden.
+  int64_t n_score_routed_layers() const;
+  // The (N, k) i32 expert indices each score-routed layer applied in the last forward, in layer order (copies).
+  std::vector<Tensor> routing_indices() const;
+  // Use these indices instead of TopK(scores + bias) in every following forward until cleared: one (N, k) i32
+  // tensor per score-routed layer, in the order of routing_indices(), entries in [0, E) or -1 (an empty slot).
+  // The gate weights are still the current router scores at these indices (so the router keeps its gradient);
+  // the balance loss and the expert loads count the indices applied.
+  void set_routing_override(std::vector<Tensor> idx);
+  void clear_routing_override();
+  bool has_routing_override() const;
+  // A no-grad forward on `batch` with the current parameters and balancing bias, ignoring any override; returns
+  // its routing_indices(). The expert loads, last_stats() and the override are left as they were; the forward
+  // state is replaced (call it after the backward of the step that needed it).
+  std::vector<Tensor> routing_lookahead(const TokenBatch& batch);
+
   struct Impl;
 
  private:
@@ -64,6 +88,39 @@ class V4Model final : public Model {
   std::unique_ptr<Impl> impl_;
   Stats stats_;
   std::vector<std::vector<int64_t>> expert_load_;
+};
+
+// The look-ahead cache of anticipatory routing: for a future step, one set of routing indices per micro-batch,
+// computed by V4Model::routing_lookahead with the parameters current when precompute ran.
+struct RoutingCache {
+  // step -> micro-batch -> score-routed layer -> (N, k) i32
+  std::map<int64_t, std::vector<std::vector<Tensor>>> entries;
+
+  // Computes and stores the indices of `step`'s micro-batches with the model's current parameters.
+  void precompute(V4Model& model, int64_t step, const std::vector<TokenBatch>& micro);
+  // Sets the model's override to the cached indices of (step, micro) and returns true; without an entry, clears
+  // the override (TopK with the current parameters, the same indices as computing them now) and returns false.
+  bool apply(V4Model& model, int64_t step, int64_t micro) const;
+  bool has(int64_t step) const { return entries.count(step) > 0; }
+  void drop_through(int64_t step);  // forgets the entries of steps <= step
+  void clear() { entries.clear(); }
+};
+
+// The loss-spike detector of anticipatory routing's on_spike mode: a loss is a spike when the window holds
+// `window` earlier losses and loss > median + k * max(MAD, mad_floor), MAD = median(|x - median|) over the window
+// (no 1.4826 factor); a non-finite loss is always a spike.
+struct LossSpikeDetector {
+  int64_t window = 50;
+  double k = 6.0, mad_floor = 0.01;
+  std::deque<double> history;  // the last `window` losses, oldest first
+
+  struct Check {
+    bool spike = false;
+    double median = 0, mad = 0, threshold = 0;  // of the window (NaN while it is not full)
+  };
+  Check check(double loss) const;  // against the current window; does not add `loss`
+  void push(double loss);          // adds a finite loss, dropping the oldest beyond `window`
+  void clear() { history.clear(); }
 };
 
 }  // namespace tessera

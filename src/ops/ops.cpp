@@ -3,33 +3,10 @@
 #include <cmath>
 #include <cstring>
 
-#include "backend/backend.h"
+#include "ops/checks.h"
 
 namespace tessera::ops {
-namespace {
-
-Backend& be(const Tensor& t) { return backend_for(t.device()); }
-
-// All tensors defined ones: contiguous, same device, and (for floats) the same float dtype as `ref`.
-void check_float(const char* op, const Tensor& ref, std::initializer_list<const Tensor*> others) {
-  TS_CHECK(ref.defined() && ref.is_contiguous(), op, ": first operand must be a defined contiguous tensor");
-  TS_CHECK(ref.dtype() == DType::f32 || ref.dtype() == DType::f64, op, ": float op on ", ref.str());
-  for (const Tensor* t : others) {
-    if (!t->defined()) continue;
-    TS_CHECK(t->is_contiguous(), op, ": non-contiguous operand ", t->str());
-    TS_CHECK(t->device() == ref.device(), op, ": operands on different devices");
-    TS_CHECK(t->dtype() == ref.dtype(), op, ": dtype mismatch ", t->str(), " vs ", ref.str());
-  }
-}
-void check_shape(const char* op, const char* what, const Tensor& t, const Shape& want) {
-  TS_CHECK(t.shape() == want, op, ": ", what, " is ", shape_str(t.shape()), ", expected ", shape_str(want));
-}
-void check_ids(const char* op, const Tensor& ids, int64_t n) {
-  TS_CHECK(ids.dtype() == DType::i32 && ids.is_contiguous() && ids.numel() == n, op, ": ids must be i32 with ", n,
-           " elements, got ", ids.str());
-}
-
-}  // namespace
+using namespace detail;
 
 void gemm(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c, double alpha, double beta) {
   check_float("gemm", c, {&a, &b});

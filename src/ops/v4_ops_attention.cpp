@@ -1,50 +1,13 @@
 // Shape, dtype and index checks for the V4 sparse attention and lightning indexer ops, then dispatch to the
 // backend (contracts: v4_ops.h). Index values are checked when the index tensor is on the host.
 #include <cmath>
-#include <string>
 
-#include "backend/backend.h"
+#include "ops/checks.h"
 #include "ops/v4_ops.h"
 
 namespace tessera::ops {
+using namespace detail;
 namespace {
-
-V4Kernels& v4(const Tensor& t) { return backend_for(t.device()).v4(); }
-
-std::string desc(const Tensor& t) { return t.defined() ? t.str() : std::string("undefined"); }
-
-// All defined tensors: contiguous, on ref's device, with ref's float dtype (f32 or f64).
-void check_float(const char* op, const Tensor& ref, std::initializer_list<const Tensor*> others) {
-  TS_CHECK(ref.defined() && ref.is_contiguous(), op, ": first operand must be a defined contiguous tensor");
-  TS_CHECK(ref.dtype() == DType::f32 || ref.dtype() == DType::f64, op, ": float op on ", ref.str());
-  for (const Tensor* t : others) {
-    if (!t->defined()) continue;
-    TS_CHECK(t->is_contiguous(), op, ": non-contiguous operand ", t->str());
-    TS_CHECK(t->device() == ref.device(), op, ": operands on different devices");
-    TS_CHECK(t->dtype() == ref.dtype(), op, ": dtype mismatch ", t->str(), " vs ", ref.str());
-  }
-}
-void check_shape(const char* op, const char* what, const Tensor& t, const Shape& want) {
-  TS_CHECK(t.defined(), op, ": ", what, " must be defined");
-  TS_CHECK(t.shape() == want, op, ": ", what, " is ", shape_str(t.shape()), ", expected ", shape_str(want));
-}
-// A contiguous i32 tensor of shape `want` on ref's device.
-void check_i32(const char* op, const char* what, const Tensor& t, const Shape& want, const Tensor& ref) {
-  TS_CHECK(t.defined() && t.dtype() == DType::i32 && t.is_contiguous(), op, ": ", what,
-           " must be a contiguous i32 tensor, got ", desc(t));
-  TS_CHECK(t.device() == ref.device(), op, ": ", what, " is on a different device");
-  check_shape(op, what, t, want);
-}
-// As check_i32, and every value in [lo, hi) (checked on the host).
-void check_index(const char* op, const char* what, const Tensor& t, const Shape& want, const Tensor& ref, int64_t lo,
-                 int64_t hi) {
-  check_i32(op, what, t, want, ref);
-  if (t.device() != Device::cpu) return;
-  const int32_t* p = t.data<int32_t>();
-  for (int64_t i = 0; i < t.numel(); ++i)
-    if (p[i] < lo || p[i] >= hi)
-      TS_FAIL(op, ": ", what, " value ", p[i], " at flat position ", i, " is outside [", lo, ", ", hi, ")");
-}
 
 // The sparse attention's inputs, shared by forward and backward; out is out or dout, lse (B,T,H).
 void check_sparse(const char* op, const Tensor& q, const Tensor& kv, const Tensor& ckv, const Tensor& cidx,

@@ -1,32 +1,12 @@
 // Shape checks for the V4 mHC, Hadamard and quantisation-simulation ops, then dispatch to the backend.
 #include <cmath>
 
-#include "backend/backend.h"
+#include "ops/checks.h"
 #include "ops/v4_ops.h"
 
 namespace tessera::ops {
+using namespace detail;
 namespace {
-
-V4Kernels& v4(const Tensor& t) { return backend_for(t.device()).v4(); }
-
-// All defined tensors: contiguous, on ref's device, of ref's float dtype.
-void check_float(const char* op, const Tensor& ref, std::initializer_list<const Tensor*> others) {
-  TS_CHECK(ref.defined() && ref.is_contiguous(), op, ": first operand must be a defined contiguous tensor");
-  TS_CHECK(ref.dtype() == DType::f32 || ref.dtype() == DType::f64, op, ": float op on ", ref.str());
-  for (const Tensor* t : others) {
-    if (!t->defined()) continue;
-    TS_CHECK(t->is_contiguous(), op, ": non-contiguous operand ", t->str());
-    TS_CHECK(t->device() == ref.device(), op, ": operands on different devices");
-    TS_CHECK(t->dtype() == ref.dtype(), op, ": dtype mismatch ", t->str(), " vs ", ref.str());
-  }
-}
-void check_shape(const char* op, const char* what, const Tensor& t, const Shape& want) {
-  TS_CHECK(t.defined(), op, ": ", what, " is undefined, expected ", shape_str(want));
-  TS_CHECK(t.shape() == want, op, ": ", what, " is ", shape_str(t.shape()), ", expected ", shape_str(want));
-}
-void check_shape_if_defined(const char* op, const char* what, const Tensor& t, const Shape& want) {
-  if (t.defined()) check_shape(op, what, t, want);
-}
 
 // n of the gate layout, and whether it is a block's (scale (3), M = 2n + n^2) or the head's (scale (1), M = n).
 struct Gates {
@@ -36,7 +16,7 @@ struct Gates {
 Gates check_gates(const char* op, const Tensor& mix, const Tensor& scale, const Tensor& base, int64_t iters) {
   TS_CHECK(mix.ndim() == 2, op, ": mix must be (N, M), got ", mix.str());
   TS_CHECK(scale.defined() && (scale.shape() == Shape{1} || scale.shape() == Shape{3}), op,
-           ": scale must be (3) for a block or (1) for the head, got ", scale.defined() ? scale.str() : "undefined");
+           ": scale must be (3) for a block or (1) for the head, got ", desc(scale));
   Gates g{mix.size(0), mix.size(1), mix.size(1), scale.numel() == 3};
   if (g.block) {
     g.n = std::llround(std::sqrt(double(g.M + 1))) - 1;
@@ -47,6 +27,43 @@ Gates check_gates(const char* op, const Tensor& mix, const Tensor& scale, const 
   TS_CHECK(g.M >= 1, op, ": empty gate layout ", mix.str());
   check_shape(op, "base", base, {g.M});
   return g;
+}
+
+// The gate outputs pre (N, n), post (N, n) and comb (N, n, n), or with `grads` their gradients dpre, dpost and
+// dcomb, which may be undefined (zero). The head (scale (1)) has pre only.
+void check_gate_outputs(const char* op, const Gates& g, bool grads, const Tensor& pre, const Tensor& post,
+                        const Tensor& comb) {
+  auto check = grads ? check_shape_if_defined : check_shape;
+  check(op, grads ? "dpre" : "pre", pre, {g.N, g.n});
+  if (g.block) {
+    check(op, grads ? "dpost" : "post", post, {g.N, g.n});
+    check(op, grads ? "dcomb" : "comb", comb, {g.N, g.n, g.n});
+  } else {
+    TS_CHECK(!post.defined() && !comb.defined(), op, ": the head (scale (1)) has no post or comb ",
+             grads ? "gradients" : "outputs");
+  }
+}
+
+// hc_collapse's inputs, shared by forward and backward: x (N, n, d), w (N, n) and y, the output or its gradient,
+// (N, d).
+void check_collapse(const char* op, const Tensor& x, const Tensor& w, const char* y_name, const Tensor& y) {
+  check_float(op, x, {&w, &y});
+  TS_CHECK(x.ndim() == 3, op, ": x must be (N, n, d), got ", x.str());
+  check_shape(op, "w", w, {x.size(0), x.size(1)});
+  check_shape(op, y_name, y, {x.size(0), x.size(2)});
+}
+
+// hc_expand's inputs, shared by forward and backward: x (N, n, d), f (N, d), post (N, n), comb (N, n, n) and
+// out, the output or its gradient, (N, n, d).
+void check_expand(const char* op, const Tensor& x, const Tensor& f, const Tensor& post, const Tensor& comb,
+                  const char* out_name, const Tensor& out) {
+  check_float(op, x, {&f, &post, &comb, &out});
+  TS_CHECK(x.ndim() == 3, op, ": x must be (N, n, d), got ", x.str());
+  int64_t N = x.size(0), n = x.size(1), d = x.size(2);
+  check_shape(op, "f", f, {N, d});
+  check_shape(op, "post", post, {N, n});
+  check_shape(op, "comb", comb, {N, n, n});
+  check_shape(op, out_name, out, {N, n, d});
 }
 
 void check_block_size(const char* op, int64_t block) { TS_CHECK(block >= 1, op, ": block must be >= 1, got ", block); }
@@ -64,13 +81,7 @@ void hc_gates_forward(const Tensor& mix, const Tensor& scale, const Tensor& base
   const char* op = "hc_gates_forward";
   check_float(op, mix, {&scale, &base, &pre, &post, &comb});
   Gates g = check_gates(op, mix, scale, base, iters);
-  check_shape(op, "pre", pre, {g.N, g.n});
-  if (g.block) {
-    check_shape(op, "post", post, {g.N, g.n});
-    check_shape(op, "comb", comb, {g.N, g.n, g.n});
-  } else {
-    TS_CHECK(!post.defined() && !comb.defined(), op, ": the head (scale (1)) has no post or comb outputs");
-  }
+  check_gate_outputs(op, g, false, pre, post, comb);
   v4(mix).hc_gates_forward(mix, scale, base, iters, eps, pre, post, comb);
 }
 
@@ -81,13 +92,7 @@ void hc_gates_backward(const Tensor& mix, const Tensor& scale, const Tensor& bas
   const char* op = "hc_gates_backward";
   check_float(op, mix, {&scale, &base, &dpre, &dpost, &dcomb, &dmix, &dscale, &dbase});
   Gates g = check_gates(op, mix, scale, base, iters);
-  check_shape_if_defined(op, "dpre", dpre, {g.N, g.n});
-  if (g.block) {
-    check_shape_if_defined(op, "dpost", dpost, {g.N, g.n});
-    check_shape_if_defined(op, "dcomb", dcomb, {g.N, g.n, g.n});
-  } else {
-    TS_CHECK(!dpost.defined() && !dcomb.defined(), op, ": the head (scale (1)) has no post or comb gradients");
-  }
+  check_gate_outputs(op, g, true, dpre, dpost, dcomb);
   check_shape(op, "dmix", dmix, mix.shape());
   check_shape_if_defined(op, "dscale", dscale, scale.shape());
   check_shape_if_defined(op, "dbase", dbase, base.shape());
@@ -95,21 +100,15 @@ void hc_gates_backward(const Tensor& mix, const Tensor& scale, const Tensor& bas
 }
 
 void hc_collapse_forward(const Tensor& x, const Tensor& w, const Tensor& y) {
-  const char* op = "hc_collapse_forward";
-  check_float(op, x, {&w, &y});
-  TS_CHECK(x.ndim() == 3, op, ": x must be (N, n, d), got ", x.str());
-  check_shape(op, "w", w, {x.size(0), x.size(1)});
-  check_shape(op, "y", y, {x.size(0), x.size(2)});
+  check_collapse("hc_collapse_forward", x, w, "y", y);
   v4(x).hc_collapse_forward(x, w, y);
 }
 
 void hc_collapse_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx, const Tensor& dw) {
   // An undefined dx or dw is not computed.
   const char* op = "hc_collapse_backward";
-  check_float(op, x, {&w, &dy, &dx, &dw});
-  TS_CHECK(x.ndim() == 3, op, ": x must be (N, n, d), got ", x.str());
-  check_shape(op, "w", w, {x.size(0), x.size(1)});
-  check_shape(op, "dy", dy, {x.size(0), x.size(2)});
+  check_collapse(op, x, w, "dy", dy);
+  check_float(op, x, {&dx, &dw});
   check_shape_if_defined(op, "dx", dx, x.shape());
   check_shape_if_defined(op, "dw", dw, w.shape());
   v4(x).hc_collapse_backward(x, w, dy, dx, dw);
@@ -117,13 +116,7 @@ void hc_collapse_backward(const Tensor& x, const Tensor& w, const Tensor& dy, co
 
 void hc_expand_forward(const Tensor& x, const Tensor& f, const Tensor& post, const Tensor& comb, const Tensor& out) {
   const char* op = "hc_expand_forward";
-  check_float(op, x, {&f, &post, &comb, &out});
-  TS_CHECK(x.ndim() == 3, op, ": x must be (N, n, d), got ", x.str());
-  int64_t N = x.size(0), n = x.size(1), d = x.size(2);
-  check_shape(op, "f", f, {N, d});
-  check_shape(op, "post", post, {N, n});
-  check_shape(op, "comb", comb, {N, n, n});
-  check_shape(op, "out", out, {N, n, d});
+  check_expand(op, x, f, post, comb, "out", out);
   // Every out[k] reads every x[j]: in place would read overwritten streams.
   TS_CHECK(out.raw() != x.raw(), op, ": out may not alias x");
   v4(x).hc_expand_forward(x, f, post, comb, out);
@@ -133,13 +126,8 @@ void hc_expand_backward(const Tensor& x, const Tensor& f, const Tensor& post, co
                         const Tensor& dx, const Tensor& df, const Tensor& dpost, const Tensor& dcomb) {
   // An undefined dx, df, dpost or dcomb is not computed.
   const char* op = "hc_expand_backward";
-  check_float(op, x, {&f, &post, &comb, &dout, &dx, &df, &dpost, &dcomb});
-  TS_CHECK(x.ndim() == 3, op, ": x must be (N, n, d), got ", x.str());
-  int64_t N = x.size(0), n = x.size(1), d = x.size(2);
-  check_shape(op, "f", f, {N, d});
-  check_shape(op, "post", post, {N, n});
-  check_shape(op, "comb", comb, {N, n, n});
-  check_shape(op, "dout", dout, {N, n, d});
+  check_expand(op, x, f, post, comb, "dout", dout);
+  check_float(op, x, {&dx, &df, &dpost, &dcomb});
   check_shape_if_defined(op, "dx", dx, x.shape());
   check_shape_if_defined(op, "df", df, f.shape());
   check_shape_if_defined(op, "dpost", dpost, post.shape());

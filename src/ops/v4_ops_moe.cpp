@@ -2,44 +2,13 @@
 // backend (contracts: v4_ops.h). Index values are checked when the index tensor is on the host.
 #include <string>
 
-#include "backend/backend.h"
+#include "ops/checks.h"
 #include "ops/v4_ops.h"
 
 namespace tessera::ops {
+using namespace detail;
 namespace {
 
-V4Kernels& v4(const Tensor& t) { return backend_for(t.device()).v4(); }
-
-std::string desc(const Tensor& t) { return t.defined() ? t.str() : std::string("undefined"); }
-
-// All defined tensors: contiguous, on ref's device, with ref's float dtype (f32 or f64).
-void check_float(const char* op, const Tensor& ref, std::initializer_list<const Tensor*> others) {
-  TS_CHECK(ref.defined() && ref.is_contiguous(), op, ": first operand must be a defined contiguous tensor");
-  TS_CHECK(ref.dtype() == DType::f32 || ref.dtype() == DType::f64, op, ": float op on ", ref.str());
-  for (const Tensor* t : others) {
-    if (!t->defined()) continue;
-    TS_CHECK(t->is_contiguous(), op, ": non-contiguous operand ", t->str());
-    TS_CHECK(t->device() == ref.device(), op, ": operands on different devices");
-    TS_CHECK(t->dtype() == ref.dtype(), op, ": dtype mismatch ", t->str(), " vs ", ref.str());
-  }
-}
-void check_shape(const char* op, const char* what, const Tensor& t, const Shape& want) {
-  TS_CHECK(t.defined(), op, ": ", what, " must be defined");
-  TS_CHECK(t.shape() == want, op, ": ", what, " is ", shape_str(t.shape()), ", expected ", shape_str(want));
-}
-// An i32 index tensor of shape `want` on ref's device, every value in [lo, hi) (checked on the host).
-void check_index(const char* op, const char* what, const Tensor& t, const Shape& want, const Tensor& ref, int64_t lo,
-                 int64_t hi) {
-  TS_CHECK(t.defined() && t.dtype() == DType::i32 && t.is_contiguous(), op, ": ", what,
-           " must be a contiguous i32 tensor, got ", desc(t));
-  TS_CHECK(t.device() == ref.device(), op, ": ", what, " is on a different device");
-  check_shape(op, what, t, want);
-  if (t.device() != Device::cpu) return;
-  const int32_t* p = t.data<int32_t>();
-  for (int64_t i = 0; i < t.numel(); ++i)
-    if (p[i] < lo || p[i] >= hi)
-      TS_FAIL(op, ": ", what, " value ", p[i], " at flat position ", i, " is outside [", lo, ", ", hi, ")");
-}
 void check_matrix(const char* op, const char* what, const Tensor& t) {
   TS_CHECK(t.ndim() == 2, op, ": ", what, " must be 2-D, got ", t.str());
 }
@@ -47,6 +16,19 @@ int check_score_func(const char* op, ScoreFunc f) {
   int v = static_cast<int>(f);
   TS_CHECK(v >= 0 && v <= 2, op, ": unknown score function ", v);
   return v;
+}
+
+// gather_rows (gather) and scatter_add_rows: src and dst matrices of equal width; rows and scale (or undefined)
+// have one entry per moved row, a dst row for gather, a src row for scatter, and rows index the other matrix.
+void check_row_move(const char* op, bool gather, const Tensor& src, const Tensor& rows, const Tensor& scale,
+                    const Tensor& dst) {
+  check_float(op, src, {&scale, &dst});
+  check_matrix(op, "src", src);
+  check_matrix(op, "dst", dst);
+  check_shape(op, "dst", dst, {dst.size(0), src.size(1)});
+  int64_t moved = gather ? dst.size(0) : src.size(0), indexed = gather ? src.size(0) : dst.size(0);
+  check_index(op, "rows", rows, {moved}, src, 0, indexed);
+  if (scale.defined()) check_shape(op, "scale", scale, {moved});
 }
 
 }  // namespace
@@ -124,24 +106,12 @@ double balance_loss(const Tensor& scores, const Tensor& idx, double alpha, doubl
 }
 
 void gather_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, const Tensor& dst) {
-  const char* op = "gather_rows";
-  check_float(op, src, {&scale, &dst});
-  check_matrix(op, "src", src);
-  check_matrix(op, "dst", dst);
-  check_shape(op, "dst", dst, {dst.size(0), src.size(1)});
-  check_index(op, "rows", rows, {dst.size(0)}, src, 0, src.size(0));
-  if (scale.defined()) check_shape(op, "scale", scale, {dst.size(0)});
+  check_row_move("gather_rows", true, src, rows, scale, dst);
   v4(src).gather_rows(src, rows, scale, dst);
 }
 
 void scatter_add_rows(const Tensor& src, const Tensor& rows, const Tensor& scale, const Tensor& dst) {
-  const char* op = "scatter_add_rows";
-  check_float(op, src, {&scale, &dst});
-  check_matrix(op, "src", src);
-  check_matrix(op, "dst", dst);
-  check_shape(op, "dst", dst, {dst.size(0), src.size(1)});
-  check_index(op, "rows", rows, {src.size(0)}, src, 0, dst.size(0));
-  if (scale.defined()) check_shape(op, "scale", scale, {src.size(0)});
+  check_row_move("scatter_add_rows", false, src, rows, scale, dst);
   v4(src).scatter_add_rows(src, rows, scale, dst);
 }
 

@@ -64,6 +64,13 @@ void model_gradients(V4Model& m, int64_t step) {
   m.forward_backward(b, 1.0 / double(b.count_targets()));
 }
 
+CheckpointMeta meta_at(int64_t step, uint64_t seed) {
+  CheckpointMeta m;
+  m.step = step;
+  m.seed = seed;
+  return m;
+}
+
 // "muon: 3 tensors, 120 parameters (a, b, c)" -> {3, 120, [a, b, c]}.
 struct Group {
   int64_t tensors = -1, elements = -1;
@@ -127,9 +134,11 @@ TEST(OptimizerGroups, MatricesToMuonEverythingElseToAdamW) {
     stacks += p->value.ndim() == 3;
   }
   EXPECT_GT(stacks, 0);
-  for (const Param* p : model.params())
-    if (p->name.ends_with("attn.wo_a") || p->name.find("experts.w") != std::string::npos)
+  for (const Param* p : model.params()) {
+    if (p->name.ends_with("attn.wo_a") || p->name.find("experts.w") != std::string::npos) {
       EXPECT_EQ(p->value.ndim(), 3) << p->name;
+    }
+  }
   // MoE buffers (balancing bias, hash table) are not parameters, so no optimizer sees them.
   for (const Param* b : model.buffers()) EXPECT_FALSE(has_param(params, b->name)) << b->name;
 
@@ -193,7 +202,7 @@ TEST(OptimizerGroups, UnknownNameIsAnErrorNamingTheKey) {
   }
 }
 
-// Three steps of the hybrid equal, bitwise, three steps of AdamW on the AdamW list and Muon on the Muon list;
+// Two steps of the hybrid equal, bitwise, two steps of AdamW on the AdamW list and Muon on the Muon list;
 // and the AdamW-group parameters end exactly where an all-AdamW run puts them (the rules do not interact).
 TEST(Optimizer, StepEqualsAdamWAndMuonOnTheSplitLists) {
   const ModelConfig cfg = tiny_v4_config();
@@ -206,7 +215,7 @@ TEST(Optimizer, StepEqualsAdamWAndMuonOnTheSplitLists) {
   AdamW adamw(a_list, oc.adamw);
   Muon muon(m_list, oc.muon);
   Optimizer plain(all_adamw.params(), config("adamw"));
-  for (int64_t s = 0; s < 3; ++s) {
+  for (int64_t s = 0; s < 2; ++s) {  // the second step uses the momenta and moments of the first
     const double lr = 1e-2 * (1.0 + 0.5 * double(s));
     for (V4Model* m : {&hybrid, &split, &all_adamw}) set_gradients(m->params(), 17, s);
     opt.step(lr);
@@ -214,7 +223,7 @@ TEST(Optimizer, StepEqualsAdamWAndMuonOnTheSplitLists) {
     muon.step(lr);
     plain.step(lr);
   }
-  EXPECT_EQ(opt.steps_taken(), 3);
+  EXPECT_EQ(opt.steps_taken(), 2);
   ParamList h = hybrid.params(), p = split.params(), a = all_adamw.params();
   int muon_params = 0;
   for (size_t i = 0; i < h.size(); ++i) {
@@ -301,12 +310,14 @@ TEST(Optimizer, DescribeGroupsListsEveryParameterOnce) {
     EXPECT_EQ(m.elements, count_elements(m_list));
     EXPECT_EQ(a.elements, count_elements(a_list));
     EXPECT_EQ(m.elements + a.elements, count_elements(params));
-    if (name == "adamw") EXPECT_EQ(text.substr(0, nl), "muon: 0 tensors, 0 parameters");
+    if (name == "adamw") {
+      EXPECT_EQ(text.substr(0, nl), "muon: 0 tensors, 0 parameters");
+    }
   }
 }
 
-// Save after 2 of 4 steps (real gradients of the tiny model), load into a fresh model and optimizer, continue:
-// weights, buffers and optimizer state equal the uninterrupted run's bitwise.
+// Save after 2 of 3 steps (real gradients of the tiny model), load into a fresh model and optimizer, take the
+// third step: weights, buffers and optimizer state equal the uninterrupted run's bitwise.
 TEST(OptimizerCheckpoint, HybridRoundTripContinuesBitwise) {
   const ModelConfig cfg = tiny_v4_config();
   const OptimizerConfig oc = config("muon", {"ffn.shared."});
@@ -317,10 +328,10 @@ TEST(OptimizerCheckpoint, HybridRoundTripContinuesBitwise) {
   V4Model a(cfg);
   randomize_v4(a, 5);
   Optimizer opt_a(a.params(), oc);
-  for (int64_t s = 0; s < 4; ++s) {
+  for (int64_t s = 0; s < 3; ++s) {
     model_gradients(a, s);
     opt_a.step(lr_at(s));
-    if (s == 1) save_checkpoint(path, cfg, a.saved_tensors(), &opt_a, CheckpointMeta{2, 5});
+    if (s == 1) save_checkpoint(path, cfg, a.saved_tensors(), &opt_a, meta_at(2, 5));
   }
 
   V4Model b(cfg);
@@ -329,10 +340,8 @@ TEST(OptimizerCheckpoint, HybridRoundTripContinuesBitwise) {
   CheckpointMeta meta = load_checkpoint(path, cfg, b.saved_tensors(), &opt_b);
   EXPECT_EQ(meta.step, 2);
   EXPECT_EQ(opt_b.steps_taken(), 2);
-  for (int64_t s = 2; s < 4; ++s) {
-    model_gradients(b, s);
-    opt_b.step(lr_at(s));
-  }
+  model_gradients(b, 2);
+  opt_b.step(lr_at(2));
   EXPECT_EQ(opt_b.steps_taken(), opt_a.steps_taken());
   ParamList ta = a.saved_tensors(), tb = b.saved_tensors();
   ASSERT_EQ(ta.size(), tb.size());
@@ -352,11 +361,14 @@ TEST(OptimizerCheckpoint, HybridRoundTripContinuesBitwise) {
   Optimizer opt_c(c.params(), oc);
   load_checkpoint(path, cfg, c.saved_tensors(), nullptr);
   opt_c.set_steps_taken(2);
-  for (int64_t s = 2; s < 4; ++s) {
-    model_gradients(c, s);
-    opt_c.step(lr_at(s));
-  }
-  EXPECT_FALSE(bitwise_equal(a.params()[1]->value, c.params()[1]->value)) << a.params()[1]->name;
+  model_gradients(c, 2);
+  opt_c.step(lr_at(2));
+  int differ_muon = 0, differ_adamw = 0;
+  for (size_t i = 0; i < a.params().size(); ++i)
+    if (!bitwise_equal(a.params()[i]->value, c.params()[i]->value))
+      ++(opt_a.uses_muon(*a.params()[i]) ? differ_muon : differ_adamw);
+  EXPECT_GT(differ_muon, 0);
+  EXPECT_GT(differ_adamw, 0);
   std::filesystem::remove_all(dir);
 }
 
@@ -368,9 +380,9 @@ TEST(OptimizerCheckpoint, OtherOptimizerOrGroupsIsAClearError) {
   const std::string adamw_path = (dir / "adamw.h5").string(), muon_path = (dir / "muon.h5").string();
   {
     Optimizer adamw(model.params(), config("adamw"));
-    save_checkpoint(adamw_path, cfg, model.saved_tensors(), &adamw, CheckpointMeta{1, 8});
+    save_checkpoint(adamw_path, cfg, model.saved_tensors(), &adamw, meta_at(1, 8));
     Optimizer muon(model.params(), config("muon"));
-    save_checkpoint(muon_path, cfg, model.saved_tensors(), &muon, CheckpointMeta{1, 8});
+    save_checkpoint(muon_path, cfg, model.saved_tensors(), &muon, meta_at(1, 8));
   }
   // adamw checkpoint, muon recipe, and the other way round: both optimizer names and the file are named.
   for (const auto& [file, saved_name, wanted] :

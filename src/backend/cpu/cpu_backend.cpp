@@ -4,30 +4,18 @@
 #include <cblas.h>
 #include <omp.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/cpu_common.h"
 #include "backend/cpu/cpu_v4.h"
 
 namespace tessera {
+using namespace cpu;
 namespace {
-
-template <class T>
-using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class T>
-using StridedMap = Eigen::Map<RowMat<T>, 0, Eigen::OuterStride<>>;
-
-// Calls f.template operator()<T>() with T = float or double according to the tensor's dtype.
-template <class F>
-void dispatch_float(const Tensor& t, F&& f) {
-  if (t.dtype() == DType::f32) f.template operator()<float>();
-  else if (t.dtype() == DType::f64) f.template operator()<double>();
-  else TS_CHECK(false, "CPU kernels take f32 or f64, got ", t.str());
-}
 
 void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const float* a, int64_t lda,
                const float* b, int64_t ldb, double beta, float* c, int64_t ldc) {
@@ -42,13 +30,6 @@ void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, 
 
 // Columns are processed in fixed blocks so that column sums over rows are thread-count independent.
 constexpr int64_t kColBlock = 64;
-
-// The first key position a query at t may see: the start of its document (or 0 without documents).
-void document_starts(const int32_t* doc, int64_t T, std::vector<int64_t>& start) {
-  start.resize(T);
-  for (int64_t t = 0; t < T; ++t) start[t] = (!doc || t == 0 || doc[t] != doc[t - 1]) ? t : start[t - 1];
-  if (!doc) std::fill(start.begin(), start.end(), 0);
-}
 
 class CpuBackend final : public Backend {
  public:
@@ -163,7 +144,7 @@ class CpuBackend final : public Backend {
                        const Tensor& rstd) override {
     dispatch_float(x, [&]<class T>() {
       const T* xs = x.data<T>();
-      const T* w = weight.defined() ? weight.data<T>() : nullptr;
+      const T* w = ptr_or_null<T>(weight);
       T* o = out.data<T>();
       T* rs = rstd.data<T>();
       int64_t n = x.size(0), c = x.size(1);
@@ -185,7 +166,7 @@ class CpuBackend final : public Backend {
                         const Tensor& dx, const Tensor& dweight) override {
     dispatch_float(x, [&]<class T>() {
       const T* xs = x.data<T>();
-      const T* w = weight.defined() ? weight.data<T>() : nullptr;
+      const T* w = ptr_or_null<T>(weight);
       const T* rs = rstd.data<T>();
       const T* g = dout.data<T>();
       T* d = dx.data<T>();
@@ -323,7 +304,7 @@ class CpuBackend final : public Backend {
     dispatch_float(q, [&]<class T>() {
       int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), KH = k.size(2);
       int64_t group = H / KH;
-      const int32_t* docs = doc.defined() ? doc.data<int32_t>() : nullptr;
+      const int32_t* docs = ptr_or_null<int32_t>(doc);
 #pragma omp parallel for schedule(static) collapse(2)
       for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < H; ++h) {
@@ -358,7 +339,7 @@ class CpuBackend final : public Backend {
     dispatch_float(q, [&]<class T>() {
       int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), KH = k.size(2);
       int64_t group = H / KH;
-      const int32_t* docs = doc.defined() ? doc.data<int32_t>() : nullptr;
+      const int32_t* docs = ptr_or_null<int32_t>(doc);
       // Parallel over (batch, kv head): the heads sharing a kv head accumulate into it in a fixed order.
 #pragma omp parallel for schedule(static) collapse(2)
       for (int64_t b = 0; b < B; ++b)
@@ -401,7 +382,7 @@ class CpuBackend final : public Backend {
       const T* x = logits.data<T>();
       const int32_t* tg = targets.data<int32_t>();
       T* ls = losses.data<T>();
-      T* d = dlogits.defined() ? dlogits.data<T>() : nullptr;
+      T* d = ptr_or_null<T>(dlogits);
       int64_t n = logits.size(0), V = logits.size(1);
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < n; ++i) {

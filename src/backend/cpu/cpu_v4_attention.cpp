@@ -7,39 +7,18 @@
 // order. Every sum has a fixed order, so results do not depend on the thread count.
 #include <omp.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "backend/cpu/cpu_common.h"
 #include "backend/cpu/cpu_v4.h"
 
 namespace tessera {
+using namespace cpu;
 namespace {
 
-template <class T>
-using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class T>
-using MapMat = Eigen::Map<Mat<T>>;
-template <class T>
-using CMapMat = Eigen::Map<const Mat<T>>;
-template <class T>
-using StridedMap = Eigen::Map<Mat<T>, 0, Eigen::OuterStride<>>;
-template <class T>
-using MapVec = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>>;
-template <class T>
-using CMapVec = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>;
-
-// Calls f.template operator()<T>() with T = float or double according to the tensor's dtype.
-template <class F>
-void dispatch_float(const Tensor& t, F&& f) {
-  if (t.dtype() == DType::f32) f.template operator()<float>();
-  else if (t.dtype() == DType::f64) f.template operator()<double>();
-  else TS_CHECK(false, "CPU kernels take f32 or f64, got ", t.str());
-}
-
-constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kQueryBlock = 16;   // queries sharing one window-key product
 constexpr int64_t kChunkBlocks = 16;  // query blocks per backward chunk (at most)
 constexpr int64_t kRowChunk = 64;     // indexer query rows per backward chunk (at most)
@@ -51,14 +30,11 @@ constexpr int64_t kMaxWindowGradElems = int64_t(1) << 24;  // bound on the per-c
 // first[b*T + t]: the first window key of query t, max(t - window + 1, start of t's document). Non-decreasing
 // in t, so a block's window range starts at its first query's.
 std::vector<int64_t> window_first(const Tensor& doc, int64_t B, int64_t Tn, int64_t window) {
-  std::vector<int64_t> first(B * Tn);
-  const int32_t* d = doc.defined() ? doc.data<int32_t>() : nullptr;
+  std::vector<int64_t> first(B * Tn), start;
+  const int32_t* d = ptr_or_null<int32_t>(doc);
   for (int64_t b = 0; b < B; ++b) {
-    int64_t start = 0;
-    for (int64_t t = 0; t < Tn; ++t) {
-      if (d && t > 0 && d[b * Tn + t] != d[b * Tn + t - 1]) start = t;
-      first[b * Tn + t] = std::max(t - window + 1, start);
-    }
+    document_starts(d ? d + b * Tn : nullptr, Tn, start);
+    for (int64_t t = 0; t < Tn; ++t) first[b * Tn + t] = std::max(t - window + 1, start[t]);
   }
   return first;
 }
@@ -80,8 +56,8 @@ struct Sparse {
 
   Sparse(const Tensor& q_, const Tensor& kv_, const Tensor& ckv_, const Tensor& cidx_, const Tensor& sink_,
          const Tensor& doc, int64_t window)
-      : q(q_.data<T>()), kv(kv_.data<T>()), ckv(ckv_.defined() ? ckv_.data<T>() : nullptr),
-        sink(sink_.data<T>()), cidx(cidx_.defined() ? cidx_.data<int32_t>() : nullptr), B(q_.size(0)),
+      : q(q_.data<T>()), kv(kv_.data<T>()), ckv(ptr_or_null<T>(ckv_)),
+        sink(sink_.data<T>()), cidx(ptr_or_null<int32_t>(cidx_)), B(q_.size(0)),
         Tn(q_.size(1)), H(q_.size(2)), D(q_.size(3)), K(cidx_.defined() ? cidx_.size(2) : 0),
         K1(std::max<int64_t>(K, 1)), NB(ckv_.defined() ? ckv_.size(1) : 0),
         nbpb((Tn + kQueryBlock - 1) / kQueryBlock),
@@ -188,7 +164,7 @@ void CpuV4Kernels::sparse_attention_backward(const Tensor& q, const Tensor& kv, 
     const T* g = dout.data<T>();
     T* dQ = dq.data<T>();
     T* dK = dkv.data<T>();
-    T* dC = dckv.defined() ? dckv.data<T>() : nullptr;
+    T* dC = ptr_or_null<T>(dckv);
     std::fill(dK, dK + dkv.numel(), T(0));
     if (dC) std::fill(dC, dC + dckv.numel(), T(0));
     // Per chunk: each block's window-key gradient (nw x D); per query, its valid compressed slots' probabilities
@@ -440,7 +416,7 @@ double CpuV4Kernels::indexer_kl(const Tensor& scores, const Tensor& target, doub
     const int64_t S = scores.size(-1), R = S > 0 ? scores.numel() / S : 0;
     const T* z = scores.data<T>();
     const T* tg = target.data<T>();
-    T* d = dscores.defined() ? dscores.data<T>() : nullptr;
+    T* d = ptr_or_null<T>(dscores);
     std::vector<double> row(R, 0.0);
     // Per row in double: p = target / sum |target|, q = softmax over the finite scores, KL = sum_{p>0} p log(p/q),
     // dKL/dz = q - p (p sums to 1).

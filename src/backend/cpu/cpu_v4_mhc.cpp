@@ -8,23 +8,12 @@
 #include <limits>
 #include <vector>
 
+#include "backend/cpu/cpu_common.h"
 #include "backend/cpu/cpu_v4.h"
 
 namespace tessera {
+using namespace cpu;
 namespace {
-
-// Calls f.template operator()<T>() with T = float or double according to the tensor's dtype.
-template <class F>
-void dispatch_float(const Tensor& t, F&& f) {
-  if (t.dtype() == DType::f32) f.template operator()<float>();
-  else if (t.dtype() == DType::f64) f.template operator()<double>();
-  else TS_CHECK(false, "CPU kernels take f32 or f64, got ", t.str());
-}
-
-template <class T>
-T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.data<T>() : nullptr;
-}
 
 double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 

@@ -6,20 +6,13 @@
 #include <limits>
 #include <vector>
 
+#include "backend/cpu/cpu_common.h"
 #include "backend/cpu/cpu_v4.h"
 
 namespace tessera {
+using namespace cpu;
 namespace {
 
-// Calls f.template operator()<T>() with T = float or double according to the tensor's dtype.
-template <class F>
-void dispatch_float(const Tensor& t, F&& f) {
-  if (t.dtype() == DType::f32) f.template operator()<float>();
-  else if (t.dtype() == DType::f64) f.template operator()<double>();
-  else TS_CHECK(false, "CPU kernels take f32 or f64, got ", t.str());
-}
-
-constexpr double kInf = std::numeric_limits<double>::infinity();
 // Columns are processed in fixed blocks so that sums over rows are thread-count independent.
 constexpr int64_t kColBlock = 64;
 // The compressor backward owns channel blocks of this width (small: c can be 128).
@@ -42,6 +35,17 @@ void softmax_row(const T* x, int64_t e, double* p) {
   for (int64_t j = 0; j < e; ++j) p[j] /= sum;
 }
 
+// row(i, p) for the rows i of an (n, e) router tensor, parallel over rows; p: a per-thread scratch row of e doubles.
+template <class F>
+void for_each_router_row(int64_t n, int64_t e, F&& row) {
+#pragma omp parallel
+  {
+    std::vector<double> p(e);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) row(i, p.data());
+  }
+}
+
 }  // namespace
 
 void CpuV4Kernels::router_scores_forward(const Tensor& logits, int score_func, const Tensor& scores) {
@@ -49,22 +53,17 @@ void CpuV4Kernels::router_scores_forward(const Tensor& logits, int score_func, c
     const T* x = logits.data<T>();
     T* s = scores.data<T>();
     int64_t n = logits.size(0), e = logits.size(1);
-#pragma omp parallel
-    {
-      std::vector<double> p(e);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < n; ++i) {
-        const T* xi = x + i * e;
-        T* si = s + i * e;
-        if (score_func == 2) {
-          softmax_row(xi, e, p.data());
-          for (int64_t j = 0; j < e; ++j) si[j] = T(p[j]);
-        } else {
-          for (int64_t j = 0; j < e; ++j)
-            si[j] = T(score_func == 0 ? std::sqrt(softplus(double(xi[j]))) : sigmoid(double(xi[j])));
-        }
+    for_each_router_row(n, e, [&](int64_t i, double* p) {
+      const T* xi = x + i * e;
+      T* si = s + i * e;
+      if (score_func == 2) {
+        softmax_row(xi, e, p);
+        for (int64_t j = 0; j < e; ++j) si[j] = T(p[j]);
+      } else {
+        for (int64_t j = 0; j < e; ++j)
+          si[j] = T(score_func == 0 ? std::sqrt(softplus(double(xi[j]))) : sigmoid(double(xi[j])));
       }
-    }
+    });
   });
 }
 
@@ -76,40 +75,35 @@ void CpuV4Kernels::router_scores_backward(const Tensor& logits, const Tensor& sc
     const T* g = dscores.data<T>();
     T* d = dlogits.data<T>();
     int64_t n = logits.size(0), e = logits.size(1);
-#pragma omp parallel
-    {
-      std::vector<double> p(e);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < n; ++i) {
-        const T* xi = x + i * e;
-        const T* gi = g + i * e;
-        T* di = d + i * e;
-        if (score_func == 2) {
-          softmax_row(xi, e, p.data());
-          double dot = 0;
-          for (int64_t j = 0; j < e; ++j) dot += p[j] * double(gi[j]);
-          for (int64_t j = 0; j < e; ++j) di[j] = T(p[j] * (double(gi[j]) - dot));
-        } else if (score_func == 1) {
-          for (int64_t j = 0; j < e; ++j) {
-            double sg = sigmoid(double(xi[j]));
-            di[j] = T(double(gi[j]) * sg * (1 - sg));
-          }
-        } else {
-          // d sqrt(sp)/dx = sigmoid / (2 sqrt(sp)); both underflow together for x << 0, where the limit is 0.
-          for (int64_t j = 0; j < e; ++j) {
-            double sp = softplus(double(xi[j]));
-            di[j] = sp > 0 ? T(double(gi[j]) * sigmoid(double(xi[j])) / (2 * std::sqrt(sp))) : T(0);
-          }
+    for_each_router_row(n, e, [&](int64_t i, double* p) {
+      const T* xi = x + i * e;
+      const T* gi = g + i * e;
+      T* di = d + i * e;
+      if (score_func == 2) {
+        softmax_row(xi, e, p);
+        double dot = 0;
+        for (int64_t j = 0; j < e; ++j) dot += p[j] * double(gi[j]);
+        for (int64_t j = 0; j < e; ++j) di[j] = T(p[j] * (double(gi[j]) - dot));
+      } else if (score_func == 1) {
+        for (int64_t j = 0; j < e; ++j) {
+          double sg = sigmoid(double(xi[j]));
+          di[j] = T(double(gi[j]) * sg * (1 - sg));
+        }
+      } else {
+        // d sqrt(sp)/dx = sigmoid / (2 sqrt(sp)); both underflow together for x << 0, where the limit is 0.
+        for (int64_t j = 0; j < e; ++j) {
+          double sp = softplus(double(xi[j]));
+          di[j] = sp > 0 ? T(double(gi[j]) * sigmoid(double(xi[j])) / (2 * std::sqrt(sp))) : T(0);
         }
       }
-    }
+    });
   });
 }
 
 void CpuV4Kernels::topk_indices(const Tensor& scores, const Tensor& bias, const Tensor& idx) {
   dispatch_float(scores, [&]<class T>() {
     const T* s = scores.data<T>();
-    const T* b = bias.defined() ? bias.data<T>() : nullptr;
+    const T* b = ptr_or_null<T>(bias);
     int32_t* out = idx.data<int32_t>();
     int64_t n = scores.size(0), e = scores.size(1), k = idx.size(1);
 #pragma omp parallel
@@ -186,7 +180,7 @@ double CpuV4Kernels::balance_loss(const Tensor& scores, const Tensor& idx, doubl
   dispatch_float(scores, [&]<class T>() {
     const T* s = scores.data<T>();
     const int32_t* id = idx.data<int32_t>();
-    T* ds = dscores.defined() ? dscores.data<T>() : nullptr;
+    T* ds = ptr_or_null<T>(dscores);
     int64_t B = scores.size(0), Tn = scores.size(1), E = scores.size(2), k = idx.size(2);
     // f (B,E): E/(kT) * number of tokens whose selection contains expert i (a repeated slot counts once).
     std::vector<double> f(B * E, 0.0);
@@ -226,7 +220,7 @@ void CpuV4Kernels::gather_rows(const Tensor& src, const Tensor& rows, const Tens
   dispatch_float(src, [&]<class T>() {
     const T* x = src.data<T>();
     const int32_t* r = rows.data<int32_t>();
-    const T* sc = scale.defined() ? scale.data<T>() : nullptr;
+    const T* sc = ptr_or_null<T>(scale);
     T* o = dst.data<T>();
     int64_t M = dst.size(0), C = dst.size(1);
 #pragma omp parallel for schedule(static)
@@ -243,7 +237,7 @@ void CpuV4Kernels::scatter_add_rows(const Tensor& src, const Tensor& rows, const
   dispatch_float(src, [&]<class T>() {
     const T* x = src.data<T>();
     const int32_t* r = rows.data<int32_t>();
-    const T* sc = scale.defined() ? scale.data<T>() : nullptr;
+    const T* sc = ptr_or_null<T>(scale);
     T* o = dst.data<T>();
     int64_t M = src.size(0), C = src.size(1);
     // Parallel over column blocks, rows in order: repeated rows add up deterministically.
