@@ -772,7 +772,7 @@ struct V4Model::Impl {
   Context ctx;
   Tensor X0, emb, logits, losses, X_final;
   std::vector<Tensor> X_in;  // each layer's input
-  Tensor mtp_ids, mtp_targets, e_raw, e_rstd, e_n, xs_rstd, xs, Xm, mtp_logits, mtp_losses;
+  Tensor mtp_ids, mtp_targets, e_raw, e_rstd, e_n, xs_rstd, xs, Xm, mtp_logits, mtp_losses, mtp_dlogits;
   bool ran = false;  // a forward has run (routing_indices is defined)
 
   // Every MoE layer (the MTP block last), and the score-routed ones.
@@ -997,7 +997,9 @@ double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, T
   m.logits = m.head->forward(X, m.output);
   m.losses = Tensor::empty({N}, dt);
   Tensor targets = batch.targets.reshape({N});
-  ops::cross_entropy(m.logits, targets, m.losses, 0.0, Tensor());
+  // With backward, one fused call gives the losses and their gradient (the logits are not needed afterwards).
+  Tensor dlogits = backward ? Tensor::empty(m.logits.shape(), dt) : Tensor();
+  ops::cross_entropy(m.logits, targets, m.losses, loss_scale, dlogits);
   stats_.main_loss_sum = sum_of(m.losses);
   stats_.main_targets = n_targets;
   if (logits_out) *logits_out = m.logits.clone();
@@ -1030,7 +1032,8 @@ double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, T
     Tensor Xo = m.mtp_block->forward(ctx, m.Xm, expert_load_.back());
     m.mtp_logits = m.mtp_head->forward(Xo, m.output);
     m.mtp_losses = Tensor::empty({N}, dt);
-    ops::cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, 0.0, Tensor());
+    m.mtp_dlogits = backward ? Tensor::empty(m.mtp_logits.shape(), dt) : Tensor();
+    ops::cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, loss_scale * c.mtp_loss_weight, m.mtp_dlogits);
     stats_.mtp_loss_sum = sum_of(m.mtp_losses);
   }
   for (MoE* f : m.moes()) {
@@ -1050,13 +1053,10 @@ double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, T
   // ---------------------------------------------------------------- backward
   Tensor dX = Tensor::zeros({N, n, d}, dt);
   Tensor demb = Tensor::zeros({N, d}, dt);  // d loss / d embedding rows of the input tokens
-  Tensor dlogits = Tensor::empty(m.logits.shape(), dt);
-  ops::cross_entropy(m.logits, targets, m.losses, loss_scale, dlogits);
   Tensor dXf = m.head->backward(dlogits, m.output);
   ops::axpy(1.0, dXf, dX);
   if (m.mtp_block) {
-    Tensor dml = Tensor::empty(m.mtp_logits.shape(), dt);
-    ops::cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, loss_scale * c.mtp_loss_weight, dml);
+    const Tensor& dml = m.mtp_dlogits;
     Tensor dXo = m.mtp_head->backward(dml, m.output);
     Tensor dXm = m.mtp_block->backward(ctx, dXo);
     // X_k = e_proj e + h_proj rmsnorm(X_main,k).
