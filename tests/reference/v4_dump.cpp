@@ -6,34 +6,12 @@
 // block; MTP is not exported): OUT_DIR/hf (the export) and OUT_DIR/dump.h5 (ids and Tessera's fp32 logits), for
 // check_v4_hf.py.
 #include <cstdio>
-#include <nlohmann/json.hpp>
 
 #include "io/h5.h"
 #include "io/hf_export.h"
 #include "tests/unit/v4_test_model.h"
 
 using namespace tessera;
-
-static std::string config_json(const ModelConfig& c) {
-  nlohmann::json j = {
-      {"arch", c.arch}, {"vocab_size", c.vocab_size}, {"dim", c.dim}, {"n_layers", c.n_layers},
-      {"max_seq_len", c.max_seq_len}, {"norm_eps", c.norm_eps}, {"rope_theta", c.rope_theta},
-      {"head_dim", c.head_dim}, {"rope_dim", c.rope_dim}, {"n_heads", c.n_heads}, {"q_lora_rank", c.q_lora_rank},
-      {"o_groups", c.o_groups}, {"o_lora_rank", c.o_lora_rank}, {"window", c.window},
-      {"compress_ratios", c.compress_ratios}, {"csa_ratio", c.csa_ratio},
-      {"compress_rope_theta", c.compress_rope_theta}, {"yarn_factor", c.yarn_factor},
-      {"yarn_original_len", c.yarn_original_len}, {"yarn_beta_fast", c.yarn_beta_fast},
-      {"yarn_beta_slow", c.yarn_beta_slow}, {"index_n_heads", c.index_n_heads},
-      {"index_head_dim", c.index_head_dim}, {"index_topk", c.index_topk}, {"indexer_fp4", c.indexer_fp4},
-      {"kv_fp8", c.kv_fp8}, {"indexer_loss_weight", c.indexer_loss_weight},
-      {"n_routed_experts", c.n_routed_experts}, {"n_shared_experts", c.n_shared_experts},
-      {"n_activated_experts", c.n_activated_experts}, {"moe_inter_dim", c.moe_inter_dim},
-      {"n_hash_layers", c.n_hash_layers}, {"route_scale", c.route_scale}, {"score_func", c.score_func},
-      {"swiglu_limit", c.swiglu_limit}, {"balance_loss_weight", c.balance_loss_weight}, {"hc_mult", c.hc_mult},
-      {"hc_sinkhorn_iters", c.hc_sinkhorn_iters}, {"hc_eps", c.hc_eps}, {"mtp_depth", c.mtp_depth},
-      {"mtp_loss_weight", c.mtp_loss_weight}};
-  return j.dump();
-}
 
 static int dump_for_hf(const std::string& dir) {
   ModelConfig cfg = testing::tiny_v4_config();
@@ -51,7 +29,7 @@ static int dump_for_hf(const std::string& dir) {
   for (Param* p : model.saved_tensors()) named.emplace_back(p->name, p->value);
   write_hf_v4(cfg, named, dir + "/hf", 0, 1);
   io::H5Writer w(dir + "/dump.h5");
-  w.write_attr("config_json", config_json(cfg));
+  w.write_attr("config_json", testing::v4_config_json(cfg));
   w.write_attr("dtype", std::string("f32"));
   w.write_tensor("batch/ids", batch.ids);
   w.write_tensor("out/logits", logits.reshape({B, T, V}));
@@ -81,7 +59,7 @@ int main(int argc, char** argv) {
   model.forward(batch, &logits);
 
   io::H5Writer w(out);
-  w.write_attr("config_json", config_json(cfg));
+  w.write_attr("config_json", testing::v4_config_json(cfg));
   w.write_attr("dtype", prec);
   for (const Param* p : model.params()) w.write_tensor("params/" + p->name, p->value);
   for (const Param* p : model.buffers()) w.write_tensor("params/" + p->name, p->value);

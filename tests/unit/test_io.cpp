@@ -21,6 +21,7 @@
 #include "io/h5.h"
 #include "io/hf_export.h"
 #include "io/safetensors.h"
+#include "tests/unit/v4_test_model.h"
 
 namespace tessera::io {
 namespace {
@@ -761,21 +762,7 @@ TEST(HfExportV4, DISABLED_DumpForHf) {
   NamedTensors params = fake_v4_params(c, false);
   write_hf_v4(c, params, (dir / "hf").string(), 0, 1);
   write_safetensors((dir / "tessera.safetensors").string(), params, {{"format", "pt"}});
-  nlohmann::ordered_json j = {
-      {"vocab_size", c.vocab_size}, {"dim", c.dim}, {"n_layers", c.n_layers}, {"n_heads", c.n_heads},
-      {"norm_eps", c.norm_eps}, {"rope_theta", c.rope_theta}, {"head_dim", c.head_dim}, {"rope_dim", c.rope_dim},
-      {"q_lora_rank", c.q_lora_rank}, {"o_groups", c.o_groups}, {"o_lora_rank", c.o_lora_rank},
-      {"window", c.window}, {"compress_ratios", c.compress_ratios}, {"csa_ratio", c.csa_ratio},
-      {"compress_rope_theta", c.compress_rope_theta}, {"yarn_factor", c.yarn_factor},
-      {"yarn_original_len", c.yarn_original_len}, {"yarn_beta_fast", c.yarn_beta_fast},
-      {"yarn_beta_slow", c.yarn_beta_slow}, {"index_n_heads", c.index_n_heads},
-      {"index_head_dim", c.index_head_dim}, {"index_topk", c.index_topk}, {"indexer_fp4", c.indexer_fp4},
-      {"kv_fp8", c.kv_fp8}, {"n_routed_experts", c.n_routed_experts}, {"n_shared_experts", c.n_shared_experts},
-      {"n_activated_experts", c.n_activated_experts}, {"moe_inter_dim", c.moe_inter_dim},
-      {"n_hash_layers", c.n_hash_layers}, {"route_scale", c.route_scale}, {"score_func", c.score_func},
-      {"swiglu_limit", c.swiglu_limit}, {"hc_mult", c.hc_mult}, {"hc_sinkhorn_iters", c.hc_sinkhorn_iters},
-      {"hc_eps", c.hc_eps}};
-  std::ofstream(dir / "tessera_config.json") << j.dump(2) << "\n";
+  std::ofstream(dir / "tessera_config.json") << tessera::testing::v4_config_json(c) << "\n";
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // initialisation so that no term hides behind a zero or a one.
 #pragma once
 #include <cmath>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "core/rng.h"
@@ -71,6 +72,28 @@ inline void randomize_v4(V4Model& model, uint64_t seed) {
     Rng{seed + 2, stream_id(p->name.c_str())}.fill_normal(f.data<float>(), f.numel(), 0.0, 0.3);
     p->value.copy_from(f.to(p->value.dtype()));
   }
+}
+
+// Every V4 field of a config, as the Python oracles read it (tests/reference/*.py: config_json / tessera_config.json).
+inline std::string v4_config_json(const ModelConfig& c) {
+  nlohmann::ordered_json j = {
+      {"arch", c.arch}, {"vocab_size", c.vocab_size}, {"dim", c.dim}, {"n_layers", c.n_layers},
+      {"max_seq_len", c.max_seq_len}, {"norm_eps", c.norm_eps}, {"rope_theta", c.rope_theta},
+      {"head_dim", c.head_dim}, {"rope_dim", c.rope_dim}, {"n_heads", c.n_heads}, {"q_lora_rank", c.q_lora_rank},
+      {"o_groups", c.o_groups}, {"o_lora_rank", c.o_lora_rank}, {"window", c.window},
+      {"compress_ratios", c.compress_ratios}, {"csa_ratio", c.csa_ratio},
+      {"compress_rope_theta", c.compress_rope_theta}, {"yarn_factor", c.yarn_factor},
+      {"yarn_original_len", c.yarn_original_len}, {"yarn_beta_fast", c.yarn_beta_fast},
+      {"yarn_beta_slow", c.yarn_beta_slow}, {"index_n_heads", c.index_n_heads},
+      {"index_head_dim", c.index_head_dim}, {"index_topk", c.index_topk}, {"indexer_fp4", c.indexer_fp4},
+      {"kv_fp8", c.kv_fp8}, {"indexer_loss_weight", c.indexer_loss_weight},
+      {"n_routed_experts", c.n_routed_experts}, {"n_shared_experts", c.n_shared_experts},
+      {"n_activated_experts", c.n_activated_experts}, {"moe_inter_dim", c.moe_inter_dim},
+      {"n_hash_layers", c.n_hash_layers}, {"route_scale", c.route_scale}, {"score_func", c.score_func},
+      {"swiglu_limit", c.swiglu_limit}, {"balance_loss_weight", c.balance_loss_weight}, {"hc_mult", c.hc_mult},
+      {"hc_sinkhorn_iters", c.hc_sinkhorn_iters}, {"hc_eps", c.hc_eps}, {"mtp_depth", c.mtp_depth},
+      {"mtp_loss_weight", c.mtp_loss_weight}};
+  return j.dump(2);
 }
 
 // Two rows of 32 tokens: the first packs two documents (13 + 19 tokens), the second one; a few masked targets.
