@@ -428,6 +428,7 @@ struct MoE {
   ops::ScoreFunc score_func = ops::ScoreFunc::sqrt_softplus;
 
   Tensor h, logits, scores, idx, weights, rows, slots, wflat, xe, ye;
+  Tensor dscores;  // (N, E): the balance loss's gradient, from the forward when training
   std::vector<int64_t> offsets;  // per expert, into the dispatched rows; E + 1 entries
   std::vector<Tensor> g_, u_, s_;  // per expert SwiGLU inputs and output
   Tensor sg, su, ss;               // shared expert
@@ -496,11 +497,12 @@ struct MoE {
     preact_max_abs = 0;
     weights = Tensor::empty({N, k}, dt);
     ops::route_weights_forward(scores, idx, score_func != ops::ScoreFunc::softmax, c.route_scale, weights);
-    if (!hash) {
-      double bal = ops::balance_loss(scores.reshape({ctx.B, ctx.T, E}), idx.reshape({ctx.B, ctx.T, k}),
-                                     c.balance_loss_weight, 0.0, Tensor());
-      ctx.balance_loss += bal;
-    }
+    // The balance loss, and when training its gradient (kept for the backward: one pass computes both).
+    dscores = ctx.backward ? Tensor::zeros(scores.shape(), dt) : Tensor();
+    if (!hash)
+      ctx.balance_loss += ops::balance_loss(scores.reshape({ctx.B, ctx.T, E}), idx.reshape({ctx.B, ctx.T, k}),
+                                            c.balance_loss_weight, ctx.aux_scale,
+                                            ctx.backward ? dscores.reshape({ctx.B, ctx.T, E}) : Tensor());
     // Dispatch: tokens grouped by expert, in token order within an expert (host-side bookkeeping).
     const int32_t* ix = idx.data<int32_t>();
     offsets.assign(E + 1, 0);
@@ -585,13 +587,9 @@ struct MoE {
       linear_backward_acc(x, w3.value.slice(e, 1).reshape({F, d}), du, dx, w3.grad.slice(e, 1).reshape({F, d}));
     }
     ops::scatter_add_rows(dxe, rows, Tensor(), dh);
-    // Router: gate weights, and the balance loss on score-routed layers.
-    Tensor dscores = Tensor::zeros(scores.shape(), dt);
+    // Router: gate weights, added to the balance loss's gradient from the forward.
     ops::route_weights_backward(scores, idx, dweights.reshape({N, k}), score_func != ops::ScoreFunc::softmax,
                                 c.route_scale, dscores);
-    if (!hash)
-      ops::balance_loss(scores.reshape({ctx.B, ctx.T, E}), idx.reshape({ctx.B, ctx.T, k}), c.balance_loss_weight,
-                        ctx.aux_scale, dscores.reshape({ctx.B, ctx.T, E}));
     Tensor dlogits = Tensor::empty(logits.shape(), dt);
     ops::router_scores_backward(logits, scores, dscores, score_func, dlogits);
     linear_backward_acc(h, gate.value, dlogits, dh, gate.grad);
