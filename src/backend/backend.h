@@ -7,11 +7,18 @@ namespace tessera {
 
 class V4Kernels;
 
+// How an accelerator may compute fp32 matrix products: exactly in fp32, or on bf16 tensor cores (inputs rounded
+// to bf16, fp32 accumulation and output). fp64 products are always exact; the CPU backend is always exact.
+enum class MatmulPrecision { fp32, bf16 };
+
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual const char* name() const = 0;
+  virtual void set_matmul_precision(MatmulPrecision) {}
+  // Waits for queued device work (timing); a no-op on the CPU.
+  virtual void synchronize() {}
 
   // C[b] = alpha * op(A[b]) @ op(B[b]) + beta * C[b]; A, B, C are (M,K)/(K,M), (K,N)/(N,K), (M,N), with an
   // optional leading batch dimension (a batch of 1 broadcasts A or B).
@@ -88,8 +95,11 @@ class V4Kernels {
 #undef TS_V4_KERNEL
 };
 
-// The backend that owns tensors on `device`; throws if that device's backend was not built.
+// The backend that owns tensors on `device`; throws if that device's backend was not built or no such device
+// is present.
 Backend& backend_for(Device device);
 void register_backend(Backend* backend);
+// Whether `device` can be used: built in, and (for cuda) a GPU present.
+bool device_available(Device device);
 
 }  // namespace tessera

@@ -7,6 +7,19 @@ namespace tessera {
 
 const char* device_name(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
 
+static thread_local Device t_default_device = Device::cpu;
+Device default_device() { return t_default_device; }
+DeviceScope::DeviceScope(Device d) : saved_(t_default_device) { t_default_device = d; }
+DeviceScope::~DeviceScope() { t_default_device = saved_; }
+
+static DeviceMemory g_device_memory;
+void register_device_memory(const DeviceMemory& memory) { g_device_memory = memory; }
+
+static const DeviceMemory& device_memory() {
+  TS_CHECK(g_device_memory.allocate, "no CUDA backend in this build (configure with -DTESSERA_CUDA=ON)");
+  return g_device_memory;
+}
+
 std::string shape_str(const Shape& s) {
   std::string out = "(";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -29,10 +42,6 @@ static Shape contiguous_strides(const Shape& shape) {
   return st;
 }
 
-// Device allocation lives with the backend; the core only knows how to allocate host memory.
-using DeviceAllocator = std::shared_ptr<Storage> (*)(size_t bytes);
-DeviceAllocator g_cuda_allocator = nullptr;
-
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   for (int64_t d : shape) TS_CHECK(d >= 0, "negative dimension in ", shape_str(shape));
   Tensor t;
@@ -49,16 +58,15 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
     st->deleter = [](void* p) { std::free(p); };
     t.storage_ = std::move(st);
   } else {
-    TS_CHECK(g_cuda_allocator, "no CUDA backend in this build");
-    t.storage_ = g_cuda_allocator(bytes);
+    t.storage_ = device_memory().allocate(bytes);
   }
   return t;
 }
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype, Device device) {
-  TS_CHECK(device == Device::cpu, "Tensor::zeros is host-only; use the backend's fill on devices");
   Tensor t = empty(shape, dtype, device);
-  std::memset(t.raw(), 0, t.nbytes());
+  if (device == Device::cpu) std::memset(t.raw(), 0, t.nbytes());
+  else device_memory().zero(t.raw(), t.nbytes());
   return t;
 }
 
@@ -82,18 +90,19 @@ Tensor Tensor::slice(int64_t start, int64_t length) const {
   return t;
 }
 
-Tensor Tensor::clone() const {
-  TS_CHECK(device_ == Device::cpu && is_contiguous(), "clone needs a contiguous host tensor");
-  Tensor t = empty(shape_, dtype_, device_);
-  std::memcpy(t.raw(), raw(), nbytes());
+Tensor Tensor::clone() const { return to_device(device_); }
+
+Tensor Tensor::to_device(Device device) const {
+  Tensor t = empty(shape_, dtype_, device);
+  t.copy_from(*this);
   return t;
 }
 
 void Tensor::copy_from(const Tensor& src) {
   TS_CHECK(src.shape_ == shape_ && src.dtype_ == dtype_, "copy_from ", src.str(), " into ", str());
-  TS_CHECK(device_ == Device::cpu && src.device_ == Device::cpu && is_contiguous() && src.is_contiguous(),
-           "copy_from needs contiguous host tensors");
-  std::memmove(raw(), src.raw(), nbytes());
+  TS_CHECK(is_contiguous() && src.is_contiguous(), "copy_from needs contiguous tensors");
+  if (device_ == Device::cpu && src.device_ == Device::cpu) std::memmove(raw(), src.raw(), nbytes());
+  else device_memory().copy(raw(), src.raw(), nbytes());
 }
 
 template <class To, class From>
@@ -120,7 +129,8 @@ static void convert_from(const From* src, const Tensor& out) {
 }
 
 Tensor Tensor::to(DType dtype) const {
-  TS_CHECK(device_ == Device::cpu && is_contiguous(), "to() needs a contiguous host tensor");
+  TS_CHECK(device_ == Device::cpu && is_contiguous(), "to(", dtype_name(dtype), ") needs a contiguous host tensor, got ",
+           device_name(device_), " ", str());
   if (dtype == dtype_) return clone();
   Tensor out = empty(shape_, dtype, device_);
   switch (dtype_) {

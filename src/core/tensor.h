@@ -14,6 +14,20 @@ namespace tessera {
 enum class Device : uint8_t { cpu, cuda };
 const char* device_name(Device d);
 
+// The device that tensors allocated without an explicit device go to (cpu unless a DeviceScope says
+// otherwise). Models and op tests allocate their tensors this way, so the same code runs on any device.
+Device default_device();
+class DeviceScope {
+ public:
+  explicit DeviceScope(Device d);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  Device saved_;
+};
+
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);
 int64_t shape_numel(const Shape& s);
@@ -29,13 +43,22 @@ struct Storage {
   }
 };
 
+struct Storage;
+// How the core reaches accelerator memory; the CUDA backend registers this (core has no CUDA dependency).
+struct DeviceMemory {
+  std::shared_ptr<Storage> (*allocate)(size_t bytes) = nullptr;
+  void (*zero)(void* p, size_t bytes) = nullptr;
+  void (*copy)(void* dst, const void* src, size_t bytes) = nullptr;  // any direction (unified addressing)
+};
+void register_device_memory(const DeviceMemory& memory);
+
 class Tensor {
  public:
   Tensor() = default;
 
   // A new contiguous tensor on `device` (contents undefined / zero-filled).
-  static Tensor empty(const Shape& shape, DType dtype, Device device = Device::cpu);
-  static Tensor zeros(const Shape& shape, DType dtype, Device device = Device::cpu);
+  static Tensor empty(const Shape& shape, DType dtype, Device device = default_device());
+  static Tensor zeros(const Shape& shape, DType dtype, Device device = default_device());
 
   bool defined() const { return storage_ != nullptr; }
   DType dtype() const { return dtype_; }
@@ -48,10 +71,14 @@ class Tensor {
   size_t nbytes() const { return numel() * dtype_size(dtype_); }
   bool is_contiguous() const;
 
+  // The element pointer on the tensor's own device (backends use this).
   void* raw() const { return static_cast<char*>(storage_->data) + offset_ * dtype_size(dtype_); }
+  // Host access: a device tensor must be copied first (to_device(Device::cpu)).
   template <class T>
   T* data() const {
     TS_CHECK(dtype_of<T>() == dtype_, "tensor is ", dtype_name(dtype_), ", accessed as ", dtype_name(dtype_of<T>()));
+    TS_CHECK(device_ == Device::cpu, "host access to a ", device_name(device_), " tensor ", str(),
+             " (copy it with to_device(Device::cpu))");
     return static_cast<T*>(raw());
   }
 
@@ -59,10 +86,11 @@ class Tensor {
   Tensor reshape(const Shape& shape) const;
   Tensor slice(int64_t start, int64_t length) const;
 
-  // Deep copies.
-  Tensor clone() const;
-  Tensor to(DType dtype) const;  // CPU only: converts between float types (f32, f64, bf16)
-  void copy_from(const Tensor& src);  // same shape and dtype, CPU
+  // Deep copies (contiguous tensors).
+  Tensor clone() const;                   // same device
+  Tensor to_device(Device device) const;  // a copy on `device` (a copy even if already there)
+  Tensor to(DType dtype) const;           // host only: converts between float types (f32, f64, bf16)
+  void copy_from(const Tensor& src);      // same shape and dtype, any devices
 
   std::string str() const;  // "f32(2, 3)"
 
