@@ -1,6 +1,9 @@
 #include "op_harness.h"
 
 #include <cmath>
+#include <cstdlib>
+
+#include "backend/backend.h"
 
 namespace tessera::testing {
 
@@ -37,6 +40,21 @@ double max_rel_diff(const Tensor& a, const Tensor& b) {
   for (int64_t i = 0; i < b.numel(); ++i) scale = std::max(scale, std::abs(value_at(b, i)));
   for (int64_t i = 0; i < a.numel(); ++i) diff = std::max(diff, std::abs(value_at(a, i) - value_at(b, i)));
   return diff / scale;
+}
+
+static Tensors to_device(const Tensors& in, Device device) {
+  Tensors out;
+  for (const Tensor& t : in) out.push_back(t.defined() ? t.to_device(device) : t);
+  return out;
+}
+
+// Whether to compare against the CUDA backend: a GPU is present, or TESSERA_REQUIRE_CUDA=1 (gpu-check.sh) makes
+// its absence an error rather than a silent CPU-only run.
+static bool cuda_parity_enabled() {
+  if (device_available(Device::cuda)) return true;
+  const char* need = std::getenv("TESSERA_REQUIRE_CUDA");
+  if (need && std::string(need) == "1") ADD_FAILURE() << "TESSERA_REQUIRE_CUDA=1 but no CUDA device is usable";
+  return false;
 }
 
 static Tensors to_dtype(const Tensors& in, DType dtype) {
@@ -96,13 +114,33 @@ void check_op(const OpCase& c) {
   Tensors out32 = c.forward(in32);
   for (size_t o = 0; o < out64.size(); ++o)
     EXPECT_LE(max_rel_diff(out32[o], out64[o]), c.f32_tol) << c.name << ": fp32 output " << o << " vs fp64";
-  Tensors grads32 = c.backward(in32, out32, to_dtype(r, DType::f32));
+  Tensors r32 = to_dtype(r, DType::f32);
+  Tensors grads32 = c.backward(in32, out32, r32);
   for (size_t k = 0; k < c.inputs.size(); ++k) {
     if (c.differentiable[k]) {
       EXPECT_LE(max_rel_diff(grads32[k], grads64[k]), 10 * c.f32_tol)
           << c.name << ": fp32 gradient of input " << k << " vs fp64";
     }
   }
+
+  // 3. The CUDA backend's fp32 forward and backward against the CPU's fp32 (same tolerances as step 2: the two
+  // differ only in the order of fp32 sums). The case's functions allocate on the default device, which the
+  // scope makes the GPU.
+  if (!cuda_parity_enabled()) return;
+  Tensors in_gpu = to_device(in32, Device::cuda), r_gpu = to_device(r32, Device::cuda);
+  Tensors out_gpu, grads_gpu;
+  {
+    DeviceScope on_gpu(Device::cuda);
+    Tensors out_dev = c.forward(in_gpu);
+    grads_gpu = to_device(c.backward(in_gpu, out_dev, r_gpu), Device::cpu);
+    out_gpu = to_device(out_dev, Device::cpu);
+  }
+  for (size_t o = 0; o < out32.size(); ++o)
+    EXPECT_LE(max_rel_diff(out_gpu[o], out32[o]), c.f32_tol) << c.name << ": CUDA output " << o << " vs CPU (fp32)";
+  for (size_t k = 0; k < c.inputs.size(); ++k)
+    if (c.differentiable[k])
+      EXPECT_LE(max_rel_diff(grads_gpu[k], grads32[k]), 10 * c.f32_tol)
+          << c.name << ": CUDA gradient of input " << k << " vs CPU (fp32)";
 }
 
 }  // namespace tessera::testing
