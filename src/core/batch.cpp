@@ -9,4 +9,9 @@ int64_t TokenBatch::count_targets() const {
   return n;
 }
 
+TokenBatch TokenBatch::on(Device device) const {
+  auto move = [&](const Tensor& t) { return !t.defined() || t.device() == device ? t : t.to_device(device); };
+  return TokenBatch{move(ids), move(targets), move(doc)};
+}
+
 }  // namespace tessera

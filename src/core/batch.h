@@ -12,6 +12,8 @@ struct TokenBatch {
   int64_t batch_size() const { return ids.size(0); }
   int64_t seq_len() const { return ids.size(1); }
   int64_t count_targets() const;  // positions that carry a loss
+  // This batch with its tensors on `device` (shared, not copied, where they are already there).
+  TokenBatch on(Device device) const;
 };
 
 }  // namespace tessera

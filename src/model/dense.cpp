@@ -7,8 +7,9 @@
 
 namespace tessera {
 
-DenseModel::DenseModel(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype_(dtype) {
+DenseModel::DenseModel(const ModelConfig& cfg, DType dtype, Device device) : cfg_(cfg), device_(device), dtype_(dtype) {
   cfg_.validate();
+  DeviceScope on_device(device_);  // every tensor below (and in ensure_buffers) is allocated on the model's device
   const int64_t C = cfg.dim, V = cfg.vocab_size, F = cfg.ffn_dim, hd = cfg.attn_head_dim();
   tok_embeddings_ = make_param("tok_embeddings", ParamKind::embedding, {V, C}, dtype);
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
@@ -46,7 +47,7 @@ void DenseModel::init(uint64_t seed) {
       continue;
     }
     bool residual = p->name.ends_with(".wo") || p->name.ends_with(".w2");
-    Tensor f32 = Tensor::empty(p->value.shape(), DType::f32);
+    Tensor f32 = Tensor::empty(p->value.shape(), DType::f32, Device::cpu);
     Rng{seed, stream_id(p->name.c_str())}.fill_normal(f32.data<float>(), f32.numel(), 0.0,
                                                        residual ? residual_std : cfg_.init_std);
     p->value.copy_from(f32.to(dtype_));
@@ -57,6 +58,7 @@ void DenseModel::ensure_buffers(int64_t B, int64_t T) {
   if (B == B_ && T == T_) return;
   if (T > cfg_.max_seq_len) TS_FAIL("sequence length ", T, " exceeds model.max_seq_len ", cfg_.max_seq_len);
   B_ = B, T_ = T;
+  DeviceScope on_device(device_);
   const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, H = cfg_.n_heads, KH = cfg_.n_kv_heads;
   const int64_t hd = cfg_.attn_head_dim(), V = cfg_.vocab_size;
   auto buf = [&](const Shape& s) { return Tensor::empty(s, dtype_); };
@@ -65,8 +67,9 @@ void DenseModel::ensure_buffers(int64_t B, int64_t T) {
     acts_.push_back(LayerActs{buf({N, C}), buf({N, C}), buf({N}), buf({B, T, H, hd}), buf({B, T, KH, hd}),
                               buf({B, T, KH, hd}), buf({B, T, H, hd}), buf({B, H, T}), buf({N, C}), buf({N, C}),
                               buf({N}), buf({N, F}), buf({N, F}), buf({N, F})});
-  positions_ = Tensor::empty({N}, DType::i32);
-  for (int64_t i = 0; i < N; ++i) positions_.data<int32_t>()[i] = static_cast<int32_t>(i % T);
+  Tensor positions = Tensor::empty({N}, DType::i32, Device::cpu);
+  for (int64_t i = 0; i < N; ++i) positions.data<int32_t>()[i] = static_cast<int32_t>(i % T);
+  positions_ = positions.to_device(device_);
   x_final_ = buf({N, C});
   h_final_ = buf({N, C});
   rstd_final_ = buf({N});
@@ -78,6 +81,7 @@ void DenseModel::ensure_buffers(int64_t B, int64_t T) {
 }
 
 void DenseModel::run_forward(const TokenBatch& batch) {
+  TS_CHECK(batch.ids.device() == device_, "run_forward: batch on ", device_name(batch.ids.device()));
   const int64_t B = batch.batch_size(), T = batch.seq_len();
   ensure_buffers(B, T);
   const int64_t N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
@@ -108,21 +112,24 @@ void DenseModel::run_forward(const TokenBatch& batch) {
   ops::linear_forward(h_final_, output_.value, logits_);
 }
 
-static double sum_losses(const Tensor& losses) {
+static double sum_losses(const Tensor& device_losses) {
+  Tensor losses = device_losses.device() == Device::cpu ? device_losses : device_losses.to_device(Device::cpu);
   double total = 0;  // in order: deterministic
   for (int64_t i = 0; i < losses.numel(); ++i)
     total += losses.dtype() == DType::f32 ? losses.data<float>()[i] : losses.data<double>()[i];
   return total;
 }
 
-double DenseModel::forward(const TokenBatch& batch, Tensor* logits) {
+double DenseModel::forward(const TokenBatch& host_batch, Tensor* logits) {
+  const TokenBatch batch = host_batch.on(device_);
   run_forward(batch);
   if (logits) *logits = logits_.clone();
   ops::cross_entropy(logits_, batch.targets.reshape({B_ * T_}), losses_, 1.0, Tensor());
   return sum_losses(losses_);
 }
 
-double DenseModel::forward_backward(const TokenBatch& batch, double loss_scale) {
+double DenseModel::forward_backward(const TokenBatch& host_batch, double loss_scale) {
+  const TokenBatch batch = host_batch.on(device_);
   run_forward(batch);
   const int64_t B = B_, T = T_, N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
   const double scale = 1.0 / std::sqrt(double(hd));

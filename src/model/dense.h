@@ -12,7 +12,8 @@ namespace tessera {
 
 class DenseModel final : public Model {
  public:
-  explicit DenseModel(const ModelConfig& cfg, DType dtype = DType::f32);
+  // Parameters, activations and gradients live on `device`.
+  explicit DenseModel(const ModelConfig& cfg, DType dtype = DType::f32, Device device = Device::cpu);
 
   const ModelConfig& config() const override { return cfg_; }
   ParamList params() override;
@@ -38,6 +39,7 @@ class DenseModel final : public Model {
   void run_forward(const TokenBatch& batch);
 
   ModelConfig cfg_;
+  Device device_;
   DType dtype_;
   Param tok_embeddings_, norm_, output_;
   std::vector<Layer> layers_;

@@ -16,9 +16,12 @@ ParamList Model::saved_tensors() {
   return ps;
 }
 
-std::unique_ptr<Model> make_model(const ModelConfig& cfg, DType dtype) {
-  if (cfg.is_v4()) return std::make_unique<V4Model>(cfg, dtype);
-  return std::make_unique<DenseModel>(cfg, dtype);
+std::unique_ptr<Model> make_model(const ModelConfig& cfg, DType dtype, Device device) {
+  if (cfg.is_v4()) {
+    TS_CHECK(device == Device::cpu, "the deepseek_v4 model runs on the CPU only so far");
+    return std::make_unique<V4Model>(cfg, dtype);
+  }
+  return std::make_unique<DenseModel>(cfg, dtype, device);
 }
 
 }  // namespace tessera

@@ -28,7 +28,8 @@ class Model {
   virtual double forward_backward(const TokenBatch& batch, double loss_scale) = 0;
 };
 
-// The model a config describes (arch "dense" or "deepseek_v4").
-std::unique_ptr<Model> make_model(const ModelConfig& cfg, DType dtype = DType::f32);
+// The model a config describes (arch "dense" or "deepseek_v4"), its tensors on `device`. Host batches are
+// copied to the model's device by forward and forward_backward.
+std::unique_ptr<Model> make_model(const ModelConfig& cfg, DType dtype = DType::f32, Device device = Device::cpu);
 
 }  // namespace tessera

@@ -137,10 +137,12 @@ void check_op(const OpCase& c) {
   }
   for (size_t o = 0; o < out32.size(); ++o)
     EXPECT_LE(max_rel_diff(out_gpu[o], out32[o]), c.f32_tol) << c.name << ": CUDA output " << o << " vs CPU (fp32)";
-  for (size_t k = 0; k < c.inputs.size(); ++k)
-    if (c.differentiable[k])
+  for (size_t k = 0; k < c.inputs.size(); ++k) {
+    if (c.differentiable[k]) {
       EXPECT_LE(max_rel_diff(grads_gpu[k], grads32[k]), 10 * c.f32_tol)
           << c.name << ": CUDA gradient of input " << k << " vs CPU (fp32)";
+    }
+  }
 }
 
 }  // namespace tessera::testing

@@ -2,6 +2,7 @@
 // against a naive formula written out independently here.
 #include <cmath>
 
+#include "backend/backend.h"
 #include "op_harness.h"
 #include "ops/ops.h"
 
@@ -282,7 +283,8 @@ static OpCase cross_entropy_case() {
     // The fused backward gives d(0.25 * sum losses)/dlogits; scale by dloss_i / 0.25 row-wise to match sum d_i*loss_i.
     Tensor losses = Tensor::empty({5}, in[0].dtype()), dl = like_zeros(in[0]);
     ops::cross_entropy(in[0], in[1], losses, 0.25, dl);
-    for (int64_t i = 0; i < 5; ++i) ops::scale(dl.slice(i, 1), value_at(d[0], i) / 0.25);
+    Tensor d_host = d[0].to_device(Device::cpu);  // the row weights, read on the host
+    for (int64_t i = 0; i < 5; ++i) ops::scale(dl.slice(i, 1), value_at(d_host, i) / 0.25);
     return Tensors{dl, Tensor()};
   };
   return c;
@@ -326,4 +328,41 @@ TEST(Ops, SumSquaresIsExact) {
   double want = 0;
   for (int64_t i = 0; i < x.numel(); ++i) want += value_at(x, i) * value_at(x, i);
   EXPECT_NEAR(ops::sum_squares(x), want, 1e-9 * want);
+}
+
+// The ops outside check_op's forward/backward pattern (optimizer update, reductions, in-place elementwise),
+// on the CUDA backend against the CPU. Skips without a GPU.
+TEST(Ops, CudaUpdateAndReductionsMatchCpu) {
+  if (!device_available(Device::cuda)) GTEST_SKIP() << "no CUDA device: CUDA parity of the in-place ops not run";
+  auto on_gpu = [](const Tensor& t) { return t.to_device(Device::cuda); };
+  for (DType dt : {DType::f32, DType::f64}) {
+    SCOPED_TRACE(dtype_name(dt));
+    Tensor p = random_tensor({33, 17}, 40, 1.0, dt), g = random_tensor({33, 17}, 41, 1.0, dt);
+    Tensor m = random_tensor({33, 17}, 42, 0.1, dt), v = random_tensor({33, 17}, 43, 0.1, dt);
+    ops::scale(v, 0.0);
+    ops::axpy(1.0, m, v);
+    ops::gemm(m, false, m, true, Tensor::empty({33, 33}, dt), 1.0, 0.0);  // warm both backends' paths
+    Tensor pg = on_gpu(p), gg = on_gpu(g), mg = on_gpu(m), vg = on_gpu(v);
+    for (int64_t step = 1; step <= 3; ++step) {
+      ops::adamw_update(p, g, m, v, 0.01, 0.9, 0.95, 1e-8, 0.1, step);
+      ops::adamw_update(pg, gg, mg, vg, 0.01, 0.9, 0.95, 1e-8, 0.1, step);
+    }
+    const double tol = dt == DType::f32 ? 1e-6 : 1e-14;
+    EXPECT_LE(max_rel_diff(pg.to_device(Device::cpu), p), tol) << "adamw param";
+    EXPECT_LE(max_rel_diff(mg.to_device(Device::cpu), m), tol) << "adamw m";
+    EXPECT_LE(max_rel_diff(vg.to_device(Device::cpu), v), tol) << "adamw v";
+    EXPECT_NEAR(ops::sum_squares(gg), ops::sum_squares(g), tol * ops::sum_squares(g)) << "sum_squares";
+    ops::axpy(-0.5, gg, pg);
+    ops::axpy(-0.5, g, p);
+    ops::scale(pg, 3.0);
+    ops::scale(p, 3.0);
+    EXPECT_LE(max_rel_diff(pg.to_device(Device::cpu), p), tol) << "axpy + scale";
+    ops::fill(pg, 2.5);
+    EXPECT_EQ(value_at(pg.to_device(Device::cpu), 100), 2.5) << "fill";
+    Tensor x = random_tensor({3, 5, 4}, 44, 1.0, dt), out = Tensor::empty({5, 3, 4}, dt);
+    Tensor outg = Tensor::empty({5, 3, 4}, dt, Device::cuda);
+    ops::transpose01(x, out);
+    ops::transpose01(on_gpu(x), outg);
+    EXPECT_EQ(max_rel_diff(outg.to_device(Device::cpu), out), 0.0) << "transpose01";
+  }
 }
