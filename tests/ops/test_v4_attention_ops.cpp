@@ -8,6 +8,8 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <utility>
+#include <vector>
 
 #include "op_harness.h"
 #include "ops/ops.h"
@@ -459,12 +461,20 @@ OpCase indexer_case(const std::string& name, const IndexerSetup& s) {
   c.name = "indexer_scores " + name;
   c.inputs = indexer_inputs(s);
   c.differentiable = {true, true, true, false, false};
-  // -inf entries become 0 so the harness's projected loss stays finite; their dscores must be ignored.
-  c.forward = [](const Tensors& in) {
+  // -inf entries (those outside the visible ranges) become 0 so the harness's projected loss stays finite; their
+  // dscores must be ignored. The visible runs (flat offset, length) come from the host index tensors, so the
+  // forward only copies device memory (it runs on the GPU too): zeros, then each visible run copied over.
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  const int64_t NB = s.NB;
+  for (int64_t r = 0; r < s.B * s.T; ++r) {
+    int64_t b0 = int64_t(value_at(c.inputs[3], r)), e0 = int64_t(value_at(c.inputs[4], r));
+    if (e0 > b0) runs.emplace_back(r * NB + b0, e0 - b0);
+  }
+  c.forward = [runs](const Tensors& in) {
     Tensor sc = indexer_forward(in);
-    for (int64_t i = 0; i < sc.numel(); ++i)
-      if (std::isinf(value_at(sc, i))) set_at(sc, i, 0.0);
-    return Tensors{sc};
+    Tensor flat = sc.reshape({sc.numel()}), res = Tensor::zeros({sc.numel()}, sc.dtype(), sc.device());
+    for (const auto& [off, len] : runs) res.slice(off, len).copy_from(flat.slice(off, len));
+    return Tensors{res.reshape(sc.shape())};
   };
   c.backward = [](const Tensors& in, const Tensors&, const Tensors& d) {
     Tensor dqi = like_zeros(in[0]), dki = like_zeros(in[1]), dw = like_zeros(in[2]);
@@ -571,14 +581,15 @@ TEST(IndexerKl, Grad) {
   c.name = "indexer_kl";
   c.inputs = kl_inputs();
   c.differentiable = {true, false};
+  // Device-portable: the loss is written with fill, dout read from a host copy.
   c.forward = [](const Tensors& in) {
     Tensor l = Tensor::empty({1}, in[0].dtype());
-    set_at(l, 0, ops::indexer_kl(in[0], in[1], 1.0, Tensor()));
+    ops::fill(l, ops::indexer_kl(in[0], in[1], 1.0, Tensor()));
     return Tensors{l};
   };
   c.backward = [](const Tensors& in, const Tensors&, const Tensors& d) {
     Tensor dz = empty_like(in[0]);
-    ops::indexer_kl(in[0], in[1], value_at(d[0], 0), dz);
+    ops::indexer_kl(in[0], in[1], value_at(d[0].to_device(Device::cpu), 0), dz);
     return Tensors{dz, Tensor()};
   };
   check_op(c);

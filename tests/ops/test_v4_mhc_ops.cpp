@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "op_harness.h"
 #include "ops/v4_ops.h"
 
@@ -570,5 +571,92 @@ TEST_P(QuantTyped, Fp4ValuesAreExactInFp8WhenScaleRatiosAreAtMost2Pow14) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, QuantTyped, ::testing::Values(DType::f32, DType::f64),
                          [](const auto& info) { return dtype_label(info.param); });
+
+// ---------------------------------------------------------------- CUDA against CPU beyond check_op's small cases
+// (skipped without a GPU): the quantisation simulations bit for bit, the Hadamard transform (shared-memory and
+// global-scratch paths, in place), and the gates, collapse and expand at sizes past one thread block.
+
+Tensor on_gpu(const Tensor& t) { return t.defined() ? t.to_device(Device::cuda) : t; }
+Tensor on_cpu(const Tensor& t) { return t.to_device(Device::cpu); }
+
+TEST(V4MhcOps, CudaMatchesCpu) {
+  if (!device_available(Device::cuda)) GTEST_SKIP() << "no CUDA device";
+  for (DType dt : {DType::f32, DType::f64}) {
+    SCOPED_TRACE(dtype_label(dt));
+    double tol = dt == DType::f32 ? 1e-6 : 1e-12;
+    // Quantisation: exact equality, full and partial blocks, dims, in place.
+    Tensor x = from_values(varied_values(6, 512, 32, 95), {6, 512}, dt), xg = on_gpu(x);
+    for (int64_t block : {32, 7, 128}) {
+      Tensor og = Tensor::empty(x.shape(), dt, Device::cuda);
+      ops::fake_quant_fp4(xg, block, og);
+      EXPECT_EQ(values(on_cpu(og)), values(fp4(x, block))) << "fp4 block " << block;
+      for (int64_t dims : {int64_t(-1), int64_t(448), int64_t(0)}) {
+        ops::fake_quant_fp8(xg, block, dims, og);
+        EXPECT_EQ(values(on_cpu(og)), values(fp8(x, block, dims))) << "fp8 block " << block << " dims " << dims;
+      }
+    }
+    Tensor yg = on_gpu(x);
+    ops::fake_quant_fp8(yg, 64, 448, yg);
+    EXPECT_EQ(values(on_cpu(yg)), values(fp8(x, 64, 448))) << "fp8 in place";
+    // Hadamard.
+    for (int64_t D : {int64_t(1), int64_t(512), int64_t(8192)}) {
+      Tensor h = random_tensor({3, D}, 96, 1.0, dt), want = Tensor::empty({3, D}, dt);
+      ops::hadamard(h, want);
+      Tensor hg = on_gpu(h);
+      ops::hadamard(hg, hg);
+      EXPECT_LE(max_rel_diff(on_cpu(hg), want), tol) << "hadamard D " << D;
+    }
+    // Gates, n = 3, 4, 8 (block) and the head, with every gradient and accumulation into nonzero dscale / dbase.
+    for (int64_t n : {3, 4, 8, 0}) {
+      bool block = n > 0;
+      int64_t N = 300, nn = block ? n : 4, M = block ? 2 * n + n * n : nn;
+      SCOPED_TRACE("gates n " + std::to_string(n));
+      Tensor mix = random_tensor({N, M}, 97, 1.0, dt), base = random_tensor({M}, 98, 0.3, dt);
+      Tensor scale = block ? from_values({0.7, -0.9, 1.3}, {3}, dt) : from_values({0.8}, {1}, dt);
+      Tensor dpre = random_tensor({N, nn}, 99, 1.0, dt);
+      Tensor dpost = block ? random_tensor({N, nn}, 100, 1.0, dt) : Tensor();
+      Tensor dcomb = block ? random_tensor({N, nn, nn}, 101, 1.0, dt) : Tensor();
+      Tensor pre = Tensor::empty({N, nn}, dt), post = block ? Tensor::empty({N, nn}, dt) : Tensor();
+      Tensor comb = block ? Tensor::empty({N, nn, nn}, dt) : Tensor();
+      Tensor dmix = Tensor::empty({N, M}, dt), dscale = random_tensor(scale.shape(), 102, 1.0, dt),
+             dbase = random_tensor({M}, 103, 1.0, dt);
+      Tensor gpre = on_gpu(pre), gpost = on_gpu(post), gcomb = on_gpu(comb), gdmix = on_gpu(dmix),
+             gdscale = on_gpu(dscale), gdbase = on_gpu(dbase);
+      ops::hc_gates_forward(mix, scale, base, 20, kEps, pre, post, comb);
+      ops::hc_gates_backward(mix, scale, base, 20, kEps, dpre, dpost, dcomb, dmix, dscale, dbase);
+      ops::hc_gates_forward(on_gpu(mix), on_gpu(scale), on_gpu(base), 20, kEps, gpre, gpost, gcomb);
+      ops::hc_gates_backward(on_gpu(mix), on_gpu(scale), on_gpu(base), 20, kEps, on_gpu(dpre), on_gpu(dpost),
+                             on_gpu(dcomb), gdmix, gdscale, gdbase);
+      EXPECT_LE(max_rel_diff(on_cpu(gpre), pre), tol);
+      if (block) {
+        EXPECT_LE(max_rel_diff(on_cpu(gpost), post), tol);
+        EXPECT_LE(max_rel_diff(on_cpu(gcomb), comb), tol);
+      }
+      EXPECT_LE(max_rel_diff(on_cpu(gdmix), dmix), tol);
+      EXPECT_LE(max_rel_diff(on_cpu(gdscale), dscale), tol);
+      EXPECT_LE(max_rel_diff(on_cpu(gdbase), dbase), tol);
+    }
+    // Collapse and expand with d past one block.
+    const int64_t N = 5, n = 4, d = 1000;
+    Tensor cx = random_tensor({N, n, d}, 104, 1.0, dt), w = random_tensor({N, n}, 105, 1.0, dt),
+           f = random_tensor({N, d}, 106, 1.0, dt), post = random_tensor({N, n}, 107, 1.0, dt),
+           comb = random_tensor({N, n, n}, 108, 1.0, dt), dy = random_tensor({N, d}, 109, 1.0, dt),
+           dout = random_tensor({N, n, d}, 110, 1.0, dt);
+    std::vector<Tensor> cpu_t = {Tensor::empty({N, d}, dt),    Tensor::empty({N, n, d}, dt), Tensor::empty({N, n}, dt),
+                                 Tensor::empty({N, n, d}, dt), Tensor::empty({N, n, d}, dt), Tensor::empty({N, d}, dt),
+                                 Tensor::empty({N, n}, dt),    Tensor::empty({N, n, n}, dt)};
+    std::vector<Tensor> gpu_t;
+    for (const Tensor& t : cpu_t) gpu_t.push_back(on_gpu(t));
+    auto run = [&](const std::vector<Tensor>& o, auto to) {
+      ops::hc_collapse_forward(to(cx), to(w), o[0]);
+      ops::hc_collapse_backward(to(cx), to(w), to(dy), o[1], o[2]);
+      ops::hc_expand_forward(to(cx), to(f), to(post), to(comb), o[3]);
+      ops::hc_expand_backward(to(cx), to(f), to(post), to(comb), to(dout), o[4], o[5], o[6], o[7]);
+    };
+    run(cpu_t, [](const Tensor& t) { return t; });
+    run(gpu_t, [](const Tensor& t) { return on_gpu(t); });
+    for (size_t k = 0; k < cpu_t.size(); ++k) EXPECT_LE(max_rel_diff(on_cpu(gpu_t[k]), cpu_t[k]), tol) << "output " << k;
+  }
+}
 
 }  // namespace

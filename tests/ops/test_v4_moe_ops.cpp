@@ -291,19 +291,21 @@ namespace {
 // Sequence 0 has a repeated expert in one row and a -1 slot; sequence 1 never selects expert 3.
 const std::vector<int32_t> kBalanceIdx = {0, 2, 1, 1, 3, -1, 2, 0, 1, 2, 0, 1};
 
-Tensor scalar(double v, DType dt) { return values({v}, {1}, dt); }
-
 OpCase balance_case() {
   OpCase c;
   c.name = "balance_loss";
   c.inputs = {positive_tensor({2, 3, 4}, 31), ids_tensor(kBalanceIdx, {2, 3, 2})};
   c.differentiable = {true, false};
+  // Device-portable: the loss tensor is allocated on the default device and filled there; dL/dloss is read back.
   c.forward = [](const Tensors& in) {
-    return Tensors{scalar(ops::balance_loss(in[0], in[1], 0.3, 0.0, Tensor()), in[0].dtype())};
+    Tensor loss = Tensor::empty({1}, in[0].dtype());
+    ops::fill(loss, ops::balance_loss(in[0], in[1], 0.3, 0.0, Tensor()));
+    return Tensors{loss};
   };
   c.backward = [](const Tensors& in, const Tensors&, const Tensors& d) {
     Tensor ds = like_zeros(in[0]);
-    ops::balance_loss(in[0], in[1], 0.3, value_at(d[0], 0), ds);  // grad_scale carries dL/dloss
+    double dloss = value_at(d[0].to_device(Device::cpu), 0);
+    ops::balance_loss(in[0], in[1], 0.3, dloss, ds);  // grad_scale carries dL/dloss
     return Tensors{ds, Tensor()};
   };
   return c;
