@@ -1,9 +1,12 @@
 // The MPI communicator (see mpi_communicator.h for the reduction order and the error model).
 #include "parallel/mpi_communicator.h"
 
+#include <cstdlib>
+
 #include <mpi.h>
 
 #include <climits>
+#include <type_traits>
 #include <cstring>
 #include <numeric>
 
@@ -44,38 +47,33 @@ int64_t row_elems(const Tensor& t) {
   return shape_numel(rest);
 }
 
+// op over ranks [lo, hi) of element i, as a pairwise tree: (lo..mid) op (mid..hi), mid = (lo + hi) / 2. The
+// tree makes a sum over 2^k ranks equal the sum of its halves, so a data-parallel group whose ranks hold the
+// pairwise sums of consecutive micro-batches reproduces the single-process pairwise sum bitwise.
+template <class Acc, class T>
+Acc reduce_range(const T* src, int64_t len, int64_t i, int lo, int hi, ReduceOp op) {
+  if (hi - lo == 1) {
+    if constexpr (std::is_same_v<T, bf16>) return from_bf16(src[lo * len + i]);
+    else return src[lo * len + i];
+  }
+  const int mid = (lo + hi) / 2;
+  Acc a = reduce_range<Acc>(src, len, i, lo, mid, op), b = reduce_range<Acc>(src, len, i, mid, hi, op);
+  if (op == ReduceOp::max) return (b > a || b != b) ? b : a;
+  return a + b;
+}
+
 template <class T>
 void reduce_typed(const T* src, int n, int64_t len, T* dst, ReduceOp op) {
+  using Acc = std::conditional_t<std::is_same_v<T, bf16>, float, T>;  // bf16 accumulates in f32, rounded once
   for (int64_t i = 0; i < len; ++i) {
-    if constexpr (std::is_same_v<T, bf16>) {
-      float acc = from_bf16(src[i]);
-      for (int r = 1; r < n; ++r) {
-        float v = from_bf16(src[r * len + i]);
-        if (op == ReduceOp::max) {
-          if (v > acc || v != v) acc = v;
-        } else {
-          acc += v;
-        }
-      }
-      if (op == ReduceOp::avg) acc /= static_cast<float>(n);
-      dst[i] = to_bf16(acc);
-    } else {
-      T acc = src[i];
-      for (int r = 1; r < n; ++r) {
-        T v = src[r * len + i];
-        if (op == ReduceOp::max) {
-          if (v > acc || v != v) acc = v;
-        } else {
-          acc += v;
-        }
-      }
-      if (op == ReduceOp::avg) acc /= static_cast<T>(n);
-      dst[i] = acc;
-    }
+    Acc acc = reduce_range<Acc>(src, len, i, 0, n, op);
+    if (op == ReduceOp::avg) acc /= static_cast<Acc>(n);
+    if constexpr (std::is_same_v<T, bf16>) dst[i] = to_bf16(acc);
+    else dst[i] = acc;
   }
 }
 
-// dst[i] = op over r = 0..n-1 (in this order) of src[r * len + i].
+// dst[i] = op over r = 0..n-1 (a pairwise tree, reduce_range) of src[r * len + i].
 void reduce_chunks(DType t, const void* src, int n, int64_t len, void* dst, ReduceOp op) {
   switch (t) {
     case DType::f32: return reduce_typed(static_cast<const float*>(src), n, len, static_cast<float*>(dst), op);
@@ -366,6 +364,20 @@ int mpi_local_rank() {
   MPI_Comm_rank(local, &r);
   MPI_Comm_free(&local);
   return r;
+}
+
+bool launched_by_mpi() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_PROCID"})
+    if (std::getenv(v)) return true;
+  return false;
+}
+
+void mpi_abort(int code) {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
 }
 
 }  // namespace tessera

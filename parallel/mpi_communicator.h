@@ -2,8 +2,10 @@
 //
 // Determinism: all_reduce and reduce_scatter never use MPI's reduction algorithms. The tensor is cut into
 // size() contiguous chunks (chunk j = elements [N*j/size, N*(j+1)/size)); an MPI_Alltoallv gives rank j
-// chunk j of every rank; rank j reduces them in rank order 0, 1, ..., size-1 (bf16 accumulated in f32 and
-// rounded once; avg = sum / size); an MPI_Allgatherv returns the reduced chunks to everyone. Each element is
+// chunk j of every rank; rank j reduces them over ranks as a pairwise tree (ranks [0, n/2) then [n/2, n),
+// recursively; bf16 accumulated in f32 and rounded once; avg = sum / size); an MPI_Allgatherv returns the
+// reduced chunks to everyone. The tree is what makes data parallelism over 2^k ranks bitwise equal to one
+// process (parallel/data_parallel.h). Each element is
 // therefore summed exactly once, in a fixed order, by one rank: the result is bitwise identical on every rank
 // and across runs with the same group size, whatever MPI's tuned algorithms do. (Bandwidth as a ring
 // all-reduce: each rank sends and receives about 2 (size-1)/size of the tensor.) reduce_scatter is the
@@ -37,5 +39,10 @@ class MpiRuntime {
 std::unique_ptr<Communicator> make_mpi_world();
 // This process's rank among the processes on its node (MPI_COMM_TYPE_SHARED), e.g. to pick a GPU.
 int mpi_local_rank();
+// Whether this process was started by an MPI launcher (mpirun, srun): its environment names a rank.
+bool launched_by_mpi();
+// Ends every process of the job (MPI_Abort on MPI_COMM_WORLD) with `code`: what a rank calls after a fatal error,
+// so that no other rank waits forever in a collective.
+[[noreturn]] void mpi_abort(int code);
 
 }  // namespace tessera

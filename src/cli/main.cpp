@@ -19,6 +19,7 @@
 #include "io/hf_export.h"
 #include "model/model.h"
 #include "model/inspect.h"
+#include "parallel/mpi_communicator.h"
 
 using namespace tessera;
 namespace fs = std::filesystem;
@@ -203,6 +204,26 @@ int cmd_inspect(const std::string& recipe_path, const std::vector<std::string>& 
 
 }  // namespace
 
+// `tessera train` started by mpirun / srun: one process per rank. An error on any rank is printed with the rank
+// and ends the whole job (MPI_Abort), so no other rank waits forever in a collective.
+static int train_under_mpi(int argc, char** argv, const TrainOptions& train) {
+  // MPI and the world communicator outlive the try block: an error must reach MPI_Abort, not MPI_Finalize.
+  MpiRuntime mpi(&argc, &argv);
+  std::unique_ptr<Communicator> world = make_mpi_world();
+  const int rank = world->rank(), size = world->size();
+  set_log_quiet(rank != 0);
+  try {
+    if (train.recipe_path.empty() && train.resume_dir.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");
+    int rc = run_pretrain(train, world.get());
+    world.reset();
+    return rc;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: rank %d of %d: %s\n", rank, size, e.what());
+    std::fflush(stderr);
+    mpi_abort(1);
+  }
+}
+
 int main(int argc, char** argv) {
   CLI::App app{"Tessera: pretraining and post-training of DeepSeek-V4-style models"};
   app.require_subcommand(1);
@@ -299,6 +320,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  if (*c_train && launched_by_mpi()) return train_under_mpi(argc, argv, train);
   try {
     if (*c_train) {
       if (train.recipe_path.empty() && train.resume_dir.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "backend/backend.h"
 #include "cli/model_recipe.h"
 #include "core/log.h"
 #include "data/byte_tokenizer.h"
@@ -19,6 +20,7 @@
 #include "model/model.h"
 #include "model/v4.h"
 #include "ops/ops.h"
+#include "parallel/data_parallel.h"
 
 extern char** environ;
 
@@ -51,6 +53,19 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.seq_len = r.require_int("training.seq_len", 1, c.model.max_seq_len);
   c.grad_accum = r.get_int("training.grad_accum", 1, 1);
   c.grad_clip = r.get_double("training.grad_clip", 1.0, 0.0);
+  c.device = r.get_string("training.device", "cpu", {"cpu", "cuda"}) == "cuda" ? Device::cuda : Device::cpu;
+  c.bf16_matmuls = r.get_string("training.matmul_precision", "fp32", {"fp32", "bf16"}) == "bf16";
+  if (c.device == Device::cuda && !device_available(Device::cuda))
+    TS_FAIL(r.path(), ": training.device = \"cuda\" but this build has no CUDA backend or no GPU is present ",
+            "(build with the cuda preset: launch/build-cuda.sh)");
+  if (c.bf16_matmuls && c.device != Device::cuda)
+    TS_FAIL(r.path(), ": training.matmul_precision = \"bf16\" needs training.device = \"cuda\"");
+  // [parallel]: degrees of data, tensor, pipeline and expert parallelism; -1 = the remaining ranks. Checked
+  // against the world size at start (Topology::make).
+  c.parallel.dp = int(r.get_int("parallel.dp", -1, -1, 1 << 20));
+  c.parallel.tp = int(r.get_int("parallel.tp", 1, -1, 1 << 20));
+  c.parallel.pp = int(r.get_int("parallel.pp", 1, -1, 1 << 20));
+  c.parallel.ep = int(r.get_int("parallel.ep", 1, -1, 1 << 20));
 
   if (c.model.is_v4()) {  // [routing]: anticipatory routing and the loss-spike detector (MoE models only)
     RoutingConfig& a = c.routing;
@@ -384,7 +399,7 @@ void check_same_data_stream(const PretrainConfig& now, const CheckpointMeta& met
 
 }  // namespace
 
-int run_pretrain(const TrainOptions& opts) {
+int run_pretrain(const TrainOptions& opts, Communicator* world) {
   const bool resuming = !opts.resume_dir.empty();
   std::string recipe_path = opts.recipe_path;
   if (resuming) {
@@ -397,6 +412,23 @@ int run_pretrain(const TrainOptions& opts) {
   PretrainConfig cfg = pretrain_config_from_recipe(recipe);
   if (resuming) cfg.run_dir = opts.resume_dir;
   if (!opts.run_dir.empty()) cfg.run_dir = opts.run_dir;
+
+  // Parallel layout: validated against the world size; data parallelism is what is built so far.
+  const int world_size = world ? world->size() : 1;
+  const Topology topo = Topology::make(cfg.parallel, world_size);
+  if (topo.tp() > 1 || topo.pp() > 1 || topo.ep() > 1)
+    TS_FAIL(recipe.path(), ": [parallel] ", topo.str(), ": tensor, pipeline and expert parallelism are not built yet; ",
+            "use data parallelism (parallel.dp) alone");
+  std::unique_ptr<ProcessGroups> groups;
+  Communicator* dp = nullptr;  // the data-parallel group, when there is more than one rank
+  if (world && world_size > 1) {
+    groups = std::make_unique<ProcessGroups>(ProcessGroups::build(topo, *world));
+    dp = groups->dp.get();
+    if (cfg.grad_accum % dp->size() != 0)
+      TS_FAIL(recipe.path(), ": training.grad_accum (", cfg.grad_accum, ") must be a multiple of parallel.dp (",
+              dp->size(), "): each data-parallel rank trains on grad_accum / dp of the step's micro-batches");
+  }
+  const bool writer = !world || world->rank() == 0;  // only rank 0 writes the run directory
 
   std::string resume_from;
   if (resuming) {
@@ -411,7 +443,8 @@ int run_pretrain(const TrainOptions& opts) {
   PackedLoader train_loader(data.train(), cfg.seq_len, cfg.seed, cfg.document_mask);
   PackedLoader val_loader(data.val(), cfg.seq_len, cfg.seed, cfg.document_mask);
 
-  std::unique_ptr<Model> model_ptr = make_model(cfg.model);
+  std::unique_ptr<Model> model_ptr = make_model(cfg.model, DType::f32, cfg.device);
+  backend_for(cfg.device).set_matmul_precision(cfg.bf16_matmuls ? MatmulPrecision::bf16 : MatmulPrecision::fp32);
   Model& model = *model_ptr;
   V4Model* v4 = dynamic_cast<V4Model*>(&model);
   ParamList params = model.params(), saved = model.saved_tensors();
@@ -429,20 +462,31 @@ int run_pretrain(const TrainOptions& opts) {
               cfg.dataset.empty() ? join_paths(cfg.data.files) : cfg.dataset, ") now holds (the token stream's fingerprint differs); resuming would not ",
               "continue the same run");
     start_step = meta.step;
-    truncate_metrics(metrics_path, start_step);
+    if (writer) truncate_metrics(metrics_path, start_step);
     log_info(cat("resuming from ", resume_from, " at step ", start_step));
-  } else {
+  } else if (writer) {
     fs::create_directories(cfg.run_dir);
     write_atomically(metrics_path, "");
   }
-  write_atomically(fs::path(cfg.run_dir) / "recipe.toml", cfg.recipe_toml);
+  if (writer) write_atomically(fs::path(cfg.run_dir) / "recipe.toml", cfg.recipe_toml);
+  if (dp)
+    log_info(cat("data parallel over ", dp->size(), " ranks (", topo.str(), "): ", cfg.grad_accum / dp->size(),
+                 " micro-batch(es) of ", cfg.batch_size, " rows per rank and step, gradients summed in buckets"));
+  std::unique_ptr<GradientBuckets> grad_buckets = dp ? std::make_unique<GradientBuckets>(*dp, params) : nullptr;
+  GradientStack grad_stack;
 
-  const double peak = cfg.peak_flops > 0 ? cfg.peak_flops : measure_gemm_peak();
+  // On a GPU the reference is the H100/H200 dense bf16 peak (989 TFLOP/s); on the CPU the measured fp32 GEMM rate.
+  const double peak = cfg.peak_flops > 0                ? cfg.peak_flops
+                      : cfg.device == Device::cuda ? 989e12
+                                                        : measure_gemm_peak();
   const int64_t tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len;
   const double flops_per_token = cfg.model.train_flops_per_token(cfg.seq_len);
   log_info(cat("model: ", count_elements(params), " parameters; ", cfg.steps, " steps of ", tokens_per_step,
                " tokens; MFU against ", peak / 1e9, " GFLOP/s (",
-               cfg.peak_flops > 0 ? "metrics.peak_flops" : "measured fp32 GEMM", ")"));
+               cfg.peak_flops > 0                ? "metrics.peak_flops"
+               : cfg.device == Device::cuda ? "H100/H200 dense bf16 peak"
+                                                 : "measured fp32 GEMM",
+               ")"));
 
   // Anticipatory routing (V4 only; docs/model.md "Anticipatory routing"): the look-ahead cache, the on_spike
   // state, the loss-spike detector (it runs, and flags spikes in metrics.jsonl, in every mode) and the snapshots.
@@ -491,7 +535,8 @@ int run_pretrain(const TrainOptions& opts) {
     }
   }
 
-  std::ofstream metrics(metrics_path, std::ios::app);
+  std::ofstream metrics;
+  if (writer) metrics.open(metrics_path, std::ios::app);
   const double t_start = now_seconds();
   double window_compute = 0;  // training-step time since the last progress line (evals and checkpoints excluded)
   int64_t window_steps = 0;
@@ -511,7 +556,6 @@ int run_pretrain(const TrainOptions& opts) {
       log_info(ar ? cat("anticipatory routing on from step ", step + 1, " (dt = ", rc.dt, ")")
                   : cat("anticipatory routing off from step ", step + 1, " (back to TopK(scores + bias))"));
     ar_was = ar;
-    model.zero_grad();
     std::vector<TokenBatch> micro;
     int64_t n_targets = 0;
     for (int64_t m = 0; m < cfg.grad_accum; ++m) {
@@ -521,25 +565,67 @@ int run_pretrain(const TrainOptions& opts) {
     double loss_sum = 0, mtp_sum = 0, balance = 0;
     int64_t mtp_targets = 0;
     std::vector<double> swiglu_max, logit_max;  // per MoE layer, max over the micro-batches
-    for (size_t mi = 0; mi < micro.size(); ++mi) {
+    // This rank's micro-batches: all of them, or its contiguous share under data parallelism. Their gradients are
+    // summed pairwise (parallel/data_parallel.h), which the group's all-reduce continues over the ranks.
+    const int64_t per_rank = cfg.grad_accum / (dp ? dp->size() : 1), first = (dp ? dp->rank() : 0) * per_rank;
+    bool first_stats = true;
+    pairwise_gradients(model, first, first + per_rank, grad_stack, [&](int64_t mi) {
       if (v4) {
-        if (cached) cache.apply(*v4, step, int64_t(mi));  // indices from the parameters of step - dt
+        if (cached) cache.apply(*v4, step, mi);  // indices from the parameters of step - dt
         else v4->clear_routing_override();
       }
+      // n_targets counts every micro-batch of the global batch: exact normalisation on every rank.
       loss_sum += model.forward_backward(micro[mi], 1.0 / double(n_targets));
       if (v4) {
         const V4Model::Stats& st = v4->last_stats();
         mtp_sum += st.mtp_loss_sum;
         mtp_targets += st.mtp_targets;
         balance += st.balance_loss / double(micro.size());
-        if (mi == 0) swiglu_max = st.swiglu_input_max_abs, logit_max = st.router_logit_max;
+        if (first_stats) swiglu_max = st.swiglu_input_max_abs, logit_max = st.router_logit_max;
+        first_stats = false;
         for (size_t l = 0; l < swiglu_max.size(); ++l) {
           swiglu_max[l] = std::max(swiglu_max[l], st.swiglu_input_max_abs[l]);
           logit_max[l] = std::max(logit_max[l], st.router_logit_max[l]);
         }
       }
-    }
+    });
     if (v4) v4->clear_routing_override();
+    int64_t comm_bytes = 0;
+    if (dp) {
+      // The global step: gradients, loss sums, V4 statistics and expert loads over the data-parallel group.
+      const int64_t before = dp->stats().total_bytes();
+      grad_buckets->all_reduce();
+      Tensor sums = Tensor::empty({4}, DType::f64, Device::cpu);
+      double* sp = sums.data<double>();
+      sp[0] = loss_sum, sp[1] = mtp_sum, sp[2] = double(mtp_targets), sp[3] = balance;
+      dp->all_reduce(sums, ReduceOp::sum);
+      loss_sum = sp[0], mtp_sum = sp[1], mtp_targets = int64_t(sp[2]);
+      balance = sp[3];  // each rank added balance / grad_accum for its micro-batches
+      if (v4) {
+        auto max_over_ranks = [&](std::vector<double>& v) {
+          if (v.empty()) return;
+          Tensor t = Tensor::empty({int64_t(v.size())}, DType::f64, Device::cpu);
+          std::copy(v.begin(), v.end(), t.data<double>());
+          dp->all_reduce(t, ReduceOp::max);
+          std::copy(t.data<double>(), t.data<double>() + v.size(), v.begin());
+        };
+        max_over_ranks(swiglu_max);
+        max_over_ranks(logit_max);
+        std::vector<std::vector<int64_t>> loads = v4->expert_load();
+        int64_t n = 0;
+        for (const auto& l : loads) n += int64_t(l.size());
+        Tensor t = Tensor::empty({n}, DType::i64, Device::cpu);
+        int64_t at = 0;
+        for (const auto& l : loads)
+          for (int64_t x : l) t.data<int64_t>()[at++] = x;
+        dp->all_reduce(t, ReduceOp::sum);
+        at = 0;
+        for (auto& l : loads)
+          for (int64_t& x : l) x = t.data<int64_t>()[at++];
+        v4->set_expert_load(loads);  // the bias update sees the loads of the whole global batch
+      }
+      comm_bytes = dp->stats().total_bytes() - before;
+    }
     const double loss = loss_sum / double(n_targets);
 
     // The spike detector, against the losses of the previous steps.
@@ -585,7 +671,8 @@ int run_pretrain(const TrainOptions& opts) {
               << ", \"grad_norm\": " << json_number(grad_norm) << ", \"tokens\": " << done * tokens_per_step
               << ", \"tokens_per_s\": " << json_number(tokens_per_s)
               << ", \"mfu\": " << json_number(tokens_per_s * flops_per_token / peak)
-              << ", \"elapsed_s\": " << json_number(now_seconds() - t_start) << moe_metrics << routing_metrics << extra
+              << ", \"elapsed_s\": " << json_number(now_seconds() - t_start)
+              << (dp ? cat(", \"comm_bytes\": ", comm_bytes) : std::string()) << moe_metrics << routing_metrics << extra
               << "}\n"
               << std::flush;
     };
@@ -673,7 +760,7 @@ int run_pretrain(const TrainOptions& opts) {
       window_compute = 0;
       window_steps = 0;
     }
-    if ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last) {
+    if (writer && ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last)) {
       CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind,
                           data.tokenizer->hash()};
       const std::string path = checkpoint_path(cfg.run_dir, done);
@@ -697,6 +784,8 @@ int run_pretrain(const TrainOptions& opts) {
       }
     }
   }
+  if (dp) dp->barrier();  // the last checkpoint is on disk before any rank exits
+  if (!writer) return 0;
   bool plotted = plot_losses(cfg.run_dir);
   log_info(cat("run directory: ", cfg.run_dir, " (metrics.jsonl, recipe.toml, checkpoints/",
                plotted ? ", loss.png" : "", ")"));

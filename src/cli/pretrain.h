@@ -9,6 +9,7 @@
 #include "data/token_dataset.h"
 #include "model/config.h"
 #include "optim/optimizer.h"
+#include "parallel/topology.h"
 
 namespace tessera {
 
@@ -36,6 +37,9 @@ struct PretrainConfig {
   bool document_mask = true;
   int64_t steps = 0, batch_size = 0, seq_len = 0, grad_accum = 1;
   double grad_clip = 1.0;
+  Device device = Device::cpu;           // training.device: where the model, gradients and optimizer state live
+  bool bf16_matmuls = false;             // training.matmul_precision = "bf16": tensor-core products (GPU only)
+  ParallelConfig parallel;                // [parallel]: dp x tp x pp (+ ep) over the MPI world
   RoutingConfig routing;
   OptimizerConfig optimizer;
   LrSchedule schedule;
@@ -77,7 +81,9 @@ struct TrainOptions {
   int64_t stop_after = -1;  // stop (without a final checkpoint) after this many steps: for tests of resume
 };
 
-int run_pretrain(const TrainOptions& opts);
+// world: the MPI world when launched by mpirun/srun (nullptr: one process). Only rank 0 writes files and logs.
+class Communicator;
+int run_pretrain(const TrainOptions& opts, Communicator* world = nullptr);
 
 // Mean loss over the first max_batches held-out batches (consecutive windows), per target token and per byte
 // of the text the targets stand for (comparable across tokenizers).

@@ -98,7 +98,7 @@ Tensor Tensor::to_device(Device device) const {
   return t;
 }
 
-void Tensor::copy_from(const Tensor& src) {
+void Tensor::copy_from(const Tensor& src) const {
   TS_CHECK(src.shape_ == shape_ && src.dtype_ == dtype_, "copy_from ", src.str(), " into ", str());
   TS_CHECK(is_contiguous() && src.is_contiguous(), "copy_from needs contiguous tensors");
   if (device_ == Device::cpu && src.device_ == Device::cpu) std::memmove(raw(), src.raw(), nbytes());

@@ -90,7 +90,7 @@ class Tensor {
   Tensor clone() const;                   // same device
   Tensor to_device(Device device) const;  // a copy on `device` (a copy even if already there)
   Tensor to(DType dtype) const;           // host only: converts between float types (f32, f64, bf16)
-  void copy_from(const Tensor& src);      // same shape and dtype, any devices
+  void copy_from(const Tensor& src) const;  // same shape and dtype, any devices (writes the data, not the handle)
 
   std::string str() const;  // "f32(2, 3)"
 

@@ -174,9 +174,11 @@ void check_format(const io::H5Reader& r, const std::string& path) {
 // Weights and moments are finite by construction; a non-finite value means damage the HDF5 checksum missed
 // (Fletcher-32 cannot tell 0x0000 from 0xFFFF).
 void read_finite(const io::H5Reader& r, const std::string& path, const std::string& name, const Tensor& dst) {
-  r.read_into(name, dst);
-  const float* p = dst.dtype() == DType::f32 ? dst.data<float>() : nullptr;
-  for (int64_t i = 0; p && i < dst.numel(); ++i)
+  Tensor host = dst.device() == Device::cpu ? dst : Tensor::empty(dst.shape(), dst.dtype(), Device::cpu);
+  r.read_into(name, host);
+  if (dst.device() != Device::cpu) dst.copy_from(host);
+  const float* p = host.dtype() == DType::f32 ? host.data<float>() : nullptr;
+  for (int64_t i = 0; p && i < host.numel(); ++i)
     if (!std::isfinite(p[i]))
       TS_FAIL("checkpoint '", path, "': tensor '", name, "' holds a non-finite value at element ", i,
               "; the file is corrupted");

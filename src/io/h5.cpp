@@ -258,8 +258,7 @@ void H5Writer::check_open() const { TS_CHECK(file_ >= 0, "H5Writer for '", path_
 void H5Writer::write_tensor(const std::string& name, const Tensor& t) {
   check_open();
   check_name(path_, name);
-  TS_CHECK(t.defined() && t.device() == Device::cpu && t.is_contiguous(), "write_tensor '", name,
-           "' needs a contiguous host tensor");
+  TS_CHECK(t.defined() && t.is_contiguous(), "write_tensor '", name, "' needs a contiguous tensor");
   std::string context = cat(where(path_), ": cannot write tensor '", name, "'");
   if (object_type(file_, name) != H5I_BADID) TS_FAIL(context, ": the name is already taken");
 
@@ -282,8 +281,9 @@ void H5Writer::write_tensor(const std::string& name, const Tensor& t) {
                                      H5P_DEFAULT),
                           context),
                  H5Dclose);
+  const Tensor host = t.device() == Device::cpu ? t : t.to_device(Device::cpu);  // GPU tensors go via the host
   if (t.numel() > 0)
-    check(H5Dwrite(dataset.get(), memory_type(t.dtype()), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.raw()), context);
+    check(H5Dwrite(dataset.get(), memory_type(t.dtype()), H5S_ALL, H5S_ALL, H5P_DEFAULT, host.raw()), context);
   if (t.dtype() == DType::bf16) write_string_attr(dataset.get(), "dtype", "bf16", context);
 }
 
@@ -454,8 +454,13 @@ Tensor H5Reader::read_tensor(const std::string& name) const {
 }
 
 void H5Reader::read_into(const std::string& name, const Tensor& dst) const {
-  TS_CHECK(dst.defined() && dst.device() == Device::cpu && dst.is_contiguous(), "read_into '", name,
-           "' needs a contiguous host tensor");
+  TS_CHECK(dst.defined() && dst.is_contiguous(), "read_into '", name, "' needs a contiguous tensor");
+  if (dst.device() != Device::cpu) {  // GPU tensors are read via the host
+    Tensor host = Tensor::empty(dst.shape(), dst.dtype(), Device::cpu);
+    read_into(name, host);
+    dst.copy_from(host);
+    return;
+  }
   Handle dataset(open_dataset(name), H5Dclose);
   Info i = info(dataset.get(), name);
   if (i.shape != dst.shape())

@@ -17,10 +17,7 @@ ParamList Model::saved_tensors() {
 }
 
 std::unique_ptr<Model> make_model(const ModelConfig& cfg, DType dtype, Device device) {
-  if (cfg.is_v4()) {
-    TS_CHECK(device == Device::cpu, "the deepseek_v4 model runs on the CPU only so far");
-    return std::make_unique<V4Model>(cfg, dtype);
-  }
+  if (cfg.is_v4()) return std::make_unique<V4Model>(cfg, dtype, device);
   return std::make_unique<DenseModel>(cfg, dtype, device);
 }
 

@@ -26,14 +26,24 @@ Tensor linear(const Tensor& x, const Param& w) {
   return y;
 }
 
-double sum_of(const Tensor& t) {
+// A tensor's contents on the host: itself when it is there, else a copy (one device-to-host transfer).
+Tensor on_host(const Tensor& t) { return !t.defined() || t.device() == Device::cpu ? t : t.to_device(Device::cpu); }
+// A (host-built) tensor on `device`: itself when it is there, else a copy.
+Tensor on_device(const Tensor& t, Device device) {
+  return !t.defined() || t.device() == device ? t : t.to_device(device);
+}
+
+double sum_of(const Tensor& device_t) {
+  const Tensor t = on_host(device_t);
   double s = 0;  // in order: deterministic
   for (int64_t i = 0; i < t.numel(); ++i) s += t.dtype() == DType::f32 ? t.data<float>()[i] : t.data<double>()[i];
   return s;
 }
 
-// max_i t_i (or max_i |t_i|) over a CPU float tensor: a host loop, for the spike instrumentation. -inf when empty.
-double max_of(const Tensor& t, bool abs) {
+// max_i t_i (or max_i |t_i|) over a float tensor: a host loop (after one copy to the host for a device tensor),
+// for the spike instrumentation. -inf when empty.
+double max_of(const Tensor& device_t, bool abs) {
+  const Tensor t = on_host(device_t);
   double m = -std::numeric_limits<double>::infinity();
   const int64_t n = t.numel();
   auto scan = [&](const auto* p) {
@@ -51,19 +61,25 @@ struct Constants {
 
 // Everything a forward pass shares across layers.
 struct Context {
-  const TokenBatch* batch = nullptr;
+  Device device = Device::cpu;  // the model's
+  TokenBatch batch;       // on the model's device
+  TokenBatch host_batch;  // the same on the host, for the index bookkeeping
   int64_t B = 0, T = 0, N = 0;
   Tensor positions;  // (N) i32
-  std::vector<BlockLayout> layouts;  // by ratio (found by m)
+  std::vector<BlockLayout> layouts;       // by ratio (found by m), on the model's device
+  std::vector<BlockLayout> host_layouts;  // the same on the host
+  std::vector<Tensor> all_visible;        // per layout: HCA's (B, T, max_visible) indices, built on first use
   Constants k;
   bool backward = false;
   double loss_scale = 0;   // forward_backward's scale
   double aux_scale = 0;    // gradient multiplier of the per-batch auxiliary losses: loss_scale * N_tgt
   double indexer_kl_sum = 0, balance_loss = 0;
 
-  const BlockLayout& layout(int64_t m) const {
-    for (const BlockLayout& l : layouts)
-      if (l.m == m) return l;
+  const BlockLayout& layout(int64_t m) const { return layouts[layout_index(m)]; }
+  const BlockLayout& host_layout(int64_t m) const { return host_layouts[layout_index(m)]; }
+  size_t layout_index(int64_t m) const {
+    for (size_t i = 0; i < layouts.size(); ++i)
+      if (layouts[i].m == m) return i;
     TS_FAIL("no block layout for ratio ", m);
   }
 };
@@ -263,6 +279,7 @@ struct Attention {
     if (c.kv_fp8) ops::fake_quant_fp8(kv.reshape({N, hd}), 64, hd - c.rope_dim, kv.reshape({N, hd}));
     // Compressed entries and which of them each query attends.
     cidx = Tensor();
+    cidx_host = Tensor();
     ckv = Tensor();
     if (comp) {
       const BlockLayout& L = ctx.layout(ratio);
@@ -275,7 +292,7 @@ struct Attention {
     out = Tensor::empty({B, T, H, hd}, dt);
     lse = Tensor::empty({B, T, H}, dt);
     if (!cidx.defined()) ckv = Tensor();  // no query sees a completed block
-    ops::sparse_attention_forward(q, kv.reshape({B, T, hd}), ckv, cidx, sink.value, ctx.batch->doc, c.window,
+    ops::sparse_attention_forward(q, kv.reshape({B, T, hd}), ckv, cidx, sink.value, ctx.batch.doc, c.window,
                                   1.0 / std::sqrt(double(hd)), out, lse);
     if (csa && c.indexer_loss_weight > 0) indexer_loss(ctx);
     // Output: inverse RoPE (position-relative), grouped low-rank projection.
@@ -291,15 +308,21 @@ struct Attention {
     return linear(z, wo_b);
   }
 
-  // HCA: every visible compressed entry, in order. cidx undefined when no query sees any.
+  // HCA: every visible compressed entry, in order. cidx undefined when no query sees any. Built on the host from
+  // the host layout, copied to the device once per batch and layout (shared by the layers of that ratio).
   Tensor all_visible(Context& ctx, const BlockLayout& L) const {
     if (L.max_visible == 0) return Tensor();
-    Tensor idx = Tensor::empty({ctx.B, ctx.T, L.max_visible}, DType::i32);
-    const int32_t *vb = L.vis_begin.data<int32_t>(), *ve = L.vis_end.data<int32_t>();
+    const size_t li = ctx.layout_index(L.m);
+    if (ctx.all_visible.size() <= li) ctx.all_visible.resize(ctx.layouts.size());
+    if (ctx.all_visible[li].defined()) return ctx.all_visible[li];
+    const BlockLayout& HL = ctx.host_layouts[li];
+    Tensor idx = Tensor::empty({ctx.B, ctx.T, L.max_visible}, DType::i32, Device::cpu);
+    const int32_t *vb = HL.vis_begin.data<int32_t>(), *ve = HL.vis_end.data<int32_t>();
     int32_t* p = idx.data<int32_t>();
     for (int64_t i = 0; i < ctx.N; ++i)
       for (int64_t j = 0; j < L.max_visible; ++j) p[i * L.max_visible + j] = vb[i] + j < ve[i] ? vb[i] + j : -1;
-    return idx;
+    ctx.all_visible[li] = on_device(idx, ctx.device);
+    return ctx.all_visible[li];
   }
 
   // CSA: the lightning indexer's top-k of the visible entries.
@@ -326,23 +349,26 @@ struct Attention {
   }
 
   // The V3.2-style indexer loss over the selected entries (docs/model.md "Objective"). Host-side gather of the
-  // selected scores (index bookkeeping on CPU tensors).
+  // selected scores (index bookkeeping on host copies of cidx, the scores and cprob; the results go back to the
+  // model's device).
   Tensor sel_scores, sel_target;
+  Tensor cidx_host;  // cidx on the host, kept for indexer_backward's scatter
   void indexer_loss(Context& ctx) {
     if (!cidx.defined()) return;
     const int64_t N = ctx.N, K = cidx.size(2), NB = iscores.size(2);
     const DType dt = h.dtype();
     Tensor cprob = Tensor::empty({ctx.B, ctx.T, K}, dt);
     ops::sparse_attention_cprob(q, ckv, cidx, lse, 1.0 / std::sqrt(double(cfg->head_dim)), cprob);
-    sel_scores = Tensor::empty({N, K}, DType::f64);
-    sel_target = cprob.reshape({N, K}).to(DType::f64);
-    Tensor is64 = iscores.to(DType::f64);
-    const int32_t* ci = cidx.data<int32_t>();
+    sel_scores = Tensor::empty({N, K}, DType::f64, Device::cpu);
+    sel_target = on_host(cprob).reshape({N, K}).to(DType::f64);
+    Tensor is64 = on_host(iscores).to(DType::f64);
+    cidx_host = on_host(cidx);
+    const int32_t* ci = cidx_host.data<int32_t>();
     for (int64_t i = 0; i < N * K; ++i)
       sel_scores.data<double>()[i] =
           ci[i] >= 0 ? is64.data<double>()[(i / K) * NB + ci[i]] : -std::numeric_limits<double>::infinity();
-    sel_scores = sel_scores.to(dt);
-    sel_target = sel_target.to(dt);
+    sel_scores = on_device(sel_scores.to(dt), ctx.device);
+    sel_target = on_device(sel_target.to(dt), ctx.device);
     ctx.indexer_kl_sum += ops::indexer_kl(sel_scores, sel_target, 1.0, Tensor());
   }
 
@@ -352,12 +378,13 @@ struct Attention {
     const int64_t cI = c.index_head_dim;
     Tensor dsel = Tensor::empty(sel_scores.shape(), sel_scores.dtype());
     ops::indexer_kl(sel_scores, sel_target, ctx.loss_scale * c.indexer_loss_weight, dsel);
-    Tensor dscores = Tensor::zeros({B, T, NB}, DType::f64);
-    Tensor dsel64 = dsel.to(DType::f64);
-    const int32_t* ci = cidx.data<int32_t>();
+    Tensor dscores = Tensor::zeros({B, T, NB}, DType::f64, Device::cpu);
+    Tensor dsel64 = on_host(dsel).to(DType::f64);
+    if (!cidx_host.defined()) cidx_host = on_host(cidx);
+    const int32_t* ci = cidx_host.data<int32_t>();
     for (int64_t i = 0; i < N * K; ++i)
       if (ci[i] >= 0) dscores.data<double>()[(i / K) * NB + ci[i]] += dsel64.data<double>()[i];
-    dscores = dscores.to(h.dtype());
+    dscores = on_device(dscores.to(h.dtype()), ctx.device);
     Tensor dqi = Tensor::empty(qi.shape(), qi.dtype()), dki = Tensor::empty(ki.shape(), ki.dtype());
     Tensor dw = Tensor::empty({B, T, HI}, h.dtype());
     ops::indexer_scores_backward(qi, ki, iw.reshape({B, T, HI}), L.vis_begin, L.vis_end, dscores, dqi, dki, dw);
@@ -389,7 +416,7 @@ struct Attention {
     rope(dout, ctx.positions, false);  // the transpose of the inverse rotation
     Tensor dq = Tensor::empty(q.shape(), dt), dkv = Tensor::empty({B, T, hd}, dt);
     Tensor dckv = ckv.defined() ? Tensor::empty(ckv.shape(), dt) : Tensor();
-    ops::sparse_attention_backward(q, kv.reshape({B, T, hd}), ckv, cidx, sink.value, ctx.batch->doc, c.window,
+    ops::sparse_attention_backward(q, kv.reshape({B, T, hd}), ckv, cidx, sink.value, ctx.batch.doc, c.window,
                                    1.0 / std::sqrt(double(hd)), out, lse, dout, dq, dkv, dckv, sink.grad);
     Tensor dh = Tensor::zeros({N, c.dim}, dt);
     if (comp) {
@@ -428,6 +455,7 @@ struct MoE {
   ops::ScoreFunc score_func = ops::ScoreFunc::sqrt_softplus;
 
   Tensor h, logits, scores, idx, weights, rows, slots, wflat, xe, ye;
+  Tensor idx_host;  // idx on the host (the same tensor on a CPU model): the dispatch and routing_indices read it
   Tensor dscores;  // (N, E): the balance loss's gradient, from the forward when training
   std::vector<int64_t> offsets;  // per expert, into the dispatched rows; E + 1 entries
   std::vector<Tensor> g_, u_, s_;  // per expert SwiGLU inputs and output
@@ -477,21 +505,36 @@ struct MoE {
     logits = linear(h, gate);
     scores = Tensor::empty({N, E}, dt);
     ops::router_scores_forward(logits, score_func, scores);
-    idx = Tensor::empty({N, k}, DType::i32);
+    // The expert indices, on the host (hash table lookups and overrides are built there and copied to the device
+    // once; TopK runs on the device and its indices come back once: the dispatch below needs them on the host).
+    const Shape idx_shape{N, k};
     if (hash) {
-      const int32_t* ids = ctx.batch->ids.data<int32_t>();
-      const int32_t* table = tid2eid.value.data<int32_t>();
-      for (int64_t i = 0; i < N; ++i) std::copy(table + ids[i] * k, table + (ids[i] + 1) * k, idx.data<int32_t>() + i * k);
+      const int32_t* ids = ctx.host_batch.ids.data<int32_t>();
+      const Tensor table_host = on_host(tid2eid.value);
+      const int32_t* table = table_host.data<int32_t>();
+      idx_host = Tensor::empty(idx_shape, DType::i32, Device::cpu);
+      const int64_t V = tid2eid.value.size(0);
+      for (int64_t i = 0; i < N; ++i) {
+        TS_CHECK(ids[i] >= 0 && ids[i] < V, "token id ", ids[i], " at position ", i, " is outside the vocabulary [0, ",
+                 V, ")");
+        std::copy(table + ids[i] * k, table + (ids[i] + 1) * k, idx_host.data<int32_t>() + i * k);
+      }
+      idx = on_device(idx_host, ctx.device);
     } else if (override_idx.defined()) {
-      TS_CHECK(override_idx.dtype() == DType::i32 && override_idx.shape() == idx.shape(),
-               "routing override for ", gate.name, ": expected i32", shape_str(idx.shape()), ", got ",
+      TS_CHECK(override_idx.dtype() == DType::i32 && override_idx.shape() == idx_shape,
+               "routing override for ", gate.name, ": expected i32", shape_str(idx_shape), ", got ",
                override_idx.str());
-      const int32_t* o = override_idx.data<int32_t>();
+      const Tensor o_host = on_host(override_idx);
+      const int32_t* o = o_host.data<int32_t>();
       for (int64_t i = 0; i < N * k; ++i)
         TS_CHECK(o[i] >= -1 && o[i] < E, "routing override for ", gate.name, ": expert ", o[i], " out of range");
-      idx.copy_from(override_idx);
+      idx_host = Tensor::empty(idx_shape, DType::i32, Device::cpu);
+      idx_host.copy_from(o_host);
+      idx = on_device(idx_host, ctx.device);
     } else {
+      idx = Tensor::empty(idx_shape, DType::i32);
       ops::topk_indices(scores, bias.value, idx);
+      idx_host = on_host(idx);
     }
     logit_max = max_of(logits, false);
     preact_max_abs = 0;
@@ -503,8 +546,9 @@ struct MoE {
       ctx.balance_loss += ops::balance_loss(scores.reshape({ctx.B, ctx.T, E}), idx.reshape({ctx.B, ctx.T, k}),
                                             c.balance_loss_weight, ctx.aux_scale,
                                             ctx.backward ? dscores.reshape({ctx.B, ctx.T, E}) : Tensor());
-    // Dispatch: tokens grouped by expert, in token order within an expert (host-side bookkeeping).
-    const int32_t* ix = idx.data<int32_t>();
+    // Dispatch: tokens grouped by expert, in token order within an expert (host-side bookkeeping; the row lists
+    // go to the device once).
+    const int32_t* ix = idx_host.data<int32_t>();
     offsets.assign(E + 1, 0);
     for (int64_t i = 0; i < N * k; ++i)
       if (ix[i] >= 0) ++offsets[ix[i] + 1];
@@ -513,8 +557,8 @@ struct MoE {
       offsets[e + 1] += offsets[e];
     }
     const int64_t M = offsets[E];
-    rows = Tensor::empty({M}, DType::i32);
-    slots = Tensor::empty({M}, DType::i32);
+    rows = Tensor::empty({M}, DType::i32, Device::cpu);
+    slots = Tensor::empty({M}, DType::i32, Device::cpu);
     std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
     for (int64_t i = 0; i < N * k; ++i)
       if (ix[i] >= 0) {
@@ -522,11 +566,26 @@ struct MoE {
         rows.data<int32_t>()[at] = int32_t(i / k);
         slots.data<int32_t>()[at] = int32_t(i);
       }
+    rows = on_device(rows, ctx.device);
+    slots = on_device(slots, ctx.device);
     wflat = Tensor::empty({M, 1}, dt);
     ops::gather_rows(weights.reshape({N * k, 1}), slots, Tensor(), wflat);
     xe = Tensor::empty({M, d}, dt);
     ops::gather_rows(h, rows, Tensor(), xe);
     ye = Tensor::empty({M, d}, dt);
+    // The SwiGLU inputs: on the host one tensor each, max |x| read from each as it is made; on a device views of
+    // one buffer, whose max |x| is read after the layer with one copy to the host.
+    const int64_t F = c.moe_inter_dim, Fs = has_shared() ? sw1.value.size(0) : 0;
+    const bool on_cpu = ctx.device == Device::cpu;
+    const int64_t preact_n = 2 * M * F + 2 * N * Fs;
+    Tensor preact = on_cpu || preact_n == 0 ? Tensor() : Tensor::empty({preact_n}, dt);
+    int64_t preact_at = 0;
+    auto preact_tensor = [&](int64_t r, int64_t cols) {
+      if (on_cpu) return Tensor::empty({r, cols}, dt);
+      Tensor t = preact.slice(preact_at, r * cols).reshape({r, cols});
+      preact_at += r * cols;
+      return t;
+    };
     g_.assign(E, Tensor());
     u_.assign(E, Tensor());
     s_.assign(E, Tensor());
@@ -534,25 +593,28 @@ struct MoE {
       int64_t n = offsets[e + 1] - offsets[e];
       if (n == 0) continue;
       Tensor x = xe.slice(offsets[e], n);
-      g_[e] = Tensor::empty({n, c.moe_inter_dim}, dt);
-      u_[e] = Tensor::empty({n, c.moe_inter_dim}, dt);
+      g_[e] = preact_tensor(n, F);
+      u_[e] = preact_tensor(n, F);
       s_[e] = Tensor::empty({n, c.moe_inter_dim}, dt);
       ops::linear_forward(x, w1.value.slice(e, 1).reshape({c.moe_inter_dim, d}), g_[e]);
       ops::linear_forward(x, w3.value.slice(e, 1).reshape({c.moe_inter_dim, d}), u_[e]);
-      preact_max_abs = std::max({preact_max_abs, max_of(g_[e], true), max_of(u_[e], true)});
+      if (on_cpu) preact_max_abs = std::max({preact_max_abs, max_of(g_[e], true), max_of(u_[e], true)});
       ops::swiglu_forward(g_[e], u_[e], s_[e], c.swiglu_limit);
       ops::linear_forward(s_[e], w2.value.slice(e, 1).reshape({d, c.moe_inter_dim}), ye.slice(offsets[e], n));
     }
     Tensor y = Tensor::zeros({N, d}, dt);
     if (has_shared()) {
-      sg = linear(h, sw1);
-      su = linear(h, sw3);
-      preact_max_abs = std::max({preact_max_abs, max_of(sg, true), max_of(su, true)});
+      sg = preact_tensor(N, Fs);
+      su = preact_tensor(N, Fs);
+      ops::linear_forward(h, sw1.value, sg);
+      ops::linear_forward(h, sw3.value, su);
+      if (on_cpu) preact_max_abs = std::max({preact_max_abs, max_of(sg, true), max_of(su, true)});
       ss = Tensor::empty(sg.shape(), dt);
       ops::swiglu_forward(sg, su, ss, c.swiglu_limit);
       ops::linear_forward(ss, sw2.value, y);
     }
     ops::scatter_add_rows(ye, rows, wflat.reshape({M}), y);
+    if (preact.defined()) preact_max_abs = std::max(preact_max_abs, max_of(preact, true));
     return y;
   }
 
@@ -690,12 +752,14 @@ struct Head {
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------ layouts
-BlockLayout make_block_layout(const Tensor& doc, int64_t B, int64_t T, int64_t m) {
+BlockLayout make_block_layout(const Tensor& device_doc, int64_t B, int64_t T, int64_t m) {
+  const Tensor doc = on_host(device_doc);
+  const Device cpu = Device::cpu;  // host tensors, whatever the default device
   BlockLayout L;
   L.m = m;
   std::vector<std::vector<int32_t>> starts(B), prevs(B);
-  L.vis_begin = Tensor::empty({B, T}, DType::i32);
-  L.vis_end = Tensor::empty({B, T}, DType::i32);
+  L.vis_begin = Tensor::empty({B, T}, DType::i32, cpu);
+  L.vis_end = Tensor::empty({B, T}, DType::i32, cpu);
   for (int64_t b = 0; b < B; ++b) {
     const int32_t* dp = doc.defined() ? doc.data<int32_t>() + b * T : nullptr;
     int64_t t0 = 0;
@@ -719,10 +783,10 @@ BlockLayout make_block_layout(const Tensor& doc, int64_t B, int64_t T, int64_t m
   }
   for (auto& s : starts) L.NB = std::max<int64_t>(L.NB, int64_t(s.size()));
   L.NB = std::max<int64_t>(L.NB, 1);
-  L.block_start = Tensor::empty({B, L.NB}, DType::i32);
-  L.prev_start = Tensor::empty({B, L.NB}, DType::i32);
-  L.positions = Tensor::empty({B * L.NB}, DType::i32);
-  L.no_prev = Tensor::empty({B, L.NB}, DType::i32);
+  L.block_start = Tensor::empty({B, L.NB}, DType::i32, cpu);
+  L.prev_start = Tensor::empty({B, L.NB}, DType::i32, cpu);
+  L.positions = Tensor::empty({B * L.NB}, DType::i32, cpu);
+  L.no_prev = Tensor::empty({B, L.NB}, DType::i32, cpu);
   std::fill(L.no_prev.data<int32_t>(), L.no_prev.data<int32_t>() + B * L.NB, -1);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t s = 0; s < L.NB; ++s) {
@@ -735,6 +799,7 @@ BlockLayout make_block_layout(const Tensor& doc, int64_t B, int64_t T, int64_t m
 }
 
 Tensor v4_inv_freq(const ModelConfig& c, bool compressed) {
+  DeviceScope host(Device::cpu);  // the rope ops take their frequencies on the host
   const double theta = compressed ? c.compress_rope_theta : c.rope_theta;
   const int64_t r = c.rope_dim, half = r / 2;
   Tensor f = ops::rope_inv_freq(theta, r);
@@ -788,8 +853,10 @@ struct V4Model::Impl {
   }
 };
 
-V4Model::V4Model(const ModelConfig& cfg, DType dtype) : cfg_(cfg), dtype_(dtype), impl_(std::make_unique<Impl>()) {
+V4Model::V4Model(const ModelConfig& cfg, DType dtype, Device device)
+    : cfg_(cfg), dtype_(dtype), device_(device), impl_(std::make_unique<Impl>()) {
   cfg_.validate();
+  DeviceScope on_model_device(device_);  // every parameter and buffer below is allocated on the model's device
   TS_CHECK(cfg_.is_v4(), "V4Model needs model.arch = \"deepseek_v4\", got '", cfg_.arch, "'");
   const ModelConfig& c = cfg_;
   Impl& m = *impl_;
@@ -837,6 +904,7 @@ ParamList V4Model::buffers() {
 }
 
 void V4Model::init(uint64_t seed) {
+  DeviceScope on_model_device(device_);  // values are drawn on the host and copied to the model's device
   const double residual_std = cfg_.init_std / std::sqrt(2.0 * cfg_.n_layers);
   for (Param* p : params()) {
     const string& n = p->name;
@@ -847,7 +915,7 @@ void V4Model::init(uint64_t seed) {
       continue;
     }
     bool residual = n.ends_with("attn.wo_b") || n.ends_with("experts.w2") || n.ends_with("shared.w2");
-    Tensor f32 = Tensor::empty(p->value.shape(), DType::f32);
+    Tensor f32 = Tensor::empty(p->value.shape(), DType::f32, Device::cpu);
     Rng{seed, stream_id(n.c_str())}.fill_normal(f32.data<float>(), f32.numel(), 0.0,
                                                 residual ? residual_std : cfg_.init_std);
     p->value.copy_from(f32.to(dtype_));
@@ -862,7 +930,8 @@ void V4Model::init(uint64_t seed) {
     }
     Rng rng{0, stream_id(p->name.c_str())};
     std::vector<int32_t> perm(E);
-    int32_t* t = p->value.data<int32_t>();
+    Tensor table = on_host(p->value);  // p->value itself on a CPU model
+    int32_t* t = table.data<int32_t>();
     for (int64_t v = 0; v < cfg_.vocab_size; ++v) {
       for (int64_t e = 0; e < E; ++e) perm[e] = int32_t(e);
       for (int64_t j = 0; j < k; ++j) {
@@ -871,6 +940,7 @@ void V4Model::init(uint64_t seed) {
         t[v * k + j] = perm[j];
       }
     }
+    if (p->value.device() != Device::cpu) p->value.copy_from(table);
   }
 }
 
@@ -887,7 +957,7 @@ void V4Model::update_routing_bias(double speed) {
     double mean = 0;
     for (int64_t v : load) mean += double(v);
     mean /= double(load.size());
-    Tensor b = ffn.bias.value.to(DType::f64);
+    Tensor b = on_host(ffn.bias.value).to(DType::f64);
     for (size_t e = 0; e < load.size(); ++e)
       b.data<double>()[e] += speed * (double(load[e]) < mean ? 1.0 : double(load[e]) > mean ? -1.0 : 0.0);
     ffn.bias.value.copy_from(b.to(ffn.bias.value.dtype()));
@@ -902,7 +972,7 @@ int64_t V4Model::n_score_routed_layers() const { return int64_t(impl_->routed().
 std::vector<Tensor> V4Model::routing_indices() const {
   TS_CHECK(impl_->ran, "routing_indices: no forward has run");
   std::vector<Tensor> out;
-  for (MoE* f : impl_->routed()) out.push_back(f->idx.clone());
+  for (MoE* f : impl_->routed()) out.push_back(f->idx_host.clone());
   return out;
 }
 
@@ -950,33 +1020,45 @@ double V4Model::forward_backward(const TokenBatch& batch, double loss_scale) {
   return run(batch, true, loss_scale, nullptr);
 }
 
-double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, Tensor* logits_out) {
+double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scale, Tensor* logits_out) {
+  DeviceScope on_model_device(device_);  // every tensor of the pass is allocated on the model's device
   Impl& m = *impl_;
   const ModelConfig& c = cfg_;
-  const int64_t B = batch.batch_size(), T = batch.seq_len(), N = B * T, n = c.hc_mult, d = c.dim;
+  const int64_t B = any_batch.batch_size(), T = any_batch.seq_len(), N = B * T, n = c.hc_mult, d = c.dim;
   if (T > c.max_seq_len) TS_FAIL("sequence length ", T, " exceeds model.max_seq_len ", c.max_seq_len);
   const DType dt = dtype_;
 
-  // Per-batch context: positions, block layouts per ratio, constants.
+  // Per-batch context: the batch on the device (and on the host for the index bookkeeping), positions, block
+  // layouts per ratio, constants. Host-built index tensors are copied to the device once each.
   Context& ctx = m.ctx;
   ctx = Context{};
-  ctx.batch = &batch;
+  ctx.device = device_;
+  ctx.host_batch = any_batch.on(Device::cpu);
+  ctx.batch = any_batch.on(device_);
+  const TokenBatch& batch = ctx.batch;
+  const TokenBatch& host_batch = ctx.host_batch;
   ctx.B = B, ctx.T = T, ctx.N = N;
   ctx.backward = backward;
   ctx.loss_scale = loss_scale;
-  ctx.positions = Tensor::empty({N}, DType::i32);
-  for (int64_t i = 0; i < N; ++i) ctx.positions.data<int32_t>()[i] = int32_t(i % T);
+  Tensor positions = Tensor::empty({N}, DType::i32, Device::cpu);
+  for (int64_t i = 0; i < N; ++i) positions.data<int32_t>()[i] = int32_t(i % T);
+  ctx.positions = on_device(positions, device_);
   for (int64_t l = 0; l < c.n_layers; ++l) {
     int64_t r = c.layer_ratio(l);
     bool have = r == 0;
     for (const BlockLayout& L : ctx.layouts) have |= L.m == r;
-    if (!have) ctx.layouts.push_back(make_block_layout(batch.doc, B, T, r));
+    if (have) continue;
+    BlockLayout HL = make_block_layout(host_batch.doc, B, T, r), DL = HL;
+    for (Tensor* t : {&DL.block_start, &DL.prev_start, &DL.no_prev, &DL.positions, &DL.vis_begin, &DL.vis_end})
+      *t = on_device(*t, device_);
+    ctx.host_layouts.push_back(std::move(HL));
+    ctx.layouts.push_back(std::move(DL));
   }
   ctx.k.ones = Tensor::empty({N, n}, dt);
   ops::fill(ctx.k.ones, 1.0);
   ctx.k.zeros_nn = Tensor::zeros({N, n, n}, dt);
   ctx.k.zeros_nd = Tensor::zeros({N, n, d}, dt);
-  const int64_t n_targets = batch.count_targets();
+  const int64_t n_targets = host_batch.count_targets();
   ctx.aux_scale = loss_scale * double(n_targets);
 
   // Embedding, copied into the n streams.
@@ -1004,16 +1086,18 @@ double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, T
 
   // MTP: position t reads token t+1 and predicts target t+1.
   if (m.mtp_block) {
-    m.mtp_ids = Tensor::zeros({N}, DType::i32);
-    m.mtp_targets = Tensor::empty({N}, DType::i32);
-    const int32_t *ids = batch.ids.data<int32_t>(), *tg = batch.targets.data<int32_t>();
-    const int32_t* doc = batch.doc.defined() ? batch.doc.data<int32_t>() : nullptr;
+    m.mtp_ids = Tensor::zeros({N}, DType::i32, Device::cpu);
+    m.mtp_targets = Tensor::empty({N}, DType::i32, Device::cpu);
+    const int32_t *ids = host_batch.ids.data<int32_t>(), *tg = host_batch.targets.data<int32_t>();
+    const int32_t* doc = host_batch.doc.defined() ? host_batch.doc.data<int32_t>() : nullptr;
     for (int64_t i = 0; i < N; ++i) {
       bool next = i % T + 1 < T && (!doc || doc[i + 1] == doc[i]);
       m.mtp_ids.data<int32_t>()[i] = i % T + 1 < T ? ids[i + 1] : 0;
       m.mtp_targets.data<int32_t>()[i] = next && tg[i + 1] >= 0 ? tg[i + 1] : -1;
       stats_.mtp_targets += next && tg[i + 1] >= 0;
     }
+    m.mtp_ids = on_device(m.mtp_ids, device_);
+    m.mtp_targets = on_device(m.mtp_targets, device_);
     m.e_raw = Tensor::empty({N, d}, dt);
     ops::embedding_forward(m.mtp_ids, m.tok_embeddings.value, m.e_raw);
     m.e_n = Block::norm(m.e_raw, m.e_norm, c.norm_eps, m.e_rstd);
@@ -1021,7 +1105,7 @@ double V4Model::run(const TokenBatch& batch, bool backward, double loss_scale, T
     m.xs = Block::norm(X.reshape({N * n, d}), m.h_norm, c.norm_eps, m.xs_rstd);
     Tensor hp = linear(m.xs, m.h_proj).reshape({N, n, d});
     ctx.k.eye_nn = Tensor::zeros({N, n, n}, dt);
-    Tensor eye64 = Tensor::zeros({N, n, n}, DType::f64);
+    Tensor eye64 = Tensor::zeros({N, n, n}, DType::f64, Device::cpu);
     for (int64_t i = 0; i < N; ++i)
       for (int64_t j = 0; j < n; ++j) eye64.data<double>()[(i * n + j) * n + j] = 1.0;
     ctx.k.eye_nn.copy_from(eye64.to(dt));

@@ -13,7 +13,8 @@
 namespace tessera {
 
 // Where a row's compressed blocks lie (one layout per compression ratio m): documents are compressed
-// separately and trailing tokens short of m are dropped. Host-side integer bookkeeping.
+// separately and trailing tokens short of m are dropped. Host-side integer bookkeeping: make_block_layout builds
+// host tensors (from `doc` on any device); the model copies them to its device once per batch.
 struct BlockLayout {
   int64_t m = 0, NB = 0;     // ratio; blocks per row (the maximum over rows, at least 1)
   Tensor block_start;        // (B, NB) i32: first token of each block, -1 = padding
@@ -31,7 +32,8 @@ Tensor v4_inv_freq(const ModelConfig& c, bool compressed);
 
 class V4Model final : public Model {
  public:
-  explicit V4Model(const ModelConfig& cfg, DType dtype = DType::f32);
+  // Parameters, buffers, activations and gradients live on `device`; host batches are copied there by the forward.
+  explicit V4Model(const ModelConfig& cfg, DType dtype = DType::f32, Device device = Device::cpu);
   ~V4Model() override;
 
   const ModelConfig& config() const override { return cfg_; }
@@ -57,6 +59,8 @@ class V4Model final : public Model {
   // last call to update_routing_bias / reset_expert_load.
   const std::vector<std::vector<int64_t>>& expert_load() const { return expert_load_; }
   void reset_expert_load();
+  // Replaces the counts (data parallelism: the loads summed over the ranks, before update_routing_bias).
+  void set_expert_load(std::vector<std::vector<int64_t>> load) { expert_load_ = std::move(load); }
   // The aux-loss-free balancing rule (spec §7): bias_i += speed * sign(mean load - load_i) for score-routed layers,
   // from the accumulated loads; then resets them.
   void update_routing_bias(double speed);
@@ -64,10 +68,12 @@ class V4Model final : public Model {
   // Anticipatory routing (spec §11, docs/model.md "Anticipatory routing"). The score-routed MoE layers are the
   // main layers from n_hash_layers on, then the MTP block; hash layers are never overridden.
   int64_t n_score_routed_layers() const;
-  // The (N, k) i32 expert indices each score-routed layer applied in the last forward, in layer order (copies).
+  // The (N, k) i32 expert indices each score-routed layer applied in the last forward, in layer order (host
+  // copies, whatever the model's device).
   std::vector<Tensor> routing_indices() const;
   // Use these indices instead of TopK(scores + bias) in every following forward until cleared: one (N, k) i32
-  // tensor per score-routed layer, in the order of routing_indices(), entries in [0, E) or -1 (an empty slot).
+  // tensor per score-routed layer (on any device), in the order of routing_indices(), entries in [0, E) or -1 (an
+  // empty slot).
   // The gate weights are still the current router scores at these indices (so the router keeps its gradient);
   // the balance loss and the expert loads count the indices applied.
   void set_routing_override(std::vector<Tensor> idx);
@@ -85,6 +91,7 @@ class V4Model final : public Model {
 
   ModelConfig cfg_;
   DType dtype_;
+  Device device_;
   std::unique_ptr<Impl> impl_;
   Stats stats_;
   std::vector<std::vector<int64_t>> expert_load_;

@@ -56,8 +56,7 @@ void scale(const Tensor& x, double alpha) {
 void copy(const Tensor& src, const Tensor& dst) {
   TS_CHECK(src.numel() == dst.numel() && src.dtype() == dst.dtype() && src.is_contiguous() && dst.is_contiguous(),
            "copy: ", src.str(), " -> ", dst.str());
-  TS_CHECK(src.device() == Device::cpu && dst.device() == Device::cpu, "copy: host tensors only");
-  std::memmove(dst.raw(), src.raw(), src.nbytes());
+  dst.copy_from(src.reshape(dst.shape()));  // any devices
 }
 
 double sum_squares(const Tensor& x) {

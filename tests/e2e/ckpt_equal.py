@@ -1,6 +1,7 @@
-"""ckpt_equal.py A.h5 B.h5: exit 0 when the two Tessera checkpoints hold bitwise identical model/* and optim/*
-datasets (same names, dtypes, shapes and bytes) and the same step, seed, optimizer step count and data
-fingerprint; otherwise print each difference and exit 1."""
+"""ckpt_equal.py A.h5 B.h5 [--rtol R]: exit 0 when the two Tessera checkpoints hold bitwise identical model/* and
+optim/* datasets (same names, dtypes, shapes and bytes) and the same step, seed, optimizer step count and data
+fingerprint; otherwise print each difference and exit 1. With --rtol R, float datasets may differ by at most
+R * max|B| (per dataset: max |A - B| / max |B|), as runs whose sums are ordered differently do (parallel layouts)."""
 import sys
 
 import h5py
@@ -18,8 +19,9 @@ def datasets(f):
     return out
 
 
-def main(a_path, b_path):
+def main(a_path, b_path, rtol=None):
     diffs = []
+    worst = [0.0]
     with h5py.File(a_path, "r") as fa, h5py.File(b_path, "r") as fb:
         a, b = datasets(fa), datasets(fb)
         if not any(n.startswith("model/") for n in a) or not any(n.startswith("optim/") for n in a):
@@ -31,6 +33,13 @@ def main(a_path, b_path):
             x, y = a[name], b[name]
             if x.dtype != y.dtype or x.shape != y.shape:
                 diffs.append(f"{name}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}")
+            elif rtol is not None and np.issubdtype(x.dtype, np.floating):
+                x64, y64 = x.astype(np.float64), y.astype(np.float64)
+                scale = max(float(np.max(np.abs(y64))) if y64.size else 0.0, 1e-30)
+                rel = float(np.max(np.abs(x64 - y64))) / scale if x64.size else 0.0
+                worst[0] = max(worst[0], rel)
+                if not rel <= rtol:
+                    diffs.append(f"{name}: max |diff| / max |B| = {rel:.3g} > {rtol:g}")
             elif not np.array_equal(x, y) or x.tobytes() != y.tobytes():
                 n = int(np.count_nonzero(x.view(np.uint8) != y.view(np.uint8)))
                 diffs.append(f"{name}: {n} differing bytes (max |diff| {np.max(np.abs(x - y)):.3g})")
@@ -38,13 +47,19 @@ def main(a_path, b_path):
             va, vb = fa.attrs.get(key), fb.attrs.get(key)
             if va is None or vb is None or va != vb:
                 diffs.append(f"attribute {key}: {va} vs {vb}")
-        print(f"compared {len(a)} datasets of {a_path} and {b_path}")
+        print(f"compared {len(a)} datasets of {a_path} and {b_path}" +
+              (f"; worst relative difference {worst[0]:.3g} (limit {rtol:g})" if rtol is not None else ""))
     for d in diffs:
         print("  differs:", d)
     return 1 if diffs else 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    rtol = None
+    if len(args) == 4 and args[2] == "--rtol":
+        rtol = float(args[3])
+        args = args[:2]
+    if len(args) != 2:
         sys.exit(__doc__)
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(args[0], args[1], rtol))

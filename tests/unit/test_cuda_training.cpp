@@ -38,7 +38,7 @@ ModelConfig small_dense() {
 
 TokenBatch batch_with_docs(uint64_t seed) {
   const int64_t B = 2, T = 48;
-  TokenBatch b = testing::random_token_batch(B, T, 272, seed);
+  TokenBatch b = tessera::testing::random_token_batch(B, T, 272, seed);
   b.targets.data<int32_t>()[5] = -1;
   b.doc = Tensor::empty({B, T}, DType::i32);
   for (int64_t i = 0; i < B * T; ++i) b.doc.data<int32_t>()[i] = int32_t((i % T) >= 20);

@@ -1,0 +1,76 @@
+#include "parallel/data_parallel.h"
+
+#include "model/model.h"
+#include "ops/ops.h"
+
+namespace tessera {
+
+static void pairwise(Model& model, const ParamList& params, int64_t lo, int64_t hi, size_t depth, GradientStack& stack,
+                     const std::function<void(int64_t)>& run) {
+  if (hi - lo == 1) {
+    model.zero_grad();
+    run(lo);
+    return;
+  }
+  const int64_t mid = (lo + hi) / 2;
+  pairwise(model, params, lo, mid, depth + 1, stack, run);
+  if (stack.levels.size() <= depth) stack.levels.resize(depth + 1);
+  std::vector<Tensor>& left = stack.levels[depth];
+  if (left.size() != params.size()) {
+    left.clear();
+    for (Param* p : params) left.push_back(Tensor::empty(p->grad.shape(), p->grad.dtype(), p->grad.device()));
+  }
+  for (size_t i = 0; i < params.size(); ++i) ops::copy(params[i]->grad, left[i]);
+  pairwise(model, params, mid, hi, depth + 1, stack, run);
+  for (size_t i = 0; i < params.size(); ++i) ops::axpy(1.0, left[i], params[i]->grad);  // right + left
+}
+
+void pairwise_gradients(Model& model, int64_t lo, int64_t hi, GradientStack& stack,
+                        const std::function<void(int64_t)>& run) {
+  TS_CHECK(hi > lo, "pairwise_gradients: empty range [", lo, ", ", hi, ")");
+  pairwise(model, model.params(), lo, hi, 0, stack, run);
+}
+
+GradientBuckets::GradientBuckets(Communicator& group, const ParamList& params, size_t bucket_bytes) : group_(group) {
+  Bucket current;
+  size_t bytes = 0;
+  auto close = [&] {
+    if (current.params.empty()) return;
+    int64_t n = 0;
+    for (Param* p : current.params) n += p->grad.numel();
+    current.flat = Tensor::empty({n}, current.params.front()->grad.dtype(), current.params.front()->grad.device());
+    buckets_.push_back(std::move(current));
+    current = Bucket{};
+    bytes = 0;
+  };
+  for (Param* p : params) {
+    TS_CHECK(p->grad.is_contiguous(), "GradientBuckets: gradient of ", p->name, " is not contiguous");
+    if (!current.params.empty() &&
+        (bytes + p->grad.nbytes() > bucket_bytes || p->grad.dtype() != current.params.front()->grad.dtype()))
+      close();
+    current.params.push_back(p);
+    bytes += p->grad.nbytes();
+  }
+  close();
+}
+
+void GradientBuckets::all_reduce() {
+  if (group_.size() == 1) return;
+  for (Bucket& b : buckets_) {
+    int64_t at = 0;
+    for (Param* p : b.params) {
+      const int64_t n = p->grad.numel();
+      ops::copy(p->grad.reshape({n}), b.flat.slice(at, n));
+      at += n;
+    }
+    group_.all_reduce(b.flat, ReduceOp::sum);
+    at = 0;
+    for (Param* p : b.params) {
+      const int64_t n = p->grad.numel();
+      ops::copy(b.flat.slice(at, n), p->grad.reshape({n}));
+      at += n;
+    }
+  }
+}
+
+}  // namespace tessera
