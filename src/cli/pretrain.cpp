@@ -247,8 +247,9 @@ struct RoutingState {
 uint64_t hash_values(const ParamList& ps) {
   uint64_t h = 1469598103934665603ull;
   for (const Param* p : ps) {
-    const unsigned char* b = static_cast<const unsigned char*>(p->value.raw());
-    for (size_t i = 0; i < p->value.nbytes(); ++i) h = (h ^ b[i]) * 1099511628211ull;
+    const Tensor host = p->value.device() == Device::cpu ? p->value : p->value.to_device(Device::cpu);
+    const unsigned char* b = static_cast<const unsigned char*>(host.raw());
+    for (size_t i = 0; i < host.nbytes(); ++i) h = (h ^ b[i]) * 1099511628211ull;
   }
   return h;
 }

@@ -61,6 +61,26 @@ for model in dense v4; do
   done
 done
 
+step "dense: a run stopped at step 10 under dp=2 resumes at dp=4 and at one process, bitwise as uninterrupted"
+TINY="$REPO/recipes/models/dense-tiny.toml"
+SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=10 eval.every=10
+      eval.batches=2 optimizer.name=muon)
+for to in 4 1; do
+  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/resume$to" \
+    parallel.dp=2 --stop-after 10 2> "$WORK/resume$to-a.log" || { cat "$WORK/resume$to-a.log" >&2; fail "dp=2 part failed"; }
+  if [[ $to == 1 ]]; then
+    "$TESSERA" train --resume "$WORK/resume$to" --set parallel.dp=1 2> "$WORK/resume$to-b.log" || true
+  else
+    mpirun --oversubscribe -np $to "$TESSERA" train --resume "$WORK/resume$to" --set parallel.dp=$to \
+      2> "$WORK/resume$to-b.log" || true
+  fi
+  grep -q "resuming from .*step_00000010.h5 at step 10" "$WORK/resume$to-b.log" \
+    || { cat "$WORK/resume$to-b.log" >&2; check_failed "resume at dp=$to: did not resume from step 10"; continue; }
+  final=checkpoints/step_$(printf %08d $STEPS).h5
+  "$PY" "$CKPT_EQUAL" "$WORK/dense-1/$final" "$WORK/resume$to/$final" \
+    || check_failed "resume at dp=$to: final checkpoint differs from the uninterrupted one-process run"
+done
+
 step "recipe errors under mpirun"
 expect_fail odd_accum "rank" "training.grad_accum (3) must be a multiple of parallel.dp (2)" -- \
   "${MPIRUN[@]}" "$TESSERA" train "$WORK/dense.toml" --set training.grad_accum=3 job.run_dir="$WORK/odd"
