@@ -23,6 +23,7 @@ class AdamW {
   int64_t steps_taken() const { return step_; }
   void set_steps_taken(int64_t s) { step_ = s; }
   const AdamWConfig& config() const { return cfg_; }
+  const ParamList& params() const { return params_; }
   // Moment tensors, in the order of the parameter list (for checkpoints).
   const std::vector<Tensor>& first_moments() const { return m_; }
   const std::vector<Tensor>& second_moments() const { return v_; }

@@ -19,10 +19,18 @@ struct OptimizerConfig {
   std::vector<std::string> adamw_params;  // name substrings that stay on AdamW under "muon"
 };
 
+class Communicator;
+
+// Sharded mode (ZeRO-1 with whole parameters as the unit; docs/parallelism.md): given a data-parallel group,
+// each parameter gets one owner rank (greedy by size, in parameter order, the same on every rank); a rank keeps
+// optimizer state only for the parameters it owns and updates only those, so Muon's whole-matrix Newton-Schulz
+// work is spread over the ranks too (distributed Muon), and every rank then receives the owners' new values
+// (one broadcast per owner). Each parameter's update is the same computation as unsharded: bitwise identical.
 class Optimizer {
  public:
-  Optimizer(ParamList params, const OptimizerConfig& cfg);
-  // One update of every parameter at learning rate lr (Muon uses the same lr, as V4's Algorithm 1).
+  Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator* shard_group = nullptr);
+  // One update of every parameter at learning rate lr (Muon uses the same lr, as V4's Algorithm 1). Sharded: a
+  // collective over the group.
   void step(double lr);
   int64_t steps_taken() const { return adamw_.steps_taken(); }
   void set_steps_taken(int64_t s);
@@ -32,12 +40,18 @@ class Optimizer {
   bool uses_muon(const Param& p) const;
 
   // Optimizer state for checkpoints: (key, tensor) with keys "adamw/m/<name>", "adamw/v/<name>",
-  // "muon/m/<name>".
+  // "muon/m/<name>". Sharded: the entries of this rank's parameters only (loading a checkpoint reads those).
   struct State {
     std::string key;
     Tensor tensor;
   };
   std::vector<State> state() const;
+  // The whole state in unsharded order, for saving: a collective over the group when sharded, which gives it to
+  // the group's rank 0 (other ranks get an empty list); otherwise state().
+  std::vector<State> gather_state() const;
+  bool sharded() const { return group_ != nullptr; }
+  // Elements of optimizer state this rank holds (the memory ZeRO-1 saves is the rest).
+  int64_t state_elements() const;
 
   // An in-memory copy of the whole optimizer state (every tensor of state() and the step counts), for the
   // trainer's rollback on a loss spike: restore(snapshot()) puts the optimizer back exactly.
@@ -50,9 +64,13 @@ class Optimizer {
 
  private:
   OptimizerConfig cfg_;
-  ParamList adamw_list_, muon_list_;
-  AdamW adamw_;
-  Muon muon_;
+  Communicator* group_ = nullptr;
+  ParamList adamw_list_, muon_list_;  // every parameter (the logical groups)
+  std::vector<int> owner_;            // per parameter of adamw_list_ then muon_list_; all 0 unsharded
+  ParamList all_params_;              // adamw_list_ then muon_list_
+  AdamW adamw_;                       // over the adamw_list_ entries this rank owns
+  Muon muon_;                         // likewise for muon_list_
+  void broadcast_updates();
 };
 
 // Splits params by the rule above.

@@ -66,6 +66,7 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.parallel.tp = int(r.get_int("parallel.tp", 1, -1, 1 << 20));
   c.parallel.pp = int(r.get_int("parallel.pp", 1, -1, 1 << 20));
   c.parallel.ep = int(r.get_int("parallel.ep", 1, -1, 1 << 20));
+  c.zero1 = r.get_bool("parallel.zero1", false);
 
   if (c.model.is_v4()) {  // [routing]: anticipatory routing and the loss-spike detector (MoE models only)
     RoutingConfig& a = c.routing;
@@ -450,8 +451,11 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   V4Model* v4 = dynamic_cast<V4Model*>(&model);
   ParamList params = model.params(), saved = model.saved_tensors();
   model.init(cfg.seed);
-  Optimizer opt(params, cfg.optimizer);
+  Optimizer opt(params, cfg.optimizer, cfg.zero1 ? dp : nullptr);
   log_info(cat("optimizer groups (", cfg.optimizer.name, "):\n", opt.describe_groups()));
+  if (opt.sharded())
+    log_info(cat("optimizer state sharded over the ", dp->size(), " data-parallel ranks (parallel.zero1): rank 0 holds ",
+                 opt.state_elements(), " elements"));
   int64_t start_step = 0;
   fs::path metrics_path = fs::path(cfg.run_dir) / "metrics.jsonl";
   if (!resume_from.empty()) {
@@ -545,6 +549,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   for (int64_t step = start_step; step < cfg.steps; ++step) {
     if (opts.stop_after >= 0 && step >= start_step + opts.stop_after) break;
     const double t_step = now_seconds();
+    const int64_t comm_before = dp ? dp->stats().total_bytes() : 0;  // this step's collectives, for comm_bytes
     const double lr = cfg.schedule.at(step);
     if (on_spike && (snapshots.empty() || (step % rc.snapshot_every == 0 && snapshots.back().step != step))) {
       Snapshot snap{step, {}, opt.snapshot()};
@@ -591,10 +596,8 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       }
     });
     if (v4) v4->clear_routing_override();
-    int64_t comm_bytes = 0;
     if (dp) {
       // The global step: gradients, loss sums, V4 statistics and expert loads over the data-parallel group.
-      const int64_t before = dp->stats().total_bytes();
       grad_buckets->all_reduce();
       Tensor sums = Tensor::empty({4}, DType::f64, Device::cpu);
       double* sp = sums.data<double>();
@@ -625,7 +628,6 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
           for (int64_t& x : l) x = t.data<int64_t>()[at++];
         v4->set_expert_load(loads);  // the bias update sees the loads of the whole global batch
       }
-      comm_bytes = dp->stats().total_bytes() - before;
     }
     const double loss = loss_sum / double(n_targets);
 
@@ -673,7 +675,8 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
               << ", \"tokens_per_s\": " << json_number(tokens_per_s)
               << ", \"mfu\": " << json_number(tokens_per_s * flops_per_token / peak)
               << ", \"elapsed_s\": " << json_number(now_seconds() - t_start)
-              << (dp ? cat(", \"comm_bytes\": ", comm_bytes) : std::string()) << moe_metrics << routing_metrics << extra
+              << (dp ? cat(", \"comm_bytes\": ", dp->stats().total_bytes() - comm_before) : std::string()) << moe_metrics
+              << routing_metrics << extra
               << "}\n"
               << std::flush;
     };
@@ -761,7 +764,10 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       window_compute = 0;
       window_steps = 0;
     }
-    if (writer && ((cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last)) {
+    const bool save = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last;
+    // A sharded optimizer's state is gathered to rank 0 (a collective: every rank takes part).
+    const std::vector<Optimizer::State> opt_state = save ? opt.gather_state() : std::vector<Optimizer::State>{};
+    if (writer && save) {
       CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind,
                           data.tokenizer->hash()};
       const std::string path = checkpoint_path(cfg.run_dir, done);
@@ -775,7 +781,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
         fs::create_directories(fs::path(path).parent_path());
         save_routing_state(routing_state_path(path), st);
       }
-      save_checkpoint(path, cfg.model, saved, &opt, meta);
+      save_checkpoint(path, cfg.model, saved, &opt, meta, &opt_state);
       if (cfg.checkpoint_keep > 0) {
         std::vector<std::string> all = list_checkpoints(cfg.run_dir);
         for (size_t i = 0; i + cfg.checkpoint_keep < all.size(); ++i) {

@@ -40,6 +40,7 @@ struct PretrainConfig {
   Device device = Device::cpu;           // training.device: where the model, gradients and optimizer state live
   bool bf16_matmuls = false;             // training.matmul_precision = "bf16": tensor-core products (GPU only)
   ParallelConfig parallel;                // [parallel]: dp x tp x pp (+ ep) over the MPI world
+  bool zero1 = false;                     // parallel.zero1: shard the optimizer state over the dp ranks
   RoutingConfig routing;
   OptimizerConfig optimizer;
   LrSchedule schedule;

@@ -187,7 +187,7 @@ void read_finite(const io::H5Reader& r, const std::string& path, const std::stri
 }  // namespace
 
 void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const Optimizer* opt,
-                     const CheckpointMeta& meta) {
+                     const CheckpointMeta& meta, const std::vector<Optimizer::State>* opt_state) {
   fs::create_directories(fs::path(path).parent_path());
   io::H5Writer w(path);
   w.write_attr("format", std::string(kFormat));
@@ -203,7 +203,7 @@ void save_checkpoint(const std::string& path, const ModelConfig& cfg, const Para
   if (opt) {
     w.write_attr("optim.name", opt->config().name);
     w.write_attr("optim.steps", opt->steps_taken());
-    for (const Optimizer::State& s : opt->state()) w.write_tensor("optim/" + s.key, s.tensor);
+    for (const Optimizer::State& s : opt_state ? *opt_state : opt->state()) w.write_tensor("optim/" + s.key, s.tensor);
   }
   w.commit();
 }

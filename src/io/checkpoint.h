@@ -21,8 +21,9 @@ struct CheckpointMeta {
 };
 
 // `params` are every saved tensor: a model's trainable parameters and its buffers (Model::saved_tensors()).
+// `opt_state`, if given, is written instead of opt->state() (a sharded optimizer's gather_state()).
 void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const Optimizer* opt,
-                     const CheckpointMeta& meta);
+                     const CheckpointMeta& meta, const std::vector<Optimizer::State>* opt_state = nullptr);
 
 // The model config a checkpoint was saved with.
 ModelConfig checkpoint_model_config(const std::string& path);

@@ -3,7 +3,8 @@
 # on the same global batch (DESIGN.md's invariant) bitwise: per-step losses, held-out losses and the final
 # checkpoint (weights, AdamW moments, Muon momenta, V4 balancing biases), for the dense and the tiny V4 model with
 # Muon + AdamW, 20 steps of 4 micro-batches (parallel/data_parallel.h: micro-batch gradients are summed as a
-# pairwise tree, in one process and over the ranks alike). DP2 for both models, DP4 for the dense one. Then the
+# pairwise tree, in one process and over the ranks alike). DP2 for both models, DP4 for the dense one, with and
+# without the sharded optimizer (parallel.zero1: ZeRO-1 by whole parameters, distributed Muon). Then the
 # recipe errors: micro-batches that do not split over the ranks, and a layout that does not match the world size.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -51,17 +52,25 @@ for model in dense v4; do
   step "$model: $STEPS steps of 4 micro-batches in one process"
   "$TESSERA" train "$WORK/$model.toml" "${SETS[@]}" job.run_dir="$WORK/$model-1" 2> "$WORK/$model-1.log" \
     || { cat "$WORK/$model-1.log" >&2; fail "$model: the single-process run failed"; }
-  for n in 2 4; do
-    [[ $model == v4 && $n == 4 ]] && continue  # DP4 on the dense model only: 4 V4 ranks are slow on 2 cores
-    step "$model: the same global batch over mpirun -np $n, parallel.dp = $n"
+  # dense: DP2, and DP4 with the optimizer state sharded (parallel.zero1); V4: DP2 sharded (4 V4 ranks are slow on
+  # 2 cores).
+  for layout in "2 false" "4 true"; do
+    read -r n zero1 <<< "$layout"
+    [[ $model == v4 ]] && { [[ $n == 4 ]] && continue; zero1=true; }
+    step "$model: the same global batch over mpirun -np $n, parallel.dp = $n, parallel.zero1 = $zero1"
     mpirun --oversubscribe -np $n "$TESSERA" train "$WORK/$model.toml" "${SETS[@]}" job.run_dir="$WORK/$model-dp$n" \
-      parallel.dp=$n 2> "$WORK/$model-dp$n.log" || { cat "$WORK/$model-dp$n.log" >&2; fail "$model: the dp=$n run failed"; }
+      parallel.dp=$n parallel.zero1=$zero1 2> "$WORK/$model-dp$n.log" \
+      || { cat "$WORK/$model-dp$n.log" >&2; fail "$model: the dp=$n run failed"; }
     grep -q "data parallel over $n ranks" "$WORK/$model-dp$n.log" || check_failed "$model: no data-parallel log line"
-    compare_runs "$model dp=$n" "$WORK/$model-1" "$WORK/$model-dp$n"
+    if [[ $zero1 == true ]]; then
+      grep -q "optimizer state sharded over the $n data-parallel ranks" "$WORK/$model-dp$n.log" \
+        || check_failed "$model: no sharded-optimizer log line"
+    fi
+    compare_runs "$model dp=$n zero1=$zero1" "$WORK/$model-1" "$WORK/$model-dp$n"
   done
 done
 
-step "dense: a run stopped at step 10 under dp=2 resumes at dp=4 and at one process, bitwise as uninterrupted"
+step "dense: a run stopped at step 10 under dp=2 resumes at dp=4 (sharded optimizer) and at one process, bitwise"
 TINY="$REPO/recipes/models/dense-tiny.toml"
 SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=10 eval.every=10
       eval.batches=2 optimizer.name=muon)
@@ -71,7 +80,7 @@ for to in 4 1; do
   if [[ $to == 1 ]]; then
     "$TESSERA" train --resume "$WORK/resume$to" --set parallel.dp=1 2> "$WORK/resume$to-b.log" || true
   else
-    mpirun --oversubscribe -np $to "$TESSERA" train --resume "$WORK/resume$to" --set parallel.dp=$to \
+    mpirun --oversubscribe -np $to "$TESSERA" train --resume "$WORK/resume$to" --set parallel.dp=$to parallel.zero1=true \
       2> "$WORK/resume$to-b.log" || true
   fi
   grep -q "resuming from .*step_00000010.h5 at step 10" "$WORK/resume$to-b.log" \
