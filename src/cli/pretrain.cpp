@@ -245,6 +245,25 @@ struct RoutingState {
 
 // FNV-1a over the bytes of every value: identifies the state a routing state file was written with (a rollback
 // can write a checkpoint of the same step again, and a kill may land between the two files).
+// `, "comm_bytes": N, "comm": {"all_reduce": [calls, bytes], ...}` for the collectives between two readings of a
+// communicator's counters (kinds with no call left out).
+std::string comm_metrics(const CommStats& before, const CommStats& after) {
+  std::string kinds;
+  auto add = [&](const char* name, const CommCounter& a, const CommCounter& b) {
+    if (b.calls == a.calls) return;
+    kinds += cat(kinds.empty() ? "" : ", ", "\"", name, "\": [", b.calls - a.calls, ", ", b.bytes - a.bytes, "]");
+  };
+  add("all_reduce", before.all_reduce, after.all_reduce);
+  add("reduce_scatter", before.reduce_scatter, after.reduce_scatter);
+  add("all_gather", before.all_gather, after.all_gather);
+  add("all_to_all", before.all_to_all, after.all_to_all);
+  add("send", before.send, after.send);
+  add("recv", before.recv, after.recv);
+  add("broadcast", before.broadcast, after.broadcast);
+  add("barrier", before.barrier, after.barrier);
+  return cat(", \"comm_bytes\": ", after.total_bytes() - before.total_bytes(), ", \"comm\": {", kinds, "}");
+}
+
 uint64_t hash_values(const ParamList& ps) {
   uint64_t h = 1469598103934665603ull;
   for (const Param* p : ps) {
@@ -549,7 +568,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   for (int64_t step = start_step; step < cfg.steps; ++step) {
     if (opts.stop_after >= 0 && step >= start_step + opts.stop_after) break;
     const double t_step = now_seconds();
-    const int64_t comm_before = dp ? dp->stats().total_bytes() : 0;  // this step's collectives, for comm_bytes
+    const CommStats comm_before = dp ? dp->stats() : CommStats{};  // this step's collectives, for comm_bytes
     const double lr = cfg.schedule.at(step);
     if (on_spike && (snapshots.empty() || (step % rc.snapshot_every == 0 && snapshots.back().step != step))) {
       Snapshot snap{step, {}, opt.snapshot()};
@@ -675,7 +694,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
               << ", \"tokens_per_s\": " << json_number(tokens_per_s)
               << ", \"mfu\": " << json_number(tokens_per_s * flops_per_token / peak)
               << ", \"elapsed_s\": " << json_number(now_seconds() - t_start)
-              << (dp ? cat(", \"comm_bytes\": ", dp->stats().total_bytes() - comm_before) : std::string()) << moe_metrics
+              << (dp ? comm_metrics(comm_before, dp->stats()) : std::string()) << moe_metrics
               << routing_metrics << extra
               << "}\n"
               << std::flush;
