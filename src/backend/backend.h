@@ -69,6 +69,12 @@ class Backend {
                                   const Tensor& out, const Tensor& lse, const Tensor& dout, const Tensor& dq,
                                   const Tensor& dk, const Tensor& dv) = 0;
 
+  // Attention of t new queries against a KV cache (decoding; forward only). q (B, t, H, D); k, v (B, L, KH, D) the
+  // cache; q_pos (B, t) i32: the position of each query, which sees the cache keys 0..q_pos (q_pos < L), or -1
+  // for a padding query (its output row is 0). out (B, t, H, D).
+  virtual void attention_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos, double scale,
+                                const Tensor& out) = 0;
+
   // logits (N, V); targets (N) i32, negative = ignored; losses (N) = -log softmax(logits)[target] (0 if ignored).
   // If dlogits is defined it receives loss_scale * (softmax - onehot) (zero rows for ignored targets); it may
   // alias logits.

@@ -1,5 +1,4 @@
-// Text generation from a checkpoint by repeated full forward passes over a sliding context. (The generation
-// engine with KV caches lives in rl/ and replaces this for post-training.)
+// Text generation from a checkpoint with the generation engine (rl/generate.h: KV-cached decoding).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -18,6 +17,8 @@ struct SamplingOptions {
 };
 
 // Appends sampled tokens to `ids`; each draw uses Philox(seed, index of the new token), so a run is reproducible.
+// The model sees the prompt's last max_seq_len - 1 tokens; generation stops when the sequence reaches
+// max_seq_len (no sliding context: the cache holds every token).
 std::vector<int32_t> sample_tokens(Model& model, std::vector<int32_t> ids, const SamplingOptions& opt);
 
 }  // namespace tessera

@@ -26,6 +26,9 @@ class DenseModel final : public Model {
   // Forward, then backward of loss_scale * (sum of token losses); parameter gradients accumulate (+=).
   // Returns the sum of token losses.
   double forward_backward(const TokenBatch& batch, double loss_scale) override;
+  // Cached decoding (dense_decode.cpp): a per-layer K/V cache.
+  std::unique_ptr<DecodeCache> new_cache(int64_t batch, int64_t capacity) override;
+  void decode(const Tensor& ids, DecodeCache& cache, const Tensor& logits_out) override;
 
  private:
   struct Layer {

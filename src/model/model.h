@@ -8,6 +8,9 @@
 
 namespace tessera {
 
+// A model's KV cache for decoding (model/decode.h); each architecture derives its own.
+struct DecodeCache;
+
 class Model {
  public:
   virtual ~Model() = default;
@@ -26,6 +29,15 @@ class Model {
   // Forward, then backward of loss_scale * (the model's objective summed over the batch's targets);
   // parameter gradients accumulate (+=). Returns the sum of the main next-token losses.
   virtual double forward_backward(const TokenBatch& batch, double loss_scale) = 0;
+
+  // Decoding (forward only; V4's MTP block is not used). A cache for `batch` rows of at most `capacity` tokens.
+  // The defaults fail: the architecture does not support cached decoding.
+  virtual std::unique_ptr<DecodeCache> new_cache(int64_t batch, int64_t capacity);
+  // Appends new tokens to each row of the cache and gives their logits. ids (B, t) i32 host: row b's new tokens
+  // are its leading non-negative entries (-1 pads the rest; a row may have none), at the positions continuing the
+  // row's cache (a prompt's prefill, then one token per step). logits_out (B*t, V) f32 host: row b*t + i gets the
+  // logits after token i of row b (rows of padding entries are unspecified).
+  virtual void decode(const Tensor& ids, DecodeCache& cache, const Tensor& logits_out);
 };
 
 // The model a config describes (arch "dense" or "deepseek_v4"), its tensors on `device`. Host batches are

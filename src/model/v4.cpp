@@ -1212,3 +1212,6 @@ void LossSpikeDetector::push(double loss) {
 }
 
 }  // namespace tessera
+
+// Cached decoding (V4Model::new_cache, V4Model::decode), reusing the layer structs above.
+#include "model/v4_decode.inc"

@@ -42,6 +42,9 @@ class V4Model final : public Model {
   void init(uint64_t seed) override;
   double forward(const TokenBatch& batch, Tensor* logits = nullptr) override;
   double forward_backward(const TokenBatch& batch, double loss_scale) override;
+  // Cached decoding (v4_decode.inc): window, compressed (CSA / HCA) and indexer caches; MTP unused.
+  std::unique_ptr<DecodeCache> new_cache(int64_t batch, int64_t capacity) override;
+  void decode(const Tensor& ids, DecodeCache& cache, const Tensor& logits_out) override;
 
   // Extra outputs of the last forward: MTP logits (B*T, V) and losses, the objective J of docs/model.md, and the
   // spike instrumentation, one entry per MoE layer (the MTP block last, hash layers included):

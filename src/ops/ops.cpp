@@ -197,6 +197,21 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   be(q).attention_forward(q, k, v, doc, scale, out, lse);
 }
 
+void attention_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos, double scale,
+                      const Tensor& out) {
+  check_float("attention_decode", q, {&k, &v, &out});
+  TS_CHECK(q.ndim() == 4 && k.ndim() == 4, "attention_decode: q (B, t, H, D), k (B, L, KH, D), got ", q.str(), " ",
+           k.str());
+  int64_t B = q.size(0), t = q.size(1), H = q.size(2), D = q.size(3), L = k.size(1), KH = k.size(2);
+  TS_CHECK(KH > 0 && H % KH == 0, "attention_decode: ", H, " query heads do not group over ", KH, " kv heads");
+  check_shape("attention_decode", "k", k, {B, L, KH, D});
+  check_shape("attention_decode", "v", v, {B, L, KH, D});
+  check_shape("attention_decode", "out", out, q.shape());
+  TS_CHECK(q_pos.dtype() == DType::i32 && q_pos.shape() == Shape({B, t}) && q_pos.device() == q.device(),
+           "attention_decode: q_pos must be i32 (B, t) on q's device, got ", q_pos.str());
+  be(q).attention_decode(q, k, v, q_pos, scale, out);
+}
+
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& doc, double scale,
                         const Tensor& out, const Tensor& lse, const Tensor& dout, const Tensor& dq,
                         const Tensor& dk, const Tensor& dv) {

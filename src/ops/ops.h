@@ -57,6 +57,11 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
                         const Tensor& out, const Tensor& lse, const Tensor& dout, const Tensor& dq,
                         const Tensor& dk, const Tensor& dv);
 
+// Decoding: t new queries against a KV cache. q (B, t, H, D); k, v (B, L, KH, D); q_pos (B, t) i32, the position
+// of each query (it attends cache keys 0..q_pos, q_pos < L), -1 = padding (output 0). out (B, t, H, D). No backward.
+void attention_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos, double scale,
+                      const Tensor& out);
+
 // Per-row losses; with dlogits defined, the fused backward of loss_scale * sum(losses).
 void cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor& losses, double loss_scale,
                    const Tensor& dlogits);

@@ -376,6 +376,10 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void attention_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos, double scale,
+                        const Tensor& out) override {
+    cpu::attention_decode(q, k, v, q_pos, scale, out);  // cpu_decode.cpp
+  }
   void cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor& losses, double loss_scale,
                      const Tensor& dlogits) override {
     dispatch_float(logits, [&]<class T>() {

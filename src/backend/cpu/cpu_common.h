@@ -49,4 +49,8 @@ inline void document_starts(const int32_t* doc, int64_t T, std::vector<int64_t>&
   if (!doc) std::fill(start.begin(), start.end(), 0);
 }
 
+// Backend::attention_decode on the CPU (cpu_decode.cpp).
+void attention_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos, double scale,
+                      const Tensor& out);
+
 }  // namespace tessera::cpu

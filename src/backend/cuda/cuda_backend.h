@@ -48,6 +48,8 @@ class CudaBackend final : public Backend {
   void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& doc, double scale,
                           const Tensor& out, const Tensor& lse, const Tensor& dout, const Tensor& dq,
                           const Tensor& dk, const Tensor& dv) override;
+  void attention_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& q_pos, double scale,
+                        const Tensor& out) override;  // cuda_decode.cu
   void cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor& losses, double loss_scale,
                      const Tensor& dlogits) override;
   void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, double lr,
