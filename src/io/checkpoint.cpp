@@ -93,7 +93,10 @@ const std::vector<ConfigField>& config_table() {
 // An int list is stored as its comma-separated text ("0,0,4,128"; "" when empty).
 std::string list_text(const std::vector<int64_t>& v) {
   std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';
+    s += std::to_string(v[i]);
+  }
   return s;
 }
 
@@ -123,7 +126,7 @@ std::vector<std::pair<std::string, std::string>> config_fields(const ModelConfig
         [&](auto p) -> std::string {
           using T = std::decay_t<decltype(c.*p)>;
           if constexpr (std::is_same_v<T, std::string>) return c.*p;
-          else if constexpr (std::is_same_v<T, std::vector<int64_t>>) return "[" + list_text(c.*p) + "]";
+          else if constexpr (std::is_same_v<T, std::vector<int64_t>>) return cat("[", list_text(c.*p), "]");
           else if constexpr (std::is_same_v<T, bool>) return c.*p ? "true" : "false";
           else return cat(c.*p);
         },
