@@ -86,4 +86,15 @@ class Communicator {
   bool validate_ = true;
 };
 
+// Argument checks shared by the implementations: each returns "" when the arguments are fine, else why not.
+namespace comm_checks {
+// Defined, contiguous and on `device` (`backend` names the implementation in the message).
+std::string tensor_error(const Tensor& t, const char* name, Device device, const char* backend);
+// Elements per row of dim 0 (all of a 0-d tensor).
+int64_t row_elems(const Tensor& t);
+// all_to_all_v's shapes, dtypes and counts against a group of `size` ranks (after tensor_error of both).
+std::string all_to_all_error(const Tensor& send, const std::vector<int64_t>& send_counts, const Tensor& recv,
+                             const std::vector<int64_t>& recv_counts, int size);
+}  // namespace comm_checks
+
 }  // namespace tessera

@@ -34,18 +34,10 @@ std::string mpi_error_string(int code) {
   return std::string(buf, len);
 }
 
-// An empty string if t is usable by the MPI communicator, else why not.
 std::string tensor_error(const Tensor& t, const char* name) {
-  if (!t.defined()) return cat(name, " is an undefined tensor");
-  if (t.device() != Device::cpu) return cat(name, " ", t.str(), " is on ", device_name(t.device()), " (MPI needs host tensors)");
-  if (!t.is_contiguous()) return cat(name, " ", t.str(), " is not contiguous");
-  return {};
+  return comm_checks::tensor_error(t, name, Device::cpu, "MPI");
 }
-
-int64_t row_elems(const Tensor& t) {
-  Shape rest(t.shape().begin() + (t.ndim() > 0 ? 1 : 0), t.shape().end());
-  return shape_numel(rest);
-}
+using comm_checks::row_elems;
 
 // op over ranks [lo, hi) of element i, as a pairwise tree: (lo..mid) op (mid..hi), mid = (lo + hi) / 2. The
 // tree makes a sum over 2^k ranks equal the sum of its halves, so a data-parallel group whose ranks hold the
@@ -182,26 +174,8 @@ class MpiCommunicator final : public Communicator {
     const char* name = "all_to_all_v";
     std::string err = tensor_error(send, "send");
     if (err.empty()) err = tensor_error(recv, "recv");
-    if (err.empty() && (send.ndim() == 0 || recv.ndim() == 0)) err = "send and recv need a dim 0 (rows)";
-    if (err.empty() && send.dtype() != recv.dtype()) err = cat("dtypes differ: send ", send.str(), ", recv ", recv.str());
-    if (err.empty() && row_elems(send) != row_elems(recv))
-      err = cat("rows differ: send ", send.str(), ", recv ", recv.str());
-    if (err.empty() && (int(send_counts.size()) != size_ || int(recv_counts.size()) != size_))
-      err = cat("send_counts (", send_counts.size(), ") and recv_counts (", recv_counts.size(), ") need ", size_,
-                " entries");
-    if (err.empty()) {
-      int64_t s = 0, r = 0;
-      bool negative = false;
-      for (int p = 0; p < size_; ++p) {
-        s += send_counts[p];
-        r += recv_counts[p];
-        negative |= send_counts[p] < 0 || recv_counts[p] < 0;
-      }
-      if (negative) err = "negative count";
-      else if (s != send.size(0)) err = cat("send_counts sum to ", s, " rows, send ", send.str(), " has ", send.size(0));
-      else if (r != recv.size(0)) err = cat("recv_counts sum to ", r, " rows, recv ", recv.str(), " has ", recv.size(0));
-      else if (send.numel() > INT_MAX || recv.numel() > INT_MAX) err = "more than 2^31-1 elements";
-    }
+    if (err.empty()) err = comm_checks::all_to_all_error(send, send_counts, recv, recv_counts, size_);
+    if (err.empty() && (send.numel() > INT_MAX || recv.numel() > INT_MAX)) err = "more than 2^31-1 elements";
     const int64_t row = send.defined() ? row_elems(send) : 0;
     agree(name, err, row, "row size", send.defined() ? int64_t(send.dtype()) : -1, "dtype");
     if (validate_) {

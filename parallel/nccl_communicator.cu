@@ -32,17 +32,9 @@ ncclRedOp_t nccl_op(ReduceOp op) {
 bool is_int(DType t) { return t == DType::i32 || t == DType::i64; }
 
 std::string tensor_error(const Tensor& t, const char* name) {
-  if (!t.defined()) return cat(name, " is an undefined tensor");
-  if (t.device() != Device::cuda)
-    return cat(name, " ", t.str(), " is on ", device_name(t.device()), " (NCCL needs cuda tensors)");
-  if (!t.is_contiguous()) return cat(name, " ", t.str(), " is not contiguous");
-  return {};
+  return comm_checks::tensor_error(t, name, Device::cuda, "NCCL");
 }
-
-int64_t row_elems(const Tensor& t) {
-  Shape rest(t.shape().begin() + (t.ndim() > 0 ? 1 : 0), t.shape().end());
-  return shape_numel(rest);
-}
+using comm_checks::row_elems;
 
 // Stream 0: the legacy default stream, on which the CUDA backend runs everything.
 const cudaStream_t kStream = 0;
@@ -107,25 +99,7 @@ class NcclCommunicator final : public Communicator {
     const char* name = "all_to_all_v";
     std::string err = tensor_error(send, "send");
     if (err.empty()) err = tensor_error(recv, "recv");
-    if (err.empty() && (send.ndim() == 0 || recv.ndim() == 0)) err = "send and recv need a dim 0 (rows)";
-    if (err.empty() && send.dtype() != recv.dtype()) err = cat("dtypes differ: send ", send.str(), ", recv ", recv.str());
-    if (err.empty() && row_elems(send) != row_elems(recv))
-      err = cat("rows differ: send ", send.str(), ", recv ", recv.str());
-    if (err.empty() && (int(send_counts.size()) != size_ || int(recv_counts.size()) != size_))
-      err = cat("send_counts (", send_counts.size(), ") and recv_counts (", recv_counts.size(), ") need ", size_,
-                " entries");
-    if (err.empty()) {
-      int64_t s = 0, r = 0;
-      bool negative = false;
-      for (int p = 0; p < size_; ++p) {
-        s += send_counts[p];
-        r += recv_counts[p];
-        negative |= send_counts[p] < 0 || recv_counts[p] < 0;
-      }
-      if (negative) err = "negative count";
-      else if (s != send.size(0)) err = cat("send_counts sum to ", s, " rows, send ", send.str(), " has ", send.size(0));
-      else if (r != recv.size(0)) err = cat("recv_counts sum to ", r, " rows, recv ", recv.str(), " has ", recv.size(0));
-    }
+    if (err.empty()) err = comm_checks::all_to_all_error(send, send_counts, recv, recv_counts, size_);
     if (!err.empty()) fail(name, err);
     const int64_t row = row_elems(send);
     const size_t row_bytes = row * dtype_size(send.dtype());

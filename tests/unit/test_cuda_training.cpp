@@ -16,13 +16,6 @@ using namespace tessera;
 
 namespace {
 
-bool need_gpu() {
-  if (device_available(Device::cuda)) return true;
-  const char* need = std::getenv("TESSERA_REQUIRE_CUDA");
-  if (need && std::string(need) == "1") ADD_FAILURE() << "TESSERA_REQUIRE_CUDA=1 but no CUDA device is usable";
-  return false;
-}
-
 ModelConfig small_dense() {
   ModelConfig c;
   c.vocab_size = 272;
@@ -45,15 +38,6 @@ TokenBatch batch_with_docs(uint64_t seed) {
   return b;
 }
 
-double max_rel(const Tensor& gpu, const Tensor& cpu) {
-  Tensor g = gpu.to_device(Device::cpu);
-  double scale = 1e-30, diff = 0;
-  for (int64_t i = 0; i < cpu.numel(); ++i) scale = std::max(scale, double(std::abs(cpu.data<float>()[i])));
-  for (int64_t i = 0; i < cpu.numel(); ++i)
-    diff = std::max(diff, double(std::abs(g.data<float>()[i] - cpu.data<float>()[i])));
-  return diff / scale;
-}
-
 // Trains both models `steps` steps with `opt_name` and checks losses, gradients and weights after each.
 void expect_same_training(const std::string& opt_name, double loss_rtol, double tensor_rtol, bool bf16) {
   ModelConfig cfg = small_dense();
@@ -74,11 +58,11 @@ void expect_same_training(const std::string& opt_name, double loss_rtol, double 
     EXPECT_NEAR(lg, lc, loss_rtol * std::abs(lc)) << "loss";
     ParamList pc = cpu->params(), pg = gpu->params();
     for (size_t i = 0; i < pc.size(); ++i)
-      EXPECT_LE(max_rel(pg[i]->grad, pc[i]->grad), tensor_rtol) << "gradient of " << pc[i]->name;
+      EXPECT_LE(tessera::testing::max_rel_to_host(pg[i]->grad, pc[i]->grad), tensor_rtol) << "gradient of " << pc[i]->name;
     cpu_opt.step(1e-3);
     gpu_opt.step(1e-3);
     for (size_t i = 0; i < pc.size(); ++i)
-      EXPECT_LE(max_rel(pg[i]->value, pc[i]->value), tensor_rtol) << "weights of " << pc[i]->name;
+      EXPECT_LE(tessera::testing::max_rel_to_host(pg[i]->value, pc[i]->value), tensor_rtol) << "weights of " << pc[i]->name;
   }
   backend_for(Device::cuda).set_matmul_precision(MatmulPrecision::fp32);
 }
@@ -86,23 +70,23 @@ void expect_same_training(const std::string& opt_name, double loss_rtol, double 
 }  // namespace
 
 TEST(CudaTraining, DenseAdamWMatchesCpu) {
-  if (!need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
+  if (!tessera::testing::need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
   expect_same_training("adamw", 1e-5, 1e-4, false);
 }
 
 TEST(CudaTraining, DenseMuonMatchesCpu) {
-  if (!need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
+  if (!tessera::testing::need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
   expect_same_training("muon", 1e-5, 1e-4, false);
 }
 
 // bf16 tensor cores: inputs of every product rounded to 8 mantissa bits, so only closeness is expected.
 TEST(CudaTraining, DenseBf16MatmulsStayClose) {
-  if (!need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
+  if (!tessera::testing::need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
   expect_same_training("adamw", 2e-3, 5e-2, true);
 }
 
 TEST(CudaTraining, LogitsOfAForwardMatchCpu) {
-  if (!need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
+  if (!tessera::testing::need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
   ModelConfig cfg = small_dense();
   auto cpu = make_model(cfg, DType::f32, Device::cpu);
   auto gpu = make_model(cfg, DType::f32, Device::cuda);
@@ -112,6 +96,6 @@ TEST(CudaTraining, LogitsOfAForwardMatchCpu) {
   Tensor lc, lg;
   double loss_c = cpu->forward(b, &lc), loss_g = gpu->forward(b, &lg);
   EXPECT_EQ(lg.device(), Device::cuda);
-  EXPECT_LE(max_rel(lg, lc), 1e-5);
+  EXPECT_LE(tessera::testing::max_rel_to_host(lg, lc), 1e-5);
   EXPECT_NEAR(loss_g, loss_c, 1e-5 * loss_c);
 }

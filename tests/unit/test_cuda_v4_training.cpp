@@ -12,29 +12,13 @@
 #include "backend/backend.h"
 #include "model/model.h"
 #include "optim/optimizer.h"
+#include "tests/unit/test_util.h"
 #include "tests/unit/v4_test_model.h"
 
 using namespace tessera;
 using namespace tessera::testing;
 
 namespace {
-
-bool need_gpu() {
-  if (device_available(Device::cuda)) return true;
-  const char* need = std::getenv("TESSERA_REQUIRE_CUDA");
-  if (need && std::string(need) == "1") ADD_FAILURE() << "TESSERA_REQUIRE_CUDA=1 but no CUDA device is usable";
-  return false;
-}
-
-// max |gpu - cpu| / max |cpu| over the tensor (f32).
-double max_rel(const Tensor& gpu, const Tensor& cpu) {
-  Tensor g = gpu.to_device(Device::cpu);
-  double scale = 1e-30, diff = 0;
-  for (int64_t i = 0; i < cpu.numel(); ++i) scale = std::max(scale, double(std::abs(cpu.data<float>()[i])));
-  for (int64_t i = 0; i < cpu.numel(); ++i)
-    diff = std::max(diff, double(std::abs(g.data<float>()[i] - cpu.data<float>()[i])));
-  return diff / scale;
-}
 
 void expect_close(double gpu, double cpu, double rtol, const char* what) {
   EXPECT_NEAR(gpu, cpu, rtol * std::max(std::abs(cpu), 1e-6)) << what;
@@ -101,13 +85,13 @@ void expect_same_training(const std::string& opt_name) {
     ParamList pc = m.cpu.params(), pg = m.gpu.params();
     ASSERT_EQ(pc.size(), pg.size());
     for (size_t i = 0; i < pc.size(); ++i)
-      EXPECT_LE(max_rel(pg[i]->grad, pc[i]->grad), 1e-4) << "gradient of " << pc[i]->name;
+      EXPECT_LE(tessera::testing::max_rel_to_host(pg[i]->grad, pc[i]->grad), 1e-4) << "gradient of " << pc[i]->name;
     cpu_opt.step(1e-3);
     gpu_opt.step(1e-3);
     m.cpu.update_routing_bias(1e-3);
     m.gpu.update_routing_bias(1e-3);
     for (size_t i = 0; i < pc.size(); ++i)
-      EXPECT_LE(max_rel(pg[i]->value, pc[i]->value), 1e-4) << "weights of " << pc[i]->name;
+      EXPECT_LE(tessera::testing::max_rel_to_host(pg[i]->value, pc[i]->value), 1e-4) << "weights of " << pc[i]->name;
     ParamList bc = m.cpu.buffers(), bg = m.gpu.buffers();
     ASSERT_EQ(bc.size(), bg.size());
     for (size_t i = 0; i < bc.size(); ++i) {
@@ -116,7 +100,7 @@ void expect_same_training(const std::string& opt_name) {
       if (bc[i]->value.dtype() == DType::i32)
         EXPECT_EQ(std::memcmp(g.raw(), bc[i]->value.raw(), g.nbytes()), 0) << bc[i]->name;
       else
-        EXPECT_LE(max_rel(bg[i]->value, bc[i]->value), 1e-5) << bc[i]->name;
+        EXPECT_LE(tessera::testing::max_rel_to_host(bg[i]->value, bc[i]->value), 1e-5) << bc[i]->name;
     }
   }
 }
@@ -124,18 +108,18 @@ void expect_same_training(const std::string& opt_name) {
 }  // namespace
 
 TEST(CudaV4Training, AdamWMatchesCpu) {
-  if (!need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
+  if (!tessera::testing::need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
   expect_same_training("adamw");
 }
 
 TEST(CudaV4Training, MuonMatchesCpu) {
-  if (!need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
+  if (!tessera::testing::need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
   expect_same_training("muon");
 }
 
 // A no-grad forward through make_model: logits on the GPU, the same as the CPU's, and the same stats.
 TEST(CudaV4Training, LogitsOfAForwardMatchCpu) {
-  if (!need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
+  if (!tessera::testing::need_gpu()) GTEST_SKIP() << "no CUDA device: GPU training parity not run";
   Pair m;
   auto via_factory = make_model(m.cfg, DType::f32, Device::cuda);
   ParamList a = m.cpu.saved_tensors(), b = via_factory->saved_tensors();
@@ -146,9 +130,9 @@ TEST(CudaV4Training, LogitsOfAForwardMatchCpu) {
   double loss_c = m.cpu.forward(batch, &lc), loss_g = m.gpu.forward(batch, &lg);
   double loss_f = via_factory->forward(batch, &lf);
   EXPECT_EQ(lg.device(), Device::cuda);
-  EXPECT_LE(max_rel(lg, lc), 1e-5);
-  EXPECT_LE(max_rel(lf, lc), 1e-5);
-  EXPECT_LE(max_rel(m.gpu.last_mtp_logits(), m.cpu.last_mtp_logits()), 1e-5);
+  EXPECT_LE(tessera::testing::max_rel_to_host(lg, lc), 1e-5);
+  EXPECT_LE(tessera::testing::max_rel_to_host(lf, lc), 1e-5);
+  EXPECT_LE(tessera::testing::max_rel_to_host(m.gpu.last_mtp_logits(), m.cpu.last_mtp_logits()), 1e-5);
   EXPECT_NEAR(loss_g, loss_c, 1e-5 * loss_c);
   EXPECT_NEAR(loss_f, loss_c, 1e-5 * loss_c);
   expect_same_stats(m.gpu, m.cpu);
