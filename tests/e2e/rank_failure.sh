@@ -9,6 +9,15 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yi
 make_corpus "$WORK/corpus.txt" 400
 write_recipe "$WORK/r.toml" "$WORK/corpus.txt" "$WORK/R"
 
+# The job's tessera processes, found through /proc (no dependence on procps' pgrep).
+job_pids() {
+  local d
+  for d in /proc/[0-9]*; do
+    tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -qF "$TESSERA train $WORK/r.toml" && echo "${d#/proc/}"
+  done
+  return 0
+}
+
 step "start a long data-parallel run"
 mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/r.toml" --set training.steps=100000 eval.every=0 \
   checkpoint.every=0 metrics.log_every=1 parallel.dp=2 training.grad_accum=2 > "$WORK/job.out" 2> "$WORK/job.err" &
@@ -20,7 +29,7 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 victim=""
-for pid in $(pgrep -f "$TESSERA train $WORK/r.toml" || true); do
+for pid in $(job_pids); do
   if tr '\0' '\n' < /proc/$pid/environ 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=1"; then victim=$pid; fi
 done
 [[ -n $victim ]] || { kill $job; fail "could not find the process of rank 1"; }
@@ -34,7 +43,7 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 if kill -0 $job 2>/dev/null; then
-  pkill -9 -f "$TESSERA train $WORK/r.toml" || true
+  for pid in $(job_pids); do kill -9 "$pid" 2>/dev/null || true; done
   kill -9 $job || true
   fail "the job was still running 60 s after rank 1 died"
 fi
@@ -46,5 +55,5 @@ if grep -hiE "rank 1" "$WORK/job.err" "$WORK/job.out" | head -2 | sed 's/^/  job
   cat "$WORK/job.err" >&2
   check_failed "the job's output does not name rank 1"
 fi
-pgrep -f "$TESSERA train $WORK/r.toml" >/dev/null && check_failed "processes of the job are still alive"
+[[ -z $(job_pids) ]] || check_failed "processes of the job are still alive: $(job_pids | tr '\n' ' ')"
 finish
