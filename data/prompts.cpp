@@ -1,5 +1,7 @@
 #include "data/prompts.h"
 
+#include <functional>
+
 #include <unistd.h>
 
 #include <cctype>
@@ -199,22 +201,16 @@ std::vector<Prompt> load_prompts_jsonl(const std::string& path) {
   return out;
 }
 
-void write_prompts_jsonl(const std::string& path, const std::vector<Prompt>& prompts) {
+// Writes one JSON object per line (make(prompt)) atomically: a temporary file, then rename.
+static void write_jsonl_atomically(const std::string& path, const std::vector<Prompt>& prompts,
+                                   const std::function<nlohmann::ordered_json(const Prompt&)>& make) {
   const std::string tmp = cat(path, ".tmp.", ::getpid());
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) TS_FAIL("cannot create '", tmp, "': ", std::strerror(errno));
     for (const Prompt& p : prompts) {
-      // ordered_json keeps the keys in this readable order.
-      nlohmann::ordered_json j = {
-          {"id", p.id}, {"task", p.task}, {"question", p.question}, {"answer", p.answer}};
-      if (!p.solution.empty()) j["solution"] = p.solution;
-      if (!p.numbers.empty() || p.task == "countdown") {
-        j["numbers"] = p.numbers;
-        j["target"] = p.target;
-      }
       try {
-        out << j.dump() << '\n';
+        out << make(p).dump() << '\n';
       } catch (const json::exception& e) {  // invalid UTF-8
         out.close();
         std::remove(tmp.c_str());
@@ -232,6 +228,27 @@ void write_prompts_jsonl(const std::string& path, const std::vector<Prompt>& pro
     std::remove(tmp.c_str());
     TS_FAIL("cannot rename '", tmp, "' to '", path, "': ", std::strerror(err));
   }
+}
+
+void write_prompts_jsonl(const std::string& path, const std::vector<Prompt>& prompts) {
+  write_jsonl_atomically(path, prompts, [](const Prompt& p) {
+    // ordered_json keeps the keys in this readable order.
+    nlohmann::ordered_json j = {{"id", p.id}, {"task", p.task}, {"question", p.question}, {"answer", p.answer}};
+    if (!p.solution.empty()) j["solution"] = p.solution;
+    if (!p.numbers.empty() || p.task == "countdown") {
+      j["numbers"] = p.numbers;
+      j["target"] = p.target;
+    }
+    return j;
+  });
+}
+
+void write_sft_chat_jsonl(const std::string& path, const std::vector<Prompt>& prompts) {
+  write_jsonl_atomically(path, prompts, [](const Prompt& p) {
+    const std::string reply = p.solution.empty() ? p.answer : p.solution;
+    return nlohmann::ordered_json{
+        {"messages", {{{"role", "user"}, {"content", p.question}}, {{"role", "assistant"}, {"content", reply}}}}};
+  });
 }
 
 std::vector<Prompt> generate_arithmetic(int64_t n, uint64_t seed, int digits) {

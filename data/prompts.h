@@ -31,6 +31,11 @@ std::vector<Prompt> load_prompts_jsonl(const std::string& path);
 // atomically (temporary file, then rename), so generate -> write -> load round-trips.
 void write_prompts_jsonl(const std::string& path, const std::vector<Prompt>& prompts);
 
+// The same prompts as SFT conversations for `tessera data prepare --format chat`: one
+// {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]} per line, the
+// reply being the reference solution when there is one (GSM8K's worked answer), else the answer. Atomic.
+void write_sft_chat_jsonl(const std::string& path, const std::vector<Prompt>& prompts);
+
 // Generators are pure functions of (n, seed, parameters): prompt i uses its own block of Philox indices, so
 // prompt i is the same whatever n is.
 

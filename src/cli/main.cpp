@@ -314,6 +314,9 @@ int main(int argc, char** argv) {
   c_prompts->add_option("--difficulty", difficulty,
                         "arithmetic: operand digits (2); countdown: numbers (4); digits: sequence length (4)");
   c_prompts->add_option("--out", prompts_out, "output .jsonl")->required();
+  bool prompts_chat = false;
+  c_prompts->add_flag("--chat", prompts_chat,
+                      "write SFT conversations (user: question, assistant: reference answer) for `data prepare --format chat`");
 
   try {
     app.parse(argc, argv);
@@ -345,7 +348,8 @@ int main(int argc, char** argv) {
       std::vector<Prompt> ps = task == "arithmetic" ? generate_arithmetic(n_prompts, prompt_seed, difficulty ? difficulty : 2)
                                : task == "countdown" ? generate_countdown(n_prompts, prompt_seed, difficulty ? difficulty : 4)
                                                      : generate_digit_completion(n_prompts, prompt_seed, difficulty ? difficulty : 4);
-      write_prompts_jsonl(prompts_out, ps);
+      if (prompts_chat) write_sft_chat_jsonl(prompts_out, ps);
+      else write_prompts_jsonl(prompts_out, ps);
       std::printf("{\"output\": \"%s\", \"task\": \"%s\", \"prompts\": %lld}\n", prompts_out.c_str(), task.c_str(),
                   (long long)ps.size());
       return 0;

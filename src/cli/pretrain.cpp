@@ -29,7 +29,12 @@ namespace fs = std::filesystem;
 
 PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   PretrainConfig c;
-  r.get_string("stage", "pretrain", {"pretrain"});
+  // sft: supervised fine-tuning is this loop on a chat dataset (its loss mask keeps the assistant tokens only),
+  // starting from a pretrained checkpoint's weights.
+  c.stage = r.get_string("stage", "pretrain", {"pretrain", "sft"});
+  c.init_checkpoint = r.get_string("init.checkpoint", "");
+  if (c.stage == "sft" && c.init_checkpoint.empty())
+    TS_FAIL(r.path(), ": stage = \"sft\" needs init.checkpoint (the pretrained run directory or checkpoint file)");
   c.name = r.get_string("job.name", fs::path(r.path()).stem().string());
   c.run_dir = r.get_string("job.run_dir", "runs/" + c.name);
   c.seed = static_cast<uint64_t>(r.get_int("job.seed", 0, 0));
@@ -164,6 +169,9 @@ TrainingData TrainingData::load(const PretrainConfig& cfg) {
     d.corpus = TextCorpus::load(cfg.data, *d.tokenizer);
     d.fingerprint = d.corpus.fingerprint;
   }
+  if (cfg.stage == "sft" && !d.train()->has_loss_mask())
+    TS_FAIL("stage = \"sft\" needs a chat dataset with a loss mask (data.dataset prepared with `tessera data prepare ",
+            "--format chat`); ", cfg.dataset.empty() ? "data.train text files have none" : cfg.dataset + " has none");
   if (d.val()->size() < cfg.seq_len + 1)
     TS_FAIL("data: the held-out split has ", d.val()->size(), " tokens, fewer than one sequence of ", cfg.seq_len + 1,
             cfg.dataset.empty() ? "; raise data.val_fraction or use more data"
@@ -470,6 +478,13 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   V4Model* v4 = dynamic_cast<V4Model*>(&model);
   ParamList params = model.params(), saved = model.saved_tensors();
   model.init(cfg.seed);
+  if (!cfg.init_checkpoint.empty() && !resuming) {
+    // Weights (and buffers) from another run; its optimizer state is not carried over (a new stage).
+    const std::string from = resolve_checkpoint(cfg.init_checkpoint);
+    CheckpointMeta init_meta = load_checkpoint(from, cfg.model, saved, nullptr);
+    check_tokenizer(*data.tokenizer, init_meta, from);
+    log_info(cat("initial weights from ", from, " (step ", init_meta.step, ")"));
+  }
   Optimizer opt(params, cfg.optimizer, cfg.zero1 ? dp : nullptr);
   log_info(cat("optimizer groups (", cfg.optimizer.name, "):\n", opt.describe_groups()));
   if (opt.sharded())

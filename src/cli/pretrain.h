@@ -27,6 +27,8 @@ struct RoutingConfig {
 };
 
 struct PretrainConfig {
+  std::string stage = "pretrain";  // "pretrain", or "sft": the same loop on a chat dataset from init_checkpoint
+  std::string init_checkpoint;     // init.checkpoint: start from these weights (not its optimizer state)
   std::string name;
   std::string run_dir;
   uint64_t seed = 0;
