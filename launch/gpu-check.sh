@@ -6,7 +6,8 @@
 # any check failed.
 #
 # Usage: launch/gpu-check.sh [--bin DIR] [--summary FILE] [--steps N]
-#   --bin DIR   use binaries already built in DIR (a build-cuda tree, or a flat folder of them) instead of building
+#   --bin DIR   use binaries already built in DIR (a build-cuda tree, or a folder unpacked from
+#               launch/pack-gpu-check.sh, whose lib/ holds their libraries) instead of building
 #   --summary   where to write the summary (default: gpu-check-summary.md)
 #   --steps     timed training steps per throughput configuration (default 5)
 set -uo pipefail
@@ -24,9 +25,16 @@ if [ -z "$bin" ]; then
   launch/build-cuda.sh || exit 1
   bin=build-cuda
 fi
-find_bin() {  # a binary in a build tree (tests/, bench/) or a flat folder
-  for p in "$bin/$1" "$bin/tests/$1" "$bin/bench/$1"; do [ -x "$p" ] && { echo "$p"; return; }; done
+find_bin() {  # a binary in a build tree (tests/, tests/parallel/, bench/) or a flat folder
+  for p in "$bin/$1" "$bin/tests/$1" "$bin/tests/parallel/$1" "$bin/bench/$1"; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
 }
+# A packed folder brings its libraries; the CUDA ones come from the machine (toolkit or driver).
+[ -d "$bin/lib" ] && export LD_LIBRARY_PATH="$bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+done
 export TESSERA_REQUIRE_CUDA=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} OMP_WAIT_POLICY=passive
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 failed=0
@@ -40,7 +48,8 @@ failed=0
   echo "| check | result |"
   echo "|---|---|"
 } >"$summary"
-for t in test_ops test_v4_moe_ops test_v4_mhc_ops test_v4_attention_ops test_cuda_training test_nccl_communicator; do
+for t in test_ops test_v4_moe_ops test_v4_mhc_ops test_v4_attention_ops test_decode_ops test_cuda_training \
+         test_cuda_v4_training test_nccl_communicator; do
   exe=$(find_bin $t)
   if [ -z "$exe" ]; then echo "| $t | not built |" >>"$summary"; failed=1; continue; fi
   log=$(mktemp)

@@ -10,6 +10,7 @@
 #include "backend/backend.h"
 #include "model/model.h"
 #include "optim/optimizer.h"
+#include "gpu_test_util.h"
 #include "test_util.h"
 
 using namespace tessera;

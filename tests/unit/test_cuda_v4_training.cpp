@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "model/model.h"
 #include "optim/optimizer.h"
+#include "tests/unit/gpu_test_util.h"
 #include "tests/unit/test_util.h"
 #include "tests/unit/v4_test_model.h"
 
