@@ -42,7 +42,7 @@ failed=0
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo '```'
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2 || true
   echo '```'
   echo
   echo "| check | result |"
@@ -59,9 +59,8 @@ for t in test_ops test_v4_moe_ops test_v4_mhc_ops test_v4_attention_ops test_dec
   secs=$((SECONDS - start))
   cat "$log"
   passed=$(grep -oE "\[  PASSED  \] [0-9]+" "$log" | grep -oE "[0-9]+$")
-  nfail=$(grep -oE "\[  FAILED  \] [0-9]+ test" "$log" | grep -oE "[0-9]+" | head -1)
   nskip=$(grep -oE "\[  SKIPPED \] [0-9]+" "$log" | grep -oE "[0-9]+$")
-  res="${passed:-0} passed, ${nfail:-0} failed, ${nskip:-0} skipped (${secs} s)"
+  res="${passed:-0} passed, ${nskip:-0} skipped (${secs} s)"
   [ $rc -eq 0 ] || { failed=1; res="**FAILED** (exit $rc): $res; $(grep -m3 -E 'Failure|error|rror:' "$log" | tr '\n|' ' /' | cut -c1-300)"; }
   echo "| $t | $res |" >>"$summary"
   rm -f "$log"

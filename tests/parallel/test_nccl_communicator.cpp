@@ -1,5 +1,8 @@
 // The NCCL communicator on cuda tensors: the same collective checks as test_communicator. Meaningful at one rank
 // (ctest runs it with -np 1 on a single-GPU machine); skips with a message when no GPU is present.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 #include "backend/backend.h"
 #include "collective_checks.inc"
 #include "parallel/mpi_communicator.h"
@@ -29,6 +32,11 @@ int main(int argc, char** argv) {
       tessera::env().world = nccl.get();
     } else {
       tessera::env().skip_reason = "no CUDA device available (NCCL communicator tests need a GPU)";
+      const char* need = std::getenv("TESSERA_REQUIRE_CUDA");  // launch/gpu-check.sh: a missing GPU is a failure
+      if (need && std::string(need) == "1") {
+        std::fprintf(stderr, "TESSERA_REQUIRE_CUDA=1 but no CUDA device is usable\n");
+        return 1;
+      }
     }
     tessera::env().device = tessera::Device::cuda;
     tessera::env().exact = false;             // NCCL's own order of float sums
