@@ -131,12 +131,27 @@ double DenseModel::forward(const TokenBatch& host_batch, Tensor* logits) {
 double DenseModel::forward_backward(const TokenBatch& host_batch, double loss_scale) {
   const TokenBatch batch = host_batch.on(device_);
   run_forward(batch);
+  // The fused cross-entropy overwrites the logits with their gradient.
+  ops::cross_entropy(logits_, batch.targets.reshape({B_ * T_}), losses_, loss_scale, logits_);
+  const double loss = sum_losses(losses_);
+  run_backward(batch, logits_);
+  return loss;
+}
+
+double DenseModel::forward_backward_logits(const TokenBatch& host_batch, const LogitsGrad& loss_grad) {
+  const TokenBatch batch = host_batch.on(device_);
+  run_forward(batch);
+  ops::cross_entropy(logits_, batch.targets.reshape({B_ * T_}), losses_, 1.0, Tensor());
+  const double loss = sum_losses(losses_);
+  Tensor dlogits = Tensor::empty(logits_.shape(), logits_.dtype(), logits_.device());
+  loss_grad(logits_, dlogits);
+  run_backward(batch, dlogits);
+  return loss;
+}
+
+void DenseModel::run_backward(const TokenBatch& batch, const Tensor& dlogits) {
   const int64_t B = B_, T = T_, N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
   const double scale = 1.0 / std::sqrt(double(hd));
-  // The fused cross-entropy overwrites the logits with their gradient.
-  ops::cross_entropy(logits_, batch.targets.reshape({N}), losses_, loss_scale, logits_);
-  double loss = sum_losses(losses_);
-  const Tensor& dlogits = logits_;
 
   ops::linear_backward(h_final_, output_.value, dlogits, dh_, output_.grad);
   ops::rmsnorm_backward(x_final_, norm_.value, rstd_final_, dh_, dx_, norm_.grad);
@@ -168,7 +183,6 @@ double DenseModel::forward_backward(const TokenBatch& host_batch, double loss_sc
     ops::axpy(1.0, dtmp_, dx_);
   }
   ops::embedding_backward(batch.ids.reshape({N}), dx_, tok_embeddings_.grad);
-  return loss;
 }
 
 }  // namespace tessera

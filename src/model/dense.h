@@ -26,6 +26,7 @@ class DenseModel final : public Model {
   // Forward, then backward of loss_scale * (sum of token losses); parameter gradients accumulate (+=).
   // Returns the sum of token losses.
   double forward_backward(const TokenBatch& batch, double loss_scale) override;
+  double forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) override;
   // Cached decoding (dense_decode.cpp): a per-layer K/V cache.
   std::unique_ptr<DecodeCache> new_cache(int64_t batch, int64_t capacity) override;
   void decode(const Tensor& ids, DecodeCache& cache, const Tensor& logits_out) override;
@@ -40,6 +41,7 @@ class DenseModel final : public Model {
   };
   void ensure_buffers(int64_t B, int64_t T);
   void run_forward(const TokenBatch& batch);
+  void run_backward(const TokenBatch& batch, const Tensor& dlogits);  // after run_forward on the same batch
 
   ModelConfig cfg_;
   Device device_;

@@ -1,5 +1,6 @@
 // The interface the trainer and tools use for any architecture (dense Llama layout, DeepSeek-V4).
 #pragma once
+#include <functional>
 #include <memory>
 
 #include "core/batch.h"
@@ -29,6 +30,13 @@ class Model {
   // Forward, then backward of loss_scale * (the model's objective summed over the batch's targets);
   // parameter gradients accumulate (+=). Returns the sum of the main next-token losses.
   virtual double forward_backward(const TokenBatch& batch, double loss_scale) = 0;
+  // d loss / d logits for a loss the model does not know (GRPO's policy loss): called with the main head's logits
+  // (B*T, V) and a tensor of the same shape, dtype and device to ASSIGN the gradient to.
+  using LogitsGrad = std::function<void(const Tensor& logits, const Tensor& dlogits)>;
+  // Forward, then backward of the caller's loss alone: only the main head's logits carry a gradient (V4's MTP,
+  // balance and indexer losses contribute none; the batch's targets only feed the returned loss). Parameter
+  // gradients accumulate (+=). Returns the sum of the main next-token losses, as forward does.
+  virtual double forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) = 0;
 
   // Decoding (forward only; V4's MTP block is not used). A cache for `batch` rows of at most `capacity` tokens.
   // The defaults fail: the architecture does not support cached decoding.

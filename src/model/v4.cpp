@@ -1020,7 +1020,14 @@ double V4Model::forward_backward(const TokenBatch& batch, double loss_scale) {
   return run(batch, true, loss_scale, nullptr);
 }
 
-double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scale, Tensor* logits_out) {
+double V4Model::forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) {
+  // loss_scale 0: the auxiliary losses (MTP, balance, indexer KL) get no gradient; the caller's loss replaces the
+  // cross-entropy's gradient.
+  return run(batch, true, 0.0, nullptr, &loss_grad);
+}
+
+double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scale, Tensor* logits_out,
+                    const LogitsGrad* loss_grad) {
   DeviceScope on_model_device(device_);  // every tensor of the pass is allocated on the model's device
   Impl& m = *impl_;
   const ModelConfig& c = cfg_;
@@ -1079,7 +1086,8 @@ double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scal
   Tensor targets = batch.targets.reshape({N});
   // With backward, one fused call gives the losses and their gradient (the logits are not needed afterwards).
   Tensor dlogits = backward ? Tensor::empty(m.logits.shape(), dt) : Tensor();
-  ops::cross_entropy(m.logits, targets, m.losses, loss_scale, dlogits);
+  ops::cross_entropy(m.logits, targets, m.losses, loss_scale, loss_grad ? Tensor() : dlogits);
+  if (loss_grad) (*loss_grad)(m.logits, dlogits);
   stats_.main_loss_sum = sum_of(m.losses);
   stats_.main_targets = n_targets;
   if (logits_out) *logits_out = m.logits.clone();

@@ -42,6 +42,7 @@ class V4Model final : public Model {
   void init(uint64_t seed) override;
   double forward(const TokenBatch& batch, Tensor* logits = nullptr) override;
   double forward_backward(const TokenBatch& batch, double loss_scale) override;
+  double forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) override;
   // Cached decoding (v4_decode.inc): window, compressed (CSA / HCA) and indexer caches; MTP unused.
   std::unique_ptr<DecodeCache> new_cache(int64_t batch, int64_t capacity) override;
   void decode(const Tensor& ids, DecodeCache& cache, const Tensor& logits_out) override;
@@ -90,7 +91,8 @@ class V4Model final : public Model {
   struct Impl;
 
  private:
-  double run(const TokenBatch& batch, bool backward, double loss_scale, Tensor* logits);
+  double run(const TokenBatch& batch, bool backward, double loss_scale, Tensor* logits,
+             const LogitsGrad* loss_grad = nullptr);
 
   ModelConfig cfg_;
   DType dtype_;
