@@ -9,6 +9,7 @@
 #include "cli/model_recipe.h"
 #include "cli/pretrain.h"
 #include "cli/sample.h"
+#include "cli/stages.h"
 #include "core/log.h"
 #include "data/byte_tokenizer.h"
 #include "data/prompts.h"
@@ -214,7 +215,7 @@ static int train_under_mpi(int argc, char** argv, const TrainOptions& train) {
   set_log_quiet(rank != 0);
   try {
     if (train.recipe_path.empty() && train.resume_dir.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");
-    int rc = run_pretrain(train, world.get());
+    int rc = run_train(train, world.get());
     world.reset();
     return rc;
   } catch (const std::exception& e) {
@@ -229,7 +230,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   TrainOptions train;
-  auto* c_train = app.add_subcommand("train", "run the stage(s) a recipe names (pretrain)");
+  auto* c_train = app.add_subcommand("train", "run the stage a recipe names (pretrain, sft, grpo)");
   c_train->add_option("recipe", train.recipe_path, "recipe TOML file");
   c_train->add_option("--set", train.overrides, "override a recipe key: --set training.steps=100")->take_all();
   c_train->add_option("--resume", train.resume_dir, "continue the run in this directory from its latest checkpoint");
@@ -327,7 +328,7 @@ int main(int argc, char** argv) {
   try {
     if (*c_train) {
       if (train.recipe_path.empty() && train.resume_dir.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");
-      return run_pretrain(train);
+      return run_train(train);
     }
     if (*c_eval) return cmd_eval(ckpt, data, separator, seq_len, batch_size, max_batches);
     if (*c_sample) return cmd_sample(ckpt, prompt, sopt);
