@@ -1,6 +1,7 @@
 #include "parallel/data_parallel.h"
 
 #include "model/model.h"
+#include "model/v4.h"
 #include "ops/ops.h"
 
 namespace tessera {
@@ -71,6 +72,21 @@ void GradientBuckets::all_reduce() {
       at += n;
     }
   }
+}
+
+void all_reduce_expert_load(V4Model& model, Communicator& group) {
+  std::vector<std::vector<int64_t>> loads = model.expert_load();
+  int64_t n = 0;
+  for (const auto& l : loads) n += int64_t(l.size());
+  Tensor t = Tensor::empty({n}, DType::i64, Device::cpu);
+  int64_t at = 0;
+  for (const auto& l : loads)
+    for (int64_t x : l) t.data<int64_t>()[at++] = x;
+  group.all_reduce(t, ReduceOp::sum);
+  at = 0;
+  for (auto& l : loads)
+    for (int64_t& x : l) x = t.data<int64_t>()[at++];
+  model.set_expert_load(std::move(loads));
 }
 
 }  // namespace tessera

@@ -18,6 +18,11 @@
 
 namespace tessera {
 
+class V4Model;
+// The V4 expert loads summed over the group's ranks (before update_routing_bias, so every rank applies the bias
+// update of the whole global batch).
+void all_reduce_expert_load(V4Model& model, Communicator& group);
+
 // Saved partial sums for pairwise_gradients, one set per tree level, reused from step to step.
 struct GradientStack {
   std::vector<std::vector<Tensor>> levels;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <set>
 
@@ -164,6 +165,20 @@ RewardFn find_reward(const std::string& name) {
   std::string known;
   for (const auto& n : reward_names()) known += (known.empty() ? "" : ", ") + n;
   TS_FAIL("reward '", name, "': unknown; known: ", known);
+}
+
+RewardTerm parse_reward_term(const std::string& text) {
+  const size_t colon = text.find(':');
+  RewardTerm t{text.substr(0, colon), 1.0};
+  if (t.name.empty()) TS_FAIL("reward '", text, "': expected NAME or NAME:WEIGHT");
+  if (colon != std::string::npos) {
+    const std::string w = text.substr(colon + 1);
+    char* end = nullptr;
+    t.weight = std::strtod(w.c_str(), &end);
+    if (w.empty() || *end != '\0' || !std::isfinite(t.weight))
+      TS_FAIL("reward '", text, "': the weight after ':' must be a finite number, got '", w, "'");
+  }
+  return t;
 }
 
 CompositeReward::CompositeReward(std::vector<RewardTerm> terms) : terms_(std::move(terms)) {

@@ -72,6 +72,10 @@ struct RewardTerm {
   double weight = 1.0;
 };
 
+// "name" (weight 1) or "name:weight" (the recipe's `rewards.terms` entries and --reward on the command line);
+// tessera::Error naming the text otherwise. The name is resolved later (CompositeReward).
+RewardTerm parse_reward_term(const std::string& text);
+
 struct RewardScore {
   double total = 0;           // sum of weight * value
   std::vector<double> terms;  // each term's unweighted value, in the order of the terms (per-reward metrics)

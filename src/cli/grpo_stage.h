@@ -1,8 +1,66 @@
-// The GRPO stage: `tessera train RECIPE` with stage = "grpo" (docs/post-training.md).
+// The GRPO stage: `tessera train RECIPE` with stage = "grpo" (docs/post-training.md). Each step samples
+// grpo.prompts_per_step prompts and grpo.group_size responses per prompt with the generation engine, scores them
+// with rule-based rewards, computes group advantages, recomputes the old policy's (and the frozen reference's)
+// token log-probabilities, and takes grpo.mini_batches optimizer steps per epoch, for grpo.epochs epochs, on the
+// clipped surrogate (rl/grpo.h). Rollouts are spread over the data-parallel ranks, prompt by prompt.
 #pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
 #include "cli/pretrain.h"
+#include "data/chat.h"
+#include "rl/grpo.h"
+#include "rl/rewards.h"
 
 namespace tessera {
+
+struct GrpoConfig {
+  std::string name, run_dir;
+  uint64_t seed = 0;
+  std::string init_checkpoint;  // init.checkpoint: the policy's starting weights (required)
+  std::string reference;        // init.reference: the frozen KL reference (default: init.checkpoint)
+  ModelConfig model;
+  std::string tokenizer_kind = "byte", tokenizer_model;
+  std::string train_prompts, eval_prompts;  // prompts.train (JSONL), prompts.eval (optional)
+  int64_t eval_limit = 64;                  // prompts.eval_limit: the first N held-out prompts
+  ReasoningMode mode = ReasoningMode::non_thinking;  // prompts.mode
+  std::vector<rl::RewardTerm> rewards;               // rewards.terms = ["arithmetic", "format:0.1"]
+
+  int64_t steps = 0;             // training.steps: rollout steps
+  double grad_clip = 1.0;        // training.grad_clip
+  Device device = Device::cpu;   // training.device
+  int dp = -1;                   // parallel.dp (-1: every rank)
+
+  // [grpo]
+  int64_t prompts_per_step = 8, group_size = 8;
+  int64_t epochs = 1, mini_batches = 1;  // optimizer steps per rollout batch: epochs x mini_batches
+  int64_t micro_batch_rows = 8;          // responses per forward/backward
+  rl::AdvantageEstimator advantage = rl::AdvantageEstimator::group_norm;
+  rl::PolicyLossConfig loss;
+  bool dynamic_sampling = false;  // drop groups whose rewards are all equal from the update (DAPO's filter)
+  int64_t overlong_buffer = 0;    // DAPO overlong shaping over the last N tokens of max_new_tokens (0: off)
+  double overlong_factor = 1.0;
+  bool mask_truncated = false;    // truncated responses get no loss (DAPO)
+  double offpolicy_delta = 0.0;   // DeepSeek-V3.2 off-policy sequence masking threshold (0: off)
+
+  // [sampling]
+  int64_t max_new_tokens = 64;
+  double temperature = 1.0, top_p = 1.0;
+  int64_t top_k = 0;
+
+  // [eval]: held-out reward (greedy) every N steps and at the end
+  int64_t eval_every = 0;
+  int64_t eval_max_new_tokens = 64;
+
+  OptimizerConfig optimizer;
+  LrSchedule schedule;
+  int64_t checkpoint_every = 0, checkpoint_keep = 3, log_every = 1;
+  std::string recipe_toml;
+};
+
+// Reads and validates every key of a stage = "grpo" recipe; unknown keys are errors naming file, line and key.
+GrpoConfig grpo_config_from_recipe(Recipe& r);
 
 class Communicator;
 int run_grpo(const TrainOptions& opts, Communicator* world = nullptr);

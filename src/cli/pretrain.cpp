@@ -1,9 +1,5 @@
 #include "cli/pretrain.h"
 
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/wait.h>
-
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -14,6 +10,7 @@
 
 #include "backend/backend.h"
 #include "cli/model_recipe.h"
+#include "cli/run_files.h"
 #include "core/log.h"
 #include "data/byte_tokenizer.h"
 #include "io/checkpoint.h"
@@ -22,10 +19,37 @@
 #include "ops/ops.h"
 #include "parallel/data_parallel.h"
 
-extern char** environ;
-
 namespace tessera {
 namespace fs = std::filesystem;
+
+// [optimizer] and [lr_scheduler] (docs/recipes.md), for a stage of `steps` optimizer steps.
+void optimizer_from_recipe(Recipe& r, int64_t steps, OptimizerConfig& o, LrSchedule& s) {
+  o.name = r.get_string("optimizer.name", "adamw", {"adamw", "muon"});
+  o.adamw.lr = r.require_double("optimizer.lr", 0.0, 10.0);
+  o.adamw.beta1 = r.get_double("optimizer.beta1", o.adamw.beta1, 0.0, 1.0);
+  o.adamw.beta2 = r.get_double("optimizer.beta2", o.adamw.beta2, 0.0, 1.0);
+  o.adamw.eps = r.get_double("optimizer.eps", o.adamw.eps, 0.0, 1.0);
+  o.adamw.weight_decay = r.get_double("optimizer.weight_decay", o.adamw.weight_decay, 0.0, 10.0);
+  // Muon (optimizer.name = "muon"): V4's Algorithm 1 on the hidden matrices, AdamW above on the rest.
+  o.muon.lr = o.adamw.lr;
+  o.muon.momentum = r.get_double("optimizer.muon.momentum", o.muon.momentum, 0.0, 1.0);
+  o.muon.nesterov = r.get_bool("optimizer.muon.nesterov", o.muon.nesterov);
+  o.muon.weight_decay = r.get_double("optimizer.muon.weight_decay", o.adamw.weight_decay, 0.0, 10.0);
+  o.muon.ns_schedule = r.get_string("optimizer.muon.ns_schedule", "v4", {"v4", "original"}) == "v4"
+                           ? NsSchedule::v4
+                           : NsSchedule::original;
+  o.muon.update_rms = r.get_double("optimizer.muon.update_rms", o.muon.update_rms, 0.0, 10.0);
+  o.muon.bf16_iterations = r.get_bool("optimizer.muon.bf16", o.muon.bf16_iterations);
+  o.adamw_params = r.get_string_list("optimizer.adamw_params", {});
+
+  s.lr = o.adamw.lr;
+  s.total_steps = steps;
+  s.warmup_steps = r.get_int("lr_scheduler.warmup_steps", 0, 0, steps);
+  // -1: decay over every step after warmup (kept as -1 in the effective recipe, so extending a run extends it).
+  s.decay_steps = r.get_int("lr_scheduler.decay_steps", -1, -1, steps);
+  if (s.decay_steps < 0) s.decay_steps = steps - s.warmup_steps;
+  s.min_lr_ratio = r.get_double("lr_scheduler.min_lr_ratio", 0.1, 0.0, 1.0);
+}
 
 PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   PretrainConfig c;
@@ -88,32 +112,7 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
               ") for routing.anticipatory = \"on_spike\": a rollback must reach at least dt steps back");
   }
 
-  OptimizerConfig& o = c.optimizer;
-  o.name = r.get_string("optimizer.name", "adamw", {"adamw", "muon"});
-  o.adamw.lr = r.require_double("optimizer.lr", 0.0, 10.0);
-  o.adamw.beta1 = r.get_double("optimizer.beta1", o.adamw.beta1, 0.0, 1.0);
-  o.adamw.beta2 = r.get_double("optimizer.beta2", o.adamw.beta2, 0.0, 1.0);
-  o.adamw.eps = r.get_double("optimizer.eps", o.adamw.eps, 0.0, 1.0);
-  o.adamw.weight_decay = r.get_double("optimizer.weight_decay", o.adamw.weight_decay, 0.0, 10.0);
-  // Muon (optimizer.name = "muon"): V4's Algorithm 1 on the hidden matrices, AdamW above on the rest.
-  o.muon.lr = o.adamw.lr;
-  o.muon.momentum = r.get_double("optimizer.muon.momentum", o.muon.momentum, 0.0, 1.0);
-  o.muon.nesterov = r.get_bool("optimizer.muon.nesterov", o.muon.nesterov);
-  o.muon.weight_decay = r.get_double("optimizer.muon.weight_decay", o.adamw.weight_decay, 0.0, 10.0);
-  o.muon.ns_schedule = r.get_string("optimizer.muon.ns_schedule", "v4", {"v4", "original"}) == "v4"
-                           ? NsSchedule::v4
-                           : NsSchedule::original;
-  o.muon.update_rms = r.get_double("optimizer.muon.update_rms", o.muon.update_rms, 0.0, 10.0);
-  o.muon.bf16_iterations = r.get_bool("optimizer.muon.bf16", o.muon.bf16_iterations);
-  o.adamw_params = r.get_string_list("optimizer.adamw_params", {});
-
-  c.schedule.lr = o.adamw.lr;
-  c.schedule.total_steps = c.steps;
-  c.schedule.warmup_steps = r.get_int("lr_scheduler.warmup_steps", 0, 0, c.steps);
-  // -1: decay over every step after warmup (kept as -1 in the effective recipe, so extending a run extends it).
-  c.schedule.decay_steps = r.get_int("lr_scheduler.decay_steps", -1, -1, c.steps);
-  if (c.schedule.decay_steps < 0) c.schedule.decay_steps = c.steps - c.schedule.warmup_steps;
-  c.schedule.min_lr_ratio = r.get_double("lr_scheduler.min_lr_ratio", 0.1, 0.0, 1.0);
+  optimizer_from_recipe(r, c.steps, c.optimizer, c.schedule);
 
   c.eval_every = r.get_int("eval.every", 100, 0);
   c.eval_batches = r.get_int("eval.batches", 8, 1);
@@ -195,47 +194,8 @@ double measure_gemm_peak() {
 
 namespace {
 
-std::string format_duration(double s) {
-  char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), int(std::fmod(s, 3600) / 60));
-  else std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(std::fmod(s, 60)));
-  return buf;
-}
 
-void write_atomically(const fs::path& path, const std::string& text) {
-  fs::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    out << text;
-    if (!out.flush()) TS_FAIL("cannot write '", tmp.string(), "'");
-  }
-  fs::rename(tmp, path);
-}
 
-// Keeps the metrics lines the checkpoint we resume from had seen: every line up to the last one of step
-// last_step (a rollback on a loss spike repeats step numbers, and the lines of the abandoned steps stay), or,
-// without such a line, the lines of steps <= last_step.
-void truncate_metrics(const fs::path& path, int64_t last_step) {
-  if (!fs::exists(path)) return;
-  std::ifstream in(path);
-  std::string line;
-  std::vector<std::pair<long long, std::string>> lines;
-  for (int64_t n = 1; std::getline(in, line); ++n) {
-    auto pos = line.find("\"step\": ");
-    char* end = nullptr;
-    long long step = pos == std::string::npos ? -1 : std::strtoll(line.c_str() + pos + 8, &end, 10);
-    if (step < 0) log_warn(cat(path.string(), ":", n, ": not a metrics line, dropped"));
-    else lines.emplace_back(step, line);
-  }
-  size_t last = lines.size();
-  for (size_t i = 0; i < lines.size(); ++i)
-    if (lines[i].first == last_step) last = i;
-  std::string kept;
-  for (size_t i = 0; i < lines.size(); ++i)
-    if (last < lines.size() ? i <= last : lines[i].first <= last_step) kept += lines[i].second + "\n";
-  write_atomically(path, kept);
-}
 
 // ------------------------------------------------------------------------ anticipatory routing state on disk
 // Beside each checkpoint step_N.h5 of a V4 run with routing.anticipatory != "off", step_N.routing holds what the
@@ -372,35 +332,7 @@ std::string join_paths(const std::vector<std::string>& files) {
   return out;
 }
 
-// JSON has no NaN or infinity: such values are written as null.
-std::string json_number(double v) {
-  if (!std::isfinite(v)) return "null";
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.10g", v);
-  return buf;
-}
 
-// Draws RUN/loss.png with launch/plot_metrics.py (matplotlib, from the .venv that setup.sh makes); a missing
-// Python or matplotlib is a warning, not a failed run. TESSERA_PYTHON picks the interpreter.
-bool plot_losses(const std::string& run_dir) {
-  const char* env = std::getenv("TESSERA_PYTHON");
-  std::string python = env && *env ? env
-                       : fs::exists(TESSERA_SOURCE_DIR "/.venv/bin/python") ? TESSERA_SOURCE_DIR "/.venv/bin/python"
-                                                                          : "python3";
-  std::string script = TESSERA_SOURCE_DIR "/launch/plot_metrics.py";
-  std::vector<char*> argv = {python.data(), script.data(), const_cast<char*>(run_dir.c_str()), nullptr};
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
-  pid_t pid;
-  int status = -1;
-  if (posix_spawnp(&pid, python.c_str(), &actions, nullptr, argv.data(), environ) == 0) waitpid(pid, &status, 0);
-  posix_spawn_file_actions_destroy(&actions);
-  bool ok = status == 0;
-  if (!ok) log_warn(cat("could not draw the loss plot; run: ", python, " ", script, " ", run_dir));
-  return ok;
-}
 
 // Resuming must continue the same data stream: the settings that decide which windows a step trains on have to
 // match the checkpoint's run. The rows of a step depend on the global batch only (batch_size x grad_accum, and
@@ -649,18 +581,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
         };
         max_over_ranks(swiglu_max);
         max_over_ranks(logit_max);
-        std::vector<std::vector<int64_t>> loads = v4->expert_load();
-        int64_t n = 0;
-        for (const auto& l : loads) n += int64_t(l.size());
-        Tensor t = Tensor::empty({n}, DType::i64, Device::cpu);
-        int64_t at = 0;
-        for (const auto& l : loads)
-          for (int64_t x : l) t.data<int64_t>()[at++] = x;
-        dp->all_reduce(t, ReduceOp::sum);
-        at = 0;
-        for (auto& l : loads)
-          for (int64_t& x : l) x = t.data<int64_t>()[at++];
-        v4->set_expert_load(loads);  // the bias update sees the loads of the whole global batch
+        all_reduce_expert_load(*v4, *dp);  // the bias update sees the loads of the whole global batch
       }
     }
     const double loss = loss_sum / double(n_targets);
@@ -827,7 +748,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   }
   if (dp) dp->barrier();  // the last checkpoint is on disk before any rank exits
   if (!writer) return 0;
-  bool plotted = plot_losses(cfg.run_dir);
+  bool plotted = plot_metrics(cfg.run_dir, {}, "loss plot");
   log_info(cat("run directory: ", cfg.run_dir, " (metrics.jsonl, recipe.toml, checkpoints/",
                plotted ? ", loss.png" : "", ")"));
   return 0;

@@ -75,6 +75,8 @@ void check_tokenizer(const Tokenizer& tok, const CheckpointMeta& meta, const std
 // Reads and validates every key; unknown keys are errors naming file, line and key.
 ModelConfig model_config_from_recipe(Recipe& r, int64_t tokenizer_vocab);
 PretrainConfig pretrain_config_from_recipe(Recipe& r);
+// [optimizer] and [lr_scheduler], shared by the training stages; `steps`: the stage's optimizer steps.
+void optimizer_from_recipe(Recipe& r, int64_t steps, OptimizerConfig& optimizer, LrSchedule& schedule);
 
 struct TrainOptions {
   std::string recipe_path;
