@@ -112,6 +112,7 @@ namespace {
 
 // One sampled response and what the update needs of it.
 struct Rollout {
+  int64_t k = 0;       // the step's prompt number (0 .. prompts_per_step - 1): decides the mini-batch
   int64_t prompt = 0;  // index into the prompt set
   std::vector<int32_t> prompt_ids, response;
   std::vector<double> sampler_logp;  // log p under the sampling distribution (temperature applied)
@@ -248,10 +249,9 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
   if (cfg.prompts_per_step % n_ranks != 0)
     TS_FAIL(recipe.path(), ": grpo.prompts_per_step (", cfg.prompts_per_step, ") must be a multiple of parallel.dp (",
             n_ranks, "): each data-parallel rank samples and trains on whole groups");
-  const int64_t rows_per_rank = cfg.prompts_per_step / n_ranks * cfg.group_size;
-  if (rows_per_rank % cfg.mini_batches != 0)
-    TS_FAIL(recipe.path(), ": grpo.mini_batches (", cfg.mini_batches, ") must divide the responses per rank and step (",
-            rows_per_rank, " = grpo.prompts_per_step / dp x grpo.group_size)");
+  if (cfg.prompts_per_step / n_ranks % cfg.mini_batches != 0)
+    TS_FAIL(recipe.path(), ": grpo.mini_batches (", cfg.mini_batches, ") must divide the prompts per rank and step (",
+            cfg.prompts_per_step / n_ranks, " = grpo.prompts_per_step / dp): a mini-batch takes whole groups from every rank");
 
   std::string resume_from;
   if (resuming) {
@@ -374,6 +374,7 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
         q.seed = mix64(cfg.seed ^ mix64(uint64_t(step) * 0x100000001b3ULL + uint64_t(k * cfg.group_size + g)));
         requests.push_back(q);
         Rollout r;
+        r.k = k;
         r.prompt = pi;
         r.prompt_ids = prompt_ids[pi];
         rollouts.push_back(std::move(r));
@@ -410,13 +411,17 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
       ++kept_groups;
       for (int64_t j = 0; j < cfg.group_size; ++j) rows.push_back(&rollouts[g0 + j]);
     }
-    // Mini-batches (contiguous shares of this rank's rows) and their micro-batches.
+    // Mini-batch m holds the groups of the step's prompts k with k % M == m: the same responses whatever the
+    // data-parallel layout (each rank trains on its share of them). Micro-batches are consecutive rows of it.
     const int64_t M = cfg.mini_batches;
     std::vector<std::vector<MicroBatch>> minis(M);
     for (int64_t m = 0; m < M; ++m) {
-      const int64_t lo = int64_t(rows.size()) * m / M, hi = int64_t(rows.size()) * (m + 1) / M;
-      for (int64_t a = lo; a < hi; a += cfg.micro_batch_rows)
-        minis[m].push_back(make_micro_batch({rows.begin() + a, rows.begin() + std::min(hi, a + cfg.micro_batch_rows)}));
+      std::vector<Rollout*> mine;
+      for (Rollout* r : rows)
+        if (r->k % M == m) mine.push_back(r);
+      for (size_t a = 0; a < mine.size(); a += size_t(cfg.micro_batch_rows))
+        minis[m].push_back(
+            make_micro_batch({mine.begin() + a, mine.begin() + std::min(mine.size(), a + size_t(cfg.micro_batch_rows))}));
     }
 
     // ---------------------------------------------------------------- old-policy and reference log-probabilities
