@@ -13,8 +13,10 @@ std::string recipe_stage(const TrainOptions& opts) {
   if (path.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");
   if (!std::filesystem::exists(path)) TS_FAIL(opts.recipe_path.empty() ? "--resume " + opts.resume_dir + ": no recipe.toml in that run directory" : "recipe '" + path + "' does not exist");
   Recipe r = Recipe::load(path, opts.overrides);
-  return r.get_string("stage", "pretrain", {"pretrain", "sft", "grpo"});
+  return recipe_stage_of(r);
 }
+
+std::string recipe_stage_of(Recipe& r) { return r.get_string("stage", "pretrain", {"pretrain", "sft", "grpo"}); }
 
 int run_train(const TrainOptions& opts, Communicator* world) {
   if (recipe_stage(opts) == "grpo") return run_grpo(opts, world);
