@@ -544,6 +544,28 @@ std::vector<std::string> Recipe::get_string_list(const std::string& key,
   return v;
 }
 
+std::vector<double> Recipe::get_double_list(const std::string& key, const std::vector<double>& def, double min,
+                                            double max) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> v = def;
+  if (const Node* n = lookup(key)) {
+    bool ok = n->kind == Kind::array && std::all_of(n->items.begin(), n->items.end(), [](const Node& x) {
+                return x.kind == Kind::integer || x.kind == Kind::floating;
+              });
+    if (!ok) fail_value(key, *n, cat("expected a list of numbers, got ", describe(*n)));
+    v.clear();
+    for (const Node& x : n->items) {
+      const double d = x.kind == Kind::integer ? static_cast<double>(x.i) : x.d;
+      if (!(d >= min && d <= max))
+        fail_value(key, x, cat("element ", v.size(), " ", range_text(min, max, -inf, inf, format_double), ", got ",
+                               format_double(d)));
+      v.push_back(d);
+    }
+  }
+  used_[key] = v;
+  return v;
+}
+
 struct Recipe::Unknown {
   const Origin* origin;
   std::string key;
@@ -643,6 +665,8 @@ std::string Recipe::effective_toml() const {
             for (const auto& x : v) {
               if constexpr (std::is_same_v<T, std::vector<int64_t>>)
                 items.push_back(std::to_string(x));
+              else if constexpr (std::is_same_v<T, std::vector<double>>)
+                items.push_back(format_double(x));
               else
                 items.push_back(quote_string(x));
             }

@@ -45,6 +45,10 @@ class Recipe {
                                     int64_t min = INT64_MIN, int64_t max = INT64_MAX);
   std::vector<int64_t> require_int_list(const std::string& key, int64_t min = INT64_MIN, int64_t max = INT64_MAX);
   std::vector<std::string> get_string_list(const std::string& key, const std::vector<std::string>& def);
+  // Numbers (integers accepted), each in [min, max].
+  std::vector<double> get_double_list(const std::string& key, const std::vector<double>& def,
+                                      double min = -std::numeric_limits<double>::infinity(),
+                                      double max = std::numeric_limits<double>::infinity());
 
   // Present in the merged recipe (does not mark the key as known).
   bool has(const std::string& key) const;
@@ -67,7 +71,7 @@ class Recipe {
 
  private:
   using Used =
-      std::variant<int64_t, double, bool, std::string, std::vector<int64_t>, std::vector<std::string>>;
+      std::variant<int64_t, double, bool, std::string, std::vector<int64_t>, std::vector<double>, std::vector<std::string>>;
 
   Recipe(std::string path, std::shared_ptr<const Node> root)
       : path_(std::move(path)), root_(std::move(root)) {}

@@ -401,3 +401,15 @@ TEST_F(RecipeTest, DottedKeyNamesAreRejected) {
 }
 
 }  // namespace
+
+TEST_F(RecipeTest, DoubleListsAcceptIntegersCheckRangesAndRoundTrip) {
+  std::string f = write("w.toml", "[opd]\nweights = [1, 0.25, 3e-7]\nbad = [1, \"x\"]\nneg = [0.5, -1]\n");
+  Recipe r = Recipe::load(f);
+  EXPECT_EQ(r.get_double_list("opd.weights", {}), (std::vector<double>{1.0, 0.25, 3e-7}));
+  error_of([&] { r.get_double_list("opd.bad", {}); }, {f + ":3:", "expected a list of numbers, got array [1, \"x\"]"});
+  error_of([&] { r.get_double_list("opd.neg", {}, 0.0); }, {f + ":4:", "element 1", "got -1"});
+  EXPECT_EQ(r.get_double_list("opd.absent", {0.1, 2.0}), (std::vector<double>{0.1, 2.0}));
+  Recipe back = Recipe::parse(r.effective_toml(), "effective.toml");
+  EXPECT_EQ(back.get_double_list("opd.weights", {}), (std::vector<double>{1.0, 0.25, 3e-7}));
+  EXPECT_EQ(back.get_double_list("opd.absent", {}), (std::vector<double>{0.1, 2.0}));
+}
