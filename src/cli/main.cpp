@@ -4,9 +4,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 
 #include "cli/model_recipe.h"
+#include "cli/pipeline.h"
 #include "cli/pretrain.h"
 #include "cli/sample.h"
 #include "cli/stages.h"
@@ -21,6 +23,7 @@
 #include "model/model.h"
 #include "model/inspect.h"
 #include "parallel/mpi_communicator.h"
+#include "rl/evaluate.h"
 
 using namespace tessera;
 namespace fs = std::filesystem;
@@ -167,6 +170,31 @@ std::string json_number(double v) {
   return buf;
 }
 
+// `tessera eval-rewards`: mean reward of a checkpoint on a prompt set, one JSON line.
+int cmd_eval_rewards(const std::string& ckpt, const std::string& prompts_path, const std::vector<std::string>& rewards,
+                     rl::RewardEvalOptions opt, const std::string& mode, int64_t limit) {
+  std::vector<rl::RewardTerm> terms;
+  for (const std::string& r : rewards) terms.push_back(rl::parse_reward_term(r));
+  rl::CompositeReward reward(terms);  // unknown names fail here, listing the known ones
+  opt.mode = parse_reasoning_mode(mode);
+  std::vector<Prompt> prompts = load_prompts_jsonl(prompts_path);
+  if (prompts.empty()) TS_FAIL("eval-rewards: '", prompts_path, "' holds no prompts");
+  if (limit > 0 && int64_t(prompts.size()) > limit) prompts.resize(limit);
+  LoadedModel l = load_model(ckpt);
+  const double t0 = now_seconds();
+  rl::RewardEvalResult r = rl::evaluate_rewards(*l.model, *l.tokenizer, prompts, reward, opt);
+  std::string out = cat("{\"checkpoint\": \"", l.path, "\", \"step\": ", l.meta.step, ", \"prompts\": ", prompts.size(),
+                        ", \"responses\": ", r.responses, ", \"mode\": \"", mode, "\", \"temperature\": ",
+                        json_number(opt.temperature), ", \"reward_mean\": ", json_number(r.reward_mean), ", \"terms\": {");
+  for (size_t i = 0; i < terms.size(); ++i)
+    out += cat(i ? ", " : "", "\"", terms[i].name, "\": ", json_number(r.term_means[i]));
+  char tail[160];
+  std::snprintf(tail, sizeof tail, "}, \"response_length_mean\": %s, \"frac_truncated\": %s, \"seconds\": %.2f}",
+                json_number(r.response_length_mean).c_str(), json_number(r.frac_truncated).c_str(), now_seconds() - t0);
+  std::printf("%s%s\n", out.c_str(), tail);
+  return 0;
+}
+
 // One JSON object: the figures of RECIPE at --context, and with --compare each as a fraction of OTHER's at the
 // same context and KV precision.
 int cmd_inspect(const std::string& recipe_path, const std::vector<std::string>& overrides, const std::string& context_text,
@@ -205,17 +233,16 @@ int cmd_inspect(const std::string& recipe_path, const std::vector<std::string>& 
 
 }  // namespace
 
-// `tessera train` started by mpirun / srun: one process per rank. An error on any rank is printed with the rank
-// and ends the whole job (MPI_Abort), so no other rank waits forever in a collective.
-static int train_under_mpi(int argc, char** argv, const TrainOptions& train) {
+// `tessera train` or `tessera pipeline` started by mpirun / srun: one process per rank. An error on any rank is
+// printed with the rank and ends the whole job (MPI_Abort), so no other rank waits forever in a collective.
+static int run_under_mpi(int argc, char** argv, const std::function<int(Communicator*)>& body) {
   // MPI and the world communicator outlive the try block: an error must reach MPI_Abort, not MPI_Finalize.
   MpiRuntime mpi(&argc, &argv);
   std::unique_ptr<Communicator> world = make_mpi_world();
   const int rank = world->rank(), size = world->size();
   set_log_quiet(rank != 0);
   try {
-    if (train.recipe_path.empty() && train.resume_dir.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");
-    int rc = run_train(train, world.get());
+    int rc = body(world.get());
     world.reset();
     return rc;
   } catch (const std::exception& e) {
@@ -237,6 +264,12 @@ int main(int argc, char** argv) {
   c_train->add_option("--run-dir", train.run_dir, "run directory (default: job.run_dir, else runs/<job.name>)");
   c_train->add_option("--stop-after", train.stop_after, "stop after this many steps without a final checkpoint");
 
+  PipelineOptions popt;
+  auto* c_pipeline = app.add_subcommand("pipeline", "run a pipeline file's stages in order, skipping those up to date");
+  c_pipeline->add_option("pipeline", popt.path, "pipeline TOML file ([[stage]] sections)")->required();
+  c_pipeline->add_option("--from", popt.from, "rerun this stage even if it is up to date (and every stage after it that depends on it)");
+  c_pipeline->add_flag("--dry-run", popt.dry_run, "print which stages would run and why; run nothing");
+
   std::string ckpt, separator, prompt = "\n", out_dir, format = "hf";
   std::vector<std::string> data, overrides;
   int64_t seq_len = 0, batch_size = 0, max_batches = 0;
@@ -257,6 +290,26 @@ int main(int argc, char** argv) {
   c_sample->add_option("--top-k", sopt.top_k, "keep the k most likely tokens (0 = all)");
   c_sample->add_option("--top-p", sopt.top_p, "nucleus sampling mass (1 = off)");
   c_sample->add_option("--seed", sopt.seed, "sampling seed");
+
+  std::string eval_prompts, eval_mode = "non_thinking";
+  std::vector<std::string> eval_rewards_list;
+  rl::RewardEvalOptions ropt;
+  int64_t eval_limit = 0;
+  auto* c_eval_rewards = app.add_subcommand("eval-rewards", "mean reward of a checkpoint on a prompt set, printed as JSON");
+  c_eval_rewards->add_option("checkpoint", ckpt, "checkpoint file or run directory")->required();
+  c_eval_rewards->add_option("--prompts", eval_prompts, "prompt set (JSONL: `tessera data prompts` or GSM8K)")->required();
+  c_eval_rewards->add_option("--reward", eval_rewards_list, "a reward NAME or NAME:WEIGHT (repeatable): arithmetic, countdown, format, gsm8k")
+      ->required();
+  c_eval_rewards->add_option("--max-new-tokens", ropt.max_new_tokens, "tokens per response")->check(CLI::PositiveNumber);
+  c_eval_rewards->add_option("--temperature", ropt.temperature, "softmax temperature (0 = greedy)")->check(CLI::NonNegativeNumber);
+  c_eval_rewards->add_option("--top-k", ropt.top_k, "keep the k most likely tokens (0 = all)");
+  c_eval_rewards->add_option("--top-p", ropt.top_p, "nucleus sampling mass (1 = off)");
+  c_eval_rewards->add_option("--samples", ropt.samples_per_prompt, "responses per prompt")->check(CLI::PositiveNumber);
+  c_eval_rewards->add_option("--seed", ropt.seed, "sampling seed");
+  c_eval_rewards->add_option("--mode", eval_mode, "reasoning mode")
+      ->check(CLI::IsMember({"non_thinking", "think_high", "think_max"}));
+  c_eval_rewards->add_option("--limit", eval_limit, "evaluate the first N prompts only (0 = all)")->check(CLI::NonNegativeNumber);
+  c_eval_rewards->add_option("--max-batch", ropt.max_batch, "responses decoded together")->check(CLI::PositiveNumber);
 
   auto* c_ckpt = app.add_subcommand("ckpt", "checkpoint tools");
   c_ckpt->require_subcommand(1);
@@ -324,14 +377,22 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  if (*c_train && launched_by_mpi()) return train_under_mpi(argc, argv, train);
+  if (*c_train && launched_by_mpi())
+    return run_under_mpi(argc, argv, [&](Communicator* world) {
+      if (train.recipe_path.empty() && train.resume_dir.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");
+      return run_train(train, world);
+    });
+  if (*c_pipeline && launched_by_mpi())
+    return run_under_mpi(argc, argv, [&](Communicator* world) { return run_pipeline(popt, world); });
   try {
     if (*c_train) {
       if (train.recipe_path.empty() && train.resume_dir.empty()) TS_FAIL("train: give a recipe or --resume RUN_DIR");
       return run_train(train);
     }
+    if (*c_pipeline) return run_pipeline(popt);
     if (*c_eval) return cmd_eval(ckpt, data, separator, seq_len, batch_size, max_batches);
     if (*c_sample) return cmd_sample(ckpt, prompt, sopt);
+    if (*c_eval_rewards) return cmd_eval_rewards(ckpt, eval_prompts, eval_rewards_list, ropt, eval_mode, eval_limit);
     if (*c_info) return cmd_ckpt_info(ckpt);
     if (*c_export) {
       LoadedModel l = load_model(ckpt);
