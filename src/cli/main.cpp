@@ -35,7 +35,8 @@ namespace {
 struct LoadedModel {
   std::string path;
   CheckpointMeta meta;
-  PretrainConfig run;
+  std::string stage;   // the stage that wrote it: pretrain, sft, grpo or opd
+  PretrainConfig run;  // pretrain and sft checkpoints only (their data and held-out split)
   std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tokenizer;
 };
@@ -46,7 +47,14 @@ LoadedModel load_model(const std::string& ckpt_or_run) {
   l.model = make_model(cfg);
   l.meta = load_checkpoint(l.path, cfg, l.model->saved_tensors(), nullptr);
   Recipe recipe = Recipe::parse(l.meta.recipe, l.path + ":recipe");
-  l.run = pretrain_config_from_recipe(recipe);
+  l.stage = recipe_stage_of(recipe);
+  if (l.stage != "pretrain" && l.stage != "sft") {  // grpo, opd: no text data
+    recipe.allow_section("");
+    l.run.tokenizer_kind = recipe.get_string("tokenizer.kind", "byte");
+    l.run.tokenizer_model = recipe.get_string("tokenizer.model", "");
+  } else {
+    l.run = pretrain_config_from_recipe(recipe);
+  }
   l.tokenizer = load_tokenizer(l.run.tokenizer_kind, l.run.tokenizer_model);
   check_tokenizer(*l.tokenizer, l.meta, l.path);
   return l;
@@ -57,6 +65,9 @@ LoadedModel load_model(const std::string& ckpt_or_run) {
 int cmd_eval(const std::string& ckpt, const std::vector<std::string>& data, const std::string& separator,
              int64_t seq_len, int64_t batch_size, int64_t max_batches) {
   LoadedModel l = load_model(ckpt);
+  if (l.stage != "pretrain" && l.stage != "sft")
+    TS_FAIL("eval: '", l.path, "' was written by a ", l.stage, " stage, which has no text data or held-out split; its held-out "
+            "reward: tessera eval-rewards ", ckpt, " --prompts FILE --reward NAME");
   const PretrainConfig& run = l.run;
   if (seq_len <= 0) seq_len = run.seq_len;
   if (batch_size <= 0) batch_size = run.batch_size;

@@ -1,4 +1,4 @@
-#include "cli/grpo_stage.h"
+#include "cli/rl_stage.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,13 +23,33 @@
 namespace tessera {
 namespace fs = std::filesystem;
 
-GrpoConfig grpo_config_from_recipe(Recipe& r) {
-  GrpoConfig c;
-  r.get_string("stage", "grpo", {"grpo"});
+namespace {
+
+std::vector<rl::RewardTerm> reward_terms(Recipe& r, const std::string& key) {
+  std::vector<rl::RewardTerm> terms;
+  try {
+    for (const std::string& t : r.get_string_list(key, {})) terms.push_back(rl::parse_reward_term(t));
+    rl::CompositeReward check(terms);  // unknown or repeated names fail here, before any work
+  } catch (const Error& e) {
+    TS_FAIL(r.path(), ": key '", key, "': ", e.what());
+  }
+  return terms;
+}
+
+ReasoningMode mode_key(Recipe& r, const std::string& key) {
+  return parse_reasoning_mode(r.get_string(key, "non_thinking", {"non_thinking", "think_high", "think_max"}));
+}
+
+}  // namespace
+
+RlConfig rl_config_from_recipe(Recipe& r) {
+  RlConfig c;
+  c.stage = r.get_string("stage", "grpo", {"grpo", "opd"});
+  const bool opd = c.stage == "opd";
   c.init_checkpoint = r.get_string("init.checkpoint", "");
   if (c.init_checkpoint.empty())
-    TS_FAIL(r.path(), ": stage = \"grpo\" needs init.checkpoint (the SFT run directory or checkpoint file)");
-  c.reference = r.get_string("init.reference", c.init_checkpoint);
+    TS_FAIL(r.path(), ": stage = \"", c.stage, "\" needs init.checkpoint (the starting run directory or checkpoint file)");
+  if (!opd) c.reference = r.get_string("init.reference", c.init_checkpoint);
   c.name = r.get_string("job.name", fs::path(r.path()).stem().string());
   c.run_dir = r.get_string("job.run_dir", "runs/" + c.name);
   c.seed = static_cast<uint64_t>(r.get_int("job.seed", 0, 0));
@@ -39,23 +59,40 @@ GrpoConfig grpo_config_from_recipe(Recipe& r) {
     TS_FAIL(r.path(), ": tokenizer.kind = \"sentencepiece\" needs tokenizer.model (a .model file)");
   c.model = model_config_from_recipe(r, load_tokenizer(c.tokenizer_kind, c.tokenizer_model)->vocab_size());
 
-  c.train_prompts = r.get_string("prompts.train", "");
-  if (c.train_prompts.empty()) TS_FAIL(r.path(), ": stage = \"grpo\" needs prompts.train (a prompt-set JSONL file)");
-  c.eval_prompts = r.get_string("prompts.eval", "");
-  c.eval_limit = r.get_int("prompts.eval_limit", c.eval_limit, 1);
-  c.mode = parse_reasoning_mode(
-      r.get_string("prompts.mode", "non_thinking", {"non_thinking", "think_high", "think_max"}));
-  for (const std::string& t : r.get_string_list("rewards.terms", {})) {
-    try {
-      c.rewards.push_back(rl::parse_reward_term(t));
-    } catch (const Error& e) {
-      TS_FAIL(r.path(), ": key 'rewards.terms': ", e.what());
-    }
+  // Prompt sets: one ([prompts] + [rewards]) or several named domains ([domain.NAME] each). OPD needs domains:
+  // each names its teacher.
+  const std::vector<std::string> names = r.get_string_list("domains", {});
+  if (names.empty()) {
+    if (opd)
+      TS_FAIL(r.path(), ": stage = \"opd\" needs domains = [\"name\", ...] with a [domain.NAME] table each ",
+              "(prompts, rewards, teacher)");
+    RlDomain d;
+    d.train = r.get_string("prompts.train", "");
+    if (d.train.empty()) TS_FAIL(r.path(), ": stage = \"grpo\" needs prompts.train (a prompt-set JSONL file)");
+    d.eval = r.get_string("prompts.eval", "");
+    d.eval_limit = r.get_int("prompts.eval_limit", d.eval_limit, 1);
+    d.mode = mode_key(r, "prompts.mode");
+    d.rewards = reward_terms(r, "rewards.terms");
+    c.domains.push_back(d);
   }
-  try {
-    rl::CompositeReward check(c.rewards);  // unknown or repeated names fail here, before any work
-  } catch (const Error& e) {
-    TS_FAIL(r.path(), ": key 'rewards.terms': ", e.what());
+  for (const std::string& n : names) {
+    const std::string k = "domain." + n + ".";
+    RlDomain d;
+    d.name = n;
+    for (const RlDomain& o : c.domains)
+      if (o.name == n) TS_FAIL(r.path(), ": key 'domains': '", n, "' is listed twice");
+    d.train = r.get_string(k + "prompts", "");
+    if (d.train.empty()) TS_FAIL(r.path(), ": domain '", n, "' needs ", k, "prompts (a prompt-set JSONL file)");
+    d.eval = r.get_string(k + "eval", "");
+    d.eval_limit = r.get_int(k + "eval_limit", d.eval_limit, 1);
+    d.mode = mode_key(r, k + "mode");
+    d.rewards = reward_terms(r, k + "rewards");
+    if (opd) {
+      d.teacher = r.get_string(k + "teacher", "");
+      if (d.teacher.empty()) TS_FAIL(r.path(), ": domain '", n, "' needs ", k, "teacher (a checkpoint or run directory)");
+      d.weight = r.get_double(k + "weight", d.weight, 0.0);
+    }
+    c.domains.push_back(d);
   }
 
   c.steps = r.require_int("training.steps", 1);
@@ -66,35 +103,42 @@ GrpoConfig grpo_config_from_recipe(Recipe& r) {
   c.dp = int(r.get_int("parallel.dp", -1, -1, 1 << 20));
 
   c.prompts_per_step = r.get_int("grpo.prompts_per_step", c.prompts_per_step, 1);
-  c.group_size = r.get_int("grpo.group_size", c.group_size, 2);
+  c.group_size = r.get_int("grpo.group_size", opd ? 1 : c.group_size, opd ? 1 : 2);
   c.epochs = r.get_int("grpo.epochs", c.epochs, 1);
   c.mini_batches = r.get_int("grpo.mini_batches", c.mini_batches, 1);
   c.micro_batch_rows = r.get_int("grpo.micro_batch_rows", c.micro_batch_rows, 1);
-  c.advantage = rl::parse_advantage_estimator(
-      r.get_string("grpo.advantage", "group_norm", {"group_norm", "dr_grpo", "rloo"}));
-  rl::PolicyLossConfig& L = c.loss;
-  L.eps_low = r.get_double("grpo.eps_low", L.eps_low, 0.0, 0.999);
-  L.eps_high = r.get_double("grpo.eps_high", L.eps_high, 0.0);
-  L.dual_clip_c = r.get_double("grpo.dual_clip", L.dual_clip_c, 0.0);
-  L.beta = r.get_double("grpo.kl_coef", L.beta, 0.0);
-  L.kl = rl::parse_kl_estimator(r.get_string("grpo.kl_estimator", "k3", {"k1", "k2", "k3", "k3_ratio"}));
-  L.aggregation = rl::parse_loss_aggregation(r.get_string(
-      "grpo.loss_aggregation", "token-mean", {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"}));
-  c.dynamic_sampling = r.get_bool("grpo.dynamic_sampling", c.dynamic_sampling);
-  c.mask_truncated = r.get_bool("grpo.mask_truncated", c.mask_truncated);
-  c.offpolicy_delta = r.get_double("grpo.offpolicy_delta", c.offpolicy_delta, 0.0);
-
   c.max_new_tokens = r.get_int("sampling.max_new_tokens", c.max_new_tokens, 1, c.model.max_seq_len - 1);
   c.temperature = r.get_double("sampling.temperature", c.temperature, 1e-3, 100.0);
   c.top_p = r.get_double("sampling.top_p", c.top_p, 1e-6, 1.0);
   c.top_k = r.get_int("sampling.top_k", c.top_k, 0);
-  c.overlong_buffer = r.get_int("grpo.overlong_buffer", c.overlong_buffer, 0, c.max_new_tokens);
-  c.overlong_factor = r.get_double("grpo.overlong_factor", c.overlong_factor, 0.0);
-  L.norm_constant = r.get_double("grpo.norm_constant", double(c.max_new_tokens), 1e-9);
-  try {
-    L.validate();
-  } catch (const Error& e) {
-    TS_FAIL(r.path(), ": [grpo]: ", e.what());
+  c.mask_truncated = r.get_bool("grpo.mask_truncated", c.mask_truncated);
+  if (opd) {
+    c.distill.divergence = rl::parse_distill_divergence(
+        r.get_string("opd.divergence", "reverse_kl", {"reverse_kl", "forward_kl", "jsd"}));
+    c.distill.beta = r.get_double("opd.beta", c.distill.beta, 0.0, 1.0);
+    c.distill.temperature = c.temperature;
+    c.sampled_token = r.get_string("opd.form", "full_vocab", {"full_vocab", "sampled_token"}) == "sampled_token";
+  } else {
+    c.advantage = rl::parse_advantage_estimator(
+        r.get_string("grpo.advantage", "group_norm", {"group_norm", "dr_grpo", "rloo"}));
+    rl::PolicyLossConfig& L = c.loss;
+    L.eps_low = r.get_double("grpo.eps_low", L.eps_low, 0.0, 0.999);
+    L.eps_high = r.get_double("grpo.eps_high", L.eps_high, 0.0);
+    L.dual_clip_c = r.get_double("grpo.dual_clip", L.dual_clip_c, 0.0);
+    L.beta = r.get_double("grpo.kl_coef", L.beta, 0.0);
+    L.kl = rl::parse_kl_estimator(r.get_string("grpo.kl_estimator", "k3", {"k1", "k2", "k3", "k3_ratio"}));
+    L.aggregation = rl::parse_loss_aggregation(r.get_string(
+        "grpo.loss_aggregation", "token-mean", {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"}));
+    L.norm_constant = r.get_double("grpo.norm_constant", double(c.max_new_tokens), 1e-9);
+    try {
+      L.validate();
+    } catch (const Error& e) {
+      TS_FAIL(r.path(), ": [grpo]: ", e.what());
+    }
+    c.dynamic_sampling = r.get_bool("grpo.dynamic_sampling", c.dynamic_sampling);
+    c.offpolicy_delta = r.get_double("grpo.offpolicy_delta", c.offpolicy_delta, 0.0);
+    c.overlong_buffer = r.get_int("grpo.overlong_buffer", c.overlong_buffer, 0, c.max_new_tokens);
+    c.overlong_factor = r.get_double("grpo.overlong_factor", c.overlong_factor, 0.0);
   }
 
   c.eval_every = r.get_int("eval.every", c.eval_every, 0);
@@ -113,16 +157,17 @@ namespace {
 // One sampled response and what the update needs of it.
 struct Rollout {
   int64_t k = 0;       // the step's prompt number (0 .. prompts_per_step - 1): decides the mini-batch
-  int64_t prompt = 0;  // index into the prompt set
+  int64_t prompt = 0;  // index into the stage's prompts (all domains)
+  int domain = 0;
   std::vector<int32_t> prompt_ids, response;
   std::vector<double> sampler_logp;  // log p under the sampling distribution (temperature applied)
   bool truncated = false;
   double reward = 0, shaped = 0;  // the verifiers' total, and with the overlong penalty
   std::vector<double> terms;
   double advantage = 0;
-  // Filled per micro-batch: the old policy's and the reference's log-probabilities of the response tokens.
-  std::vector<double> old_logp, ref_logp;
-  bool keep = true;  // off-policy masking
+  // Filled per micro-batch: the old policy's and the reference's (grpo) or the teacher's (opd, sampled-token
+  // form) log-probabilities of the response tokens.
+  std::vector<double> old_logp, ref_logp, teacher_logp;
 };
 
 // A micro-batch of rollouts as model input: row b is prompt ++ response shifted by one; targets on the response
@@ -131,6 +176,7 @@ struct MicroBatch {
   std::vector<Rollout*> rows;
   TokenBatch batch;
   int64_t T = 0;
+  Tensor teacher_logits;  // opd, full vocabulary: (B*T, V) host f32, each row's from its domain's teacher
 };
 
 MicroBatch make_micro_batch(std::vector<Rollout*> rows) {
@@ -210,19 +256,26 @@ int64_t prompt_at(int64_t step, int64_t k, int64_t per_step, int64_t n, uint64_t
   return cache.second[pos];
 }
 
-uint64_t hash_prompts(const std::vector<Prompt>& ps) {
+// A prompt of the stage: its domain and its generation prompt.
+struct StagePrompt {
+  Prompt prompt;
+  int domain = 0;
+  std::vector<int32_t> ids;
+};
+
+uint64_t hash_prompts(const std::vector<StagePrompt>& ps) {
   uint64_t h = 1469598103934665603ULL;
   auto add = [&](const std::string& s) {
     for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ULL;
     h = (h ^ 0xff) * 1099511628211ULL;
   };
-  for (const Prompt& p : ps) add(p.question), add(p.answer);
+  for (const StagePrompt& p : ps) add(p.prompt.question), add(p.prompt.answer), add(std::to_string(p.domain));
   return h;
 }
 
 }  // namespace
 
-int run_grpo(const TrainOptions& opts, Communicator* world) {
+int run_rl_stage(const TrainOptions& opts, Communicator* world) {
   const bool resuming = !opts.resume_dir.empty();
   std::string recipe_path = opts.recipe_path;
   if (resuming) {
@@ -230,7 +283,8 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
     recipe_path = (fs::path(opts.resume_dir) / "recipe.toml").string();
   }
   Recipe recipe = Recipe::load(recipe_path, opts.overrides);
-  GrpoConfig cfg = grpo_config_from_recipe(recipe);
+  RlConfig cfg = rl_config_from_recipe(recipe);
+  const bool opd = cfg.stage == "opd";
   if (resuming) cfg.run_dir = opts.resume_dir;
   if (!opts.run_dir.empty()) cfg.run_dir = opts.run_dir;
 
@@ -262,26 +316,41 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
             cfg.run_dir, "` or choose another job.run_dir");
   }
 
-  // Prompts: every prompt must leave room for the response within the model's context.
+  // Prompts of every domain. Those that leave no room for a whole response within the model's context are left
+  // out (as verl's filter_overlong_prompts), with a warning.
   std::unique_ptr<Tokenizer> tok = load_tokenizer(cfg.tokenizer_kind, cfg.tokenizer_model);
-  const std::vector<Prompt> train_prompts = load_prompts_jsonl(cfg.train_prompts);
-  if (train_prompts.empty()) TS_FAIL("prompts.train '", cfg.train_prompts, "': no prompts");
-  std::vector<Prompt> eval_prompts;
-  if (!cfg.eval_prompts.empty()) {
-    eval_prompts = load_prompts_jsonl(cfg.eval_prompts);
-    if (int64_t(eval_prompts.size()) > cfg.eval_limit) eval_prompts.resize(cfg.eval_limit);
+  const size_t n_domains = cfg.domains.size();
+  std::vector<StagePrompt> prompts;
+  std::vector<std::vector<Prompt>> eval_prompts(n_domains);
+  std::vector<rl::CompositeReward> rewards;
+  for (size_t d = 0; d < n_domains; ++d) {
+    const RlDomain& dom = cfg.domains[d];
+    rewards.emplace_back(dom.rewards);
+    int64_t too_long = 0, kept = 0;
+    std::string first_too_long;
+    for (const Prompt& p : load_prompts_jsonl(dom.train)) {
+      std::vector<int32_t> ids = rl::prompt_tokens(*tok, p, dom.mode);
+      if (int64_t(ids.size()) + cfg.max_new_tokens > cfg.model.max_seq_len) {
+        if (too_long++ == 0) first_too_long = cat(p.id, " (", ids.size(), " tokens)");
+        continue;
+      }
+      prompts.push_back({p, int(d), std::move(ids)});
+      ++kept;
+    }
+    if (too_long)
+      log_warn(cat("'", dom.train, "': ", too_long, " prompt(s) left out, first ", first_too_long,
+                   ": prompt + sampling.max_new_tokens (", cfg.max_new_tokens, ") exceeds model.max_seq_len (",
+                   cfg.model.max_seq_len, ")"));
+    if (kept == 0)
+      TS_FAIL("'", dom.train, "' (domain ", dom.name, "): no prompt fits model.max_seq_len = ", cfg.model.max_seq_len,
+              " with sampling.max_new_tokens = ", cfg.max_new_tokens);
+    if (!dom.eval.empty()) {
+      eval_prompts[d] = load_prompts_jsonl(dom.eval);
+      if (int64_t(eval_prompts[d].size()) > dom.eval_limit) eval_prompts[d].resize(dom.eval_limit);
+    }
   }
-  std::vector<std::vector<int32_t>> prompt_ids;
-  for (const Prompt& p : train_prompts) {
-    prompt_ids.push_back(rl::prompt_tokens(*tok, p, cfg.mode));
-    if (int64_t(prompt_ids.back().size()) + cfg.max_new_tokens > cfg.model.max_seq_len)
-      TS_FAIL("prompts.train '", cfg.train_prompts, "': prompt '", p.id, "' has ", prompt_ids.back().size(),
-              " tokens; with sampling.max_new_tokens = ", cfg.max_new_tokens, " it exceeds model.max_seq_len = ",
-              cfg.model.max_seq_len);
-  }
-  const uint64_t fingerprint = hash_prompts(train_prompts);
-  const rl::CompositeReward reward(cfg.rewards);
-  const rl::RewardContext reward_ctx{cfg.mode};
+  const uint64_t fingerprint = hash_prompts(prompts);
+  const bool multi = n_domains > 1;
 
   // The policy (from init.checkpoint, or the run's latest checkpoint) and the frozen reference.
   std::unique_ptr<Model> model_ptr = make_model(cfg.model, DType::f32, cfg.device);
@@ -293,10 +362,10 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
   if (!resuming) {
     CheckpointMeta m = load_checkpoint(init_from, cfg.model, saved, nullptr);
     check_tokenizer(*tok, m, init_from);
-    log_info(cat("policy from ", init_from, " (step ", m.step, ")"));
+    log_info(cat(opd ? "student" : "policy", " from ", init_from, " (step ", m.step, ")"));
   }
   std::unique_ptr<Model> ref_ptr;
-  if (cfg.loss.beta > 0) {
+  if (!opd && cfg.loss.beta > 0) {
     const std::string ref_from = resolve_checkpoint(cfg.reference);
     ref_ptr = make_model(cfg.model, DType::f32, cfg.device);
     ParamList ref_saved = ref_ptr->saved_tensors();
@@ -309,6 +378,37 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
     log_info(cat("KL reference (", rl::kl_estimator_name(cfg.loss.kl), ", coefficient ", cfg.loss.beta, ") from ",
                  ref_from));
   }
+  // OPD teachers, each loaded when its rows are scored (one resident at a time); checked now so that a wrong
+  // teacher fails before any work. A teacher may be any size, but must share the student's tokenizer.
+  std::vector<std::string> teachers;  // distinct checkpoint paths, in domain order
+  std::vector<int> teacher_of(n_domains, -1);
+  auto load_teacher = [&](const std::string& path) {
+    const ModelConfig tc = checkpoint_model_config(path);
+    if (tc.vocab_size != cfg.model.vocab_size)
+      TS_FAIL("teacher '", path, "' has a vocabulary of ", tc.vocab_size, " tokens, the student ", cfg.model.vocab_size,
+              ": on-policy distillation needs the teacher and the student to share the tokenizer");
+    std::unique_ptr<Model> t = make_model(tc, DType::f32, cfg.device);
+    ParamList ts = t->saved_tensors();
+    CheckpointMeta m = load_checkpoint(path, tc, ts, nullptr);
+    try {
+      check_tokenizer(*tok, m, path);
+    } catch (const Error& e) {
+      TS_FAIL("teacher '", path, "': on-policy distillation needs the teacher and the student to share the tokenizer: ",
+              e.what());
+    }
+    return t;
+  };
+  for (size_t d = 0; d < n_domains && opd; ++d) {
+    const std::string path = resolve_checkpoint(cfg.domains[d].teacher);
+    auto it = std::find(teachers.begin(), teachers.end(), path);
+    teacher_of[d] = int(it - teachers.begin());
+    if (it == teachers.end()) {
+      teachers.push_back(path);
+      load_teacher(path);  // validation only
+      log_info(cat("teacher of domain ", cfg.domains[d].name, ": ", path, " (weight ", cfg.domains[d].weight, ")"));
+    }
+  }
+
   Optimizer opt(params, cfg.optimizer);
   int64_t start_step = 0;
   const fs::path metrics_path = fs::path(cfg.run_dir) / "metrics.jsonl";
@@ -316,8 +416,8 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
     CheckpointMeta meta = load_checkpoint(resume_from, cfg.model, saved, &opt);
     check_tokenizer(*tok, meta, resume_from);
     if (meta.data_fingerprint != fingerprint)
-      TS_FAIL("checkpoint '", resume_from, "' was trained on other prompts than prompts.train (", cfg.train_prompts,
-              ") now holds; resuming would not continue the same run");
+      TS_FAIL("checkpoint '", resume_from, "' was trained on other prompts than the recipe's prompt sets now hold; ",
+              "resuming would not continue the same run");
     start_step = meta.step;
     if (writer) truncate_metrics(metrics_path, start_step);
     log_info(cat("resuming from ", resume_from, " at step ", start_step));
@@ -328,29 +428,50 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
   if (writer) write_atomically(fs::path(cfg.run_dir) / "recipe.toml", cfg.recipe_toml);
   std::unique_ptr<GradientBuckets> grad_buckets = dp ? std::make_unique<GradientBuckets>(*dp, params) : nullptr;
   GradientStack grad_stack;
-  log_info(cat("GRPO: ", cfg.steps, " steps of ", cfg.prompts_per_step, " prompts x ", cfg.group_size,
-               " responses (", train_prompts.size(), " prompts in ", cfg.train_prompts, "), ", cfg.epochs, " epoch(s) x ",
-               cfg.mini_batches, " mini-batch(es) per step", dp ? cat(", over ", n_ranks, " data-parallel ranks") : ""));
+  log_info(cat(opd ? "OPD" : "GRPO", ": ", cfg.steps, " steps of ", cfg.prompts_per_step, " prompts x ",
+               cfg.group_size, " responses (", prompts.size(), " prompts in ", n_domains, " domain(s)), ", cfg.epochs,
+               " epoch(s) x ", cfg.mini_batches, " mini-batch(es) per step",
+               dp ? cat(", over ", n_ranks, " data-parallel ranks") : ""));
 
+  // Held-out rewards (greedy) per domain; the overall value is the mean over every held-out prompt.
+  const bool have_eval = std::any_of(eval_prompts.begin(), eval_prompts.end(), [](const auto& v) { return !v.empty(); });
   auto evaluate = [&](int64_t step) {
-    rl::RewardEvalOptions eo;
-    eo.max_new_tokens = cfg.eval_max_new_tokens;
-    eo.temperature = 0.0;
-    eo.seed = cfg.seed;
-    eo.mode = cfg.mode;
-    rl::RewardEvalResult ev = rl::evaluate_rewards(model, *tok, eval_prompts, reward, eo, dp);
+    std::string out;
+    double sum = 0, n = 0, len = 0;
+    for (size_t d = 0; d < n_domains; ++d) {
+      if (eval_prompts[d].empty()) continue;
+      rl::RewardEvalOptions eo;
+      eo.max_new_tokens = cfg.eval_max_new_tokens;
+      eo.temperature = 0.0;
+      eo.seed = cfg.seed;
+      eo.mode = cfg.domains[d].mode;
+      const rl::RewardEvalResult ev = rl::evaluate_rewards(model, *tok, eval_prompts[d], rewards[d], eo, dp);
+      sum += ev.reward_mean * double(ev.responses), n += double(ev.responses);
+      len += ev.response_length_mean * double(ev.responses);
+      if (multi) out += cat(", \"eval_reward/", cfg.domains[d].name, "\": ", json_number(ev.reward_mean));
+      log_info(cat("step ", step, ": held-out reward ", ev.reward_mean, multi ? " (" + cfg.domains[d].name + ")" : "",
+                   " (greedy, ", ev.responses, " prompts)"));
+    }
     if (v4) v4->reset_expert_load();  // evaluation does not count towards the next bias update
-    log_info(cat("step ", step, ": held-out reward ", ev.reward_mean, " (greedy, ", ev.responses, " prompts)"));
-    return ev;
+    return cat(", \"eval_reward_mean\": ", json_number(sum / n), ", \"eval_response_length_mean\": ",
+               json_number(len / n), out);
   };
   std::ofstream metrics;
   if (writer) metrics.open(metrics_path, std::ios::app);
-  if (!eval_prompts.empty() && start_step == 0) {
-    rl::RewardEvalResult ev = evaluate(0);
-    if (writer)
-      metrics << "{\"step\": 0, \"kind\": \"eval\", \"eval_reward_mean\": " << json_number(ev.reward_mean)
-              << ", \"eval_response_length_mean\": " << json_number(ev.response_length_mean) << "}\n"
-              << std::flush;
+  if (have_eval && start_step == 0) {
+    const std::string ev = evaluate(0);
+    if (writer) metrics << "{\"step\": 0, \"kind\": \"eval\"" << ev << "}\n" << std::flush;
+  }
+
+  // Reward terms as metrics keys: reward/TERM with one domain, reward/DOMAIN/TERM with several.
+  std::vector<std::string> term_keys;
+  std::vector<size_t> term_base(n_domains), term_domain;
+  for (size_t d = 0; d < n_domains; ++d) {
+    term_base[d] = term_keys.size();
+    for (const rl::RewardTerm& t : cfg.domains[d].rewards) {
+      term_keys.push_back(multi ? cfg.domains[d].name + "/" + t.name : t.name);
+      term_domain.push_back(d);
+    }
   }
 
   const double t_start = now_seconds();
@@ -364,10 +485,10 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
     std::vector<Rollout> rollouts;
     std::vector<GenerationRequest> requests;
     for (int64_t k = rank * per_rank; k < (rank + 1) * per_rank; ++k) {
-      const int64_t pi = prompt_at(step, k, cfg.prompts_per_step, int64_t(train_prompts.size()), cfg.seed);
+      const int64_t pi = prompt_at(step, k, cfg.prompts_per_step, int64_t(prompts.size()), cfg.seed);
       for (int64_t g = 0; g < cfg.group_size; ++g) {
         GenerationRequest q;
-        q.prompt = prompt_ids[pi];
+        q.prompt = prompts[pi].ids;
         q.max_new_tokens = cfg.max_new_tokens;
         q.stop_tokens = {tok->eos_id()};
         q.temperature = cfg.temperature, q.top_p = cfg.top_p, q.top_k = cfg.top_k;
@@ -376,7 +497,8 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
         Rollout r;
         r.k = k;
         r.prompt = pi;
-        r.prompt_ids = prompt_ids[pi];
+        r.domain = prompts[pi].domain;
+        r.prompt_ids = prompts[pi].ids;
         rollouts.push_back(std::move(r));
       }
     }
@@ -388,17 +510,21 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
       r.sampler_logp = results[i].logprobs;
       r.truncated = results[i].finish == FinishReason::length;
       rollout_tokens += int64_t(r.response.size());
-      const rl::RewardScore s = reward.score(train_prompts[r.prompt], tok->decode(r.response), reward_ctx);
+      const rl::RewardScore s = rewards[r.domain].score(prompts[r.prompt].prompt, tok->decode(r.response),
+                                                        rl::RewardContext{cfg.domains[r.domain].mode});
       r.reward = s.total, r.terms = s.terms;
       r.shaped = r.reward + (cfg.overlong_buffer > 0 ? rl::overlong_penalty(int64_t(r.response.size()),
                                                                             cfg.max_new_tokens, cfg.overlong_buffer,
                                                                             cfg.overlong_factor)
                                                      : 0.0);
     }
-    std::vector<double> shaped;
-    for (const Rollout& r : rollouts) shaped.push_back(r.shaped);
-    const rl::Advantages adv = rl::compute_advantages(shaped, cfg.group_size, cfg.advantage);
-    for (size_t i = 0; i < rollouts.size(); ++i) rollouts[i].advantage = adv.values[i];
+    rl::Advantages adv;
+    if (!opd) {
+      std::vector<double> shaped;
+      for (const Rollout& r : rollouts) shaped.push_back(r.shaped);
+      adv = rl::compute_advantages(shaped, cfg.group_size, cfg.advantage);
+      for (size_t i = 0; i < rollouts.size(); ++i) rollouts[i].advantage = adv.values[i];
+    }
     const double t_rollout = now_seconds() - t0;
 
     // Rows that train: dynamic sampling drops whole groups whose rewards are all equal (they have no signal).
@@ -424,7 +550,7 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
             make_micro_batch({mine.begin() + a, mine.begin() + std::min(mine.size(), a + size_t(cfg.micro_batch_rows))}));
     }
 
-    // ---------------------------------------------------------------- old-policy and reference log-probabilities
+    // ---------------------------------------------------------------- old-policy, reference and teacher passes
     const double t1 = now_seconds();
     double entropy = 0, mismatch = 0, mismatch_max = 0;
     int64_t entropy_n = 0, mismatch_n = 0;
@@ -455,18 +581,53 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
           }
         }
       }
+    // Teachers, one resident at a time: each scores the micro-batches holding rows of its domains. The full
+    // vocabulary form keeps the teacher's tempered logits of those rows; the sampled-token form their
+    // log-probabilities of the sampled tokens.
+    for (size_t t = 0; t < teachers.size(); ++t) {
+      std::unique_ptr<Model> teacher = load_teacher(teachers[t]);
+      for (auto& mini : minis)
+        for (MicroBatch& mb : mini) {
+          const int64_t B = int64_t(mb.rows.size()), N = B * mb.T;
+          bool any = false;
+          for (const Rollout* r : mb.rows) any |= teacher_of[r->domain] == int(t);
+          if (!any) continue;
+          Tensor logits;
+          teacher->forward(mb.batch, &logits);
+          // Full vocabulary: the raw logits (distill_loss applies the temperature to both models).
+          const Tensor scaled = cfg.sampled_token ? tempered(logits, cfg.temperature) : tempered(logits, 1.0);
+          const int64_t V = scaled.size(1);
+          if (!cfg.sampled_token && !mb.teacher_logits.defined())
+            mb.teacher_logits = Tensor::zeros({N, V}, DType::f32);
+          const Tensor lp = cfg.sampled_token ? rl::token_logprobs(scaled, mb.batch.targets.reshape({N})) : Tensor();
+          for (int64_t b = 0; b < B; ++b) {
+            Rollout& r = *mb.rows[b];
+            if (teacher_of[r.domain] != int(t)) continue;
+            if (cfg.sampled_token) {
+              r.teacher_logp.resize(r.response.size());
+              for (size_t i = 0; i < r.response.size(); ++i) r.teacher_logp[i] = lp.data<float>()[slot(mb, b, i)];
+            } else {
+              std::copy(scaled.data<float>() + b * mb.T * V, scaled.data<float>() + (b + 1) * mb.T * V,
+                        mb.teacher_logits.data<float>() + b * mb.T * V);
+            }
+          }
+        }
+    }
     if (v4) v4->reset_expert_load();  // the bias update counts the update passes' routing only
     const double t_logp = now_seconds() - t1;
 
-    // ---------------------------------------------------------------- policy updates
+    // ---------------------------------------------------------------- updates
     const double t2 = now_seconds();
     rl::PolicyLossStats loss_stats;
+    rl::DistillMetrics distill_stats;
+    double distill_loss = 0;
     double grad_norm = 0, lr = 0;
     int64_t train_tokens = 0;
     for (int64_t epoch = 0; epoch < cfg.epochs; ++epoch)
       for (int64_t m = 0; m < M; ++m) {
         std::vector<MicroBatch>& mini = minis[m];
-        // Per-row masks (truncation, off-policy) and the mini-batch's global token and sequence counts.
+        // Per-token masks (truncation) and the mini-batch's global counts: tokens and sequences (grpo), weighted
+        // tokens (opd).
         std::vector<Tensor> masks;
         rl::LossCounts counts;
         for (MicroBatch& mb : mini) {
@@ -474,7 +635,7 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
           Tensor mask = Tensor::zeros({B, mb.T}, DType::f64);
           for (int64_t b = 0; b < B; ++b) {
             const Rollout& r = *mb.rows[b];
-            const bool off = cfg.mask_truncated && r.truncated;
+            const bool off = (cfg.mask_truncated && r.truncated) || (opd && cfg.domains[r.domain].weight == 0);
             for (int64_t i = 0; i < int64_t(r.response.size()); ++i) mask.data<double>()[slot(mb, b, i)] = off ? 0 : 1;
           }
           counts += rl::count_loss_tokens(mask);
@@ -490,38 +651,69 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
           MicroBatch& mb = mini[mi];
           const int64_t B = int64_t(mb.rows.size()), N = B * mb.T;
           const Tensor targets = mb.batch.targets.reshape({N});
-          rl::PolicyLossInputs in;
-          in.logp_old = Tensor::zeros({B, mb.T}, DType::f64);
-          in.logp_ref = Tensor::zeros({B, mb.T}, DType::f64);
-          in.advantages = Tensor::empty({B}, DType::f64);
-          for (int64_t b = 0; b < B; ++b) {
-            const Rollout& r = *mb.rows[b];
-            in.advantages.data<double>()[b] = r.advantage;
-            for (int64_t i = 0; i < int64_t(r.response.size()); ++i) {
-              in.logp_old.data<double>()[slot(mb, b, i)] = r.old_logp[i];
-              in.logp_ref.data<double>()[slot(mb, b, i)] = r.ref_logp[i];
+          if (opd) {
+            // Per-token weights: the mask times the domain's teacher weight.
+            Tensor w = Tensor::empty({N}, DType::f64);
+            for (int64_t b = 0; b < B; ++b)
+              for (int64_t t = 0; t < mb.T; ++t)
+                w.data<double>()[b * mb.T + t] =
+                    masks[mi].data<double>()[b * mb.T + t] * cfg.domains[mb.rows[b]->domain].weight;
+            model.forward_backward_logits(mb.batch, [&](const Tensor& logits, const Tensor& dlogits) {
+              Tensor host = logits.device() == Device::cpu ? logits : logits.to_device(Device::cpu);
+              Tensor dl = Tensor::empty(host.shape(), DType::f32);
+              if (cfg.sampled_token) {
+                const Tensor scaled = tempered(host, cfg.temperature);
+                const Tensor lp = rl::token_logprobs(scaled, targets);
+                Tensor lt = Tensor::zeros({N}, DType::f64);
+                for (int64_t b = 0; b < B; ++b)
+                  for (size_t i = 0; i < mb.rows[b]->response.size(); ++i)
+                    lt.data<double>()[slot(mb, b, int64_t(i))] = mb.rows[b]->teacher_logp[i];
+                const rl::SampledDistillResult res = rl::sampled_distill_loss(lp, lt, w, double(counts.tokens));
+                distill_loss += res.loss, distill_stats += res.metrics;
+                rl::token_logprobs_backward(scaled, targets, res.dlogp, dl);
+                if (cfg.temperature != 1.0)
+                  for (int64_t i = 0; i < dl.numel(); ++i) dl.data<float>()[i] *= float(1.0 / cfg.temperature);
+              } else {
+                const rl::DistillLossResult res =
+                    rl::distill_loss(host, mb.teacher_logits, w, double(counts.tokens), cfg.distill, dl);
+                distill_loss += res.loss, distill_stats += res.metrics;
+              }
+              dlogits.copy_from(dl);
+            });
+          } else {
+            rl::PolicyLossInputs in;
+            in.logp_old = Tensor::zeros({B, mb.T}, DType::f64);
+            in.logp_ref = Tensor::zeros({B, mb.T}, DType::f64);
+            in.advantages = Tensor::empty({B}, DType::f64);
+            for (int64_t b = 0; b < B; ++b) {
+              const Rollout& r = *mb.rows[b];
+              in.advantages.data<double>()[b] = r.advantage;
+              for (int64_t i = 0; i < int64_t(r.response.size()); ++i) {
+                in.logp_old.data<double>()[slot(mb, b, i)] = r.old_logp[i];
+                in.logp_ref.data<double>()[slot(mb, b, i)] = r.ref_logp[i];
+              }
             }
+            if (!ref_ptr) in.logp_ref = Tensor();
+            in.mask = masks[mi];
+            model.forward_backward_logits(mb.batch, [&](const Tensor& logits, const Tensor& dlogits) {
+              const Tensor scaled = tempered(logits, cfg.temperature);
+              in.logp = rl::token_logprobs(scaled, targets).to(DType::f64).reshape({B, mb.T});
+              if (cfg.offpolicy_delta > 0) {  // a no-op on the first update, where the policy is the old one
+                std::vector<double> a(in.advantages.data<double>(), in.advantages.data<double>() + B);
+                in.mask = rl::mask_rows(in.mask, rl::offpolicy_sequence_keep(in.logp, in.logp_old, in.mask, a,
+                                                                             cfg.offpolicy_delta));
+              }
+              const rl::PolicyLossResult res = rl::policy_loss(in, cfg.loss, counts);
+              loss_stats += res.stats;
+              Tensor dl = Tensor::empty(scaled.shape(), DType::f32);
+              rl::token_logprobs_backward(scaled, targets, res.dlogp.reshape({N}), dl);
+              if (cfg.temperature != 1.0) {  // d/dlogits of logits / temperature
+                const float inv = float(1.0 / cfg.temperature);
+                for (int64_t i = 0; i < dl.numel(); ++i) dl.data<float>()[i] *= inv;
+              }
+              dlogits.copy_from(dl);
+            });
           }
-          if (!ref_ptr) in.logp_ref = Tensor();
-          in.mask = masks[mi];
-          model.forward_backward_logits(mb.batch, [&](const Tensor& logits, const Tensor& dlogits) {
-            const Tensor scaled = tempered(logits, cfg.temperature);
-            in.logp = rl::token_logprobs(scaled, targets).to(DType::f64).reshape({B, mb.T});
-            if (cfg.offpolicy_delta > 0) {  // a no-op on the first update, where the policy is the old one
-              std::vector<double> a(in.advantages.data<double>(), in.advantages.data<double>() + B);
-              in.mask = rl::mask_rows(in.mask, rl::offpolicy_sequence_keep(in.logp, in.logp_old, in.mask, a,
-                                                                           cfg.offpolicy_delta));
-            }
-            const rl::PolicyLossResult res = rl::policy_loss(in, cfg.loss, counts);
-            loss_stats += res.stats;
-            Tensor dl = Tensor::empty(scaled.shape(), DType::f32);
-            rl::token_logprobs_backward(scaled, targets, res.dlogp.reshape({N}), dl);
-            if (cfg.temperature != 1.0) {  // d/dlogits of logits / temperature
-              const float inv = float(1.0 / cfg.temperature);
-              for (int64_t i = 0; i < dl.numel(); ++i) dl.data<float>()[i] *= inv;
-            }
-            dlogits.copy_from(dl);
-          });
           train_tokens += N;
         });
         if (dp) {
@@ -537,23 +729,31 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
     const double t_update = now_seconds() - t2;
 
     // ---------------------------------------------------------------- metrics (sums over the ranks)
-    std::vector<double> sums = {0, 0, 0, 0, 0, 0, double(adv.groups), double(adv.zero_std_groups),
-                                double(kept_groups), entropy, double(entropy_n), mismatch, double(mismatch_n),
-                                double(loss_stats.tokens), double(loss_stats.clipped_low),
-                                double(loss_stats.clipped_high), double(loss_stats.dual_clipped), loss_stats.ratio_sum,
-                                loss_stats.kl_sum, loss_stats.pg_loss, loss_stats.kl_loss, double(rollout_tokens),
-                                double(train_tokens)};
-    const size_t n_fixed = sums.size();
-    sums.resize(n_fixed + cfg.rewards.size(), 0.0);
+    enum : size_t {
+      kN, kReward, kReward2, kLen, kTrunc, kShaped, kGroups, kZeroStd, kKept, kEnt, kEntN, kMis, kMisN, kTok,
+      kClipLo, kClipHi, kDual, kRatio, kKl, kPg, kKlLoss, kRollTok, kTrainTok, kDiv, kDivN, kDistill, kFixed
+    };
+    std::vector<double> sums(kFixed, 0.0);
+    sums[kGroups] = double(adv.groups), sums[kZeroStd] = double(adv.zero_std_groups), sums[kKept] = double(kept_groups);
+    sums[kEnt] = entropy, sums[kEntN] = double(entropy_n), sums[kMis] = mismatch, sums[kMisN] = double(mismatch_n);
+    sums[kTok] = double(loss_stats.tokens), sums[kClipLo] = double(loss_stats.clipped_low);
+    sums[kClipHi] = double(loss_stats.clipped_high), sums[kDual] = double(loss_stats.dual_clipped);
+    sums[kRatio] = loss_stats.ratio_sum, sums[kKl] = loss_stats.kl_sum, sums[kPg] = loss_stats.pg_loss;
+    sums[kKlLoss] = loss_stats.kl_loss, sums[kRollTok] = double(rollout_tokens), sums[kTrainTok] = double(train_tokens);
+    sums[kDiv] = distill_stats.divergence_sum, sums[kDivN] = double(distill_stats.tokens), sums[kDistill] = distill_loss;
+    // Per term, and per domain (count, reward sum).
+    sums.resize(kFixed + term_keys.size() + 2 * n_domains, 0.0);
+    const size_t kDomain = kFixed + term_keys.size();
     double reward_max = -INFINITY, neg_reward_min = -INFINITY, length_max = 0;
     for (const Rollout& r : rollouts) {
-      sums[0] += 1, sums[1] += r.reward, sums[2] += r.reward * r.reward;
-      sums[3] += double(r.response.size()), sums[4] += r.truncated, sums[5] += r.shaped;
-      for (size_t t = 0; t < r.terms.size(); ++t) sums[n_fixed + t] += r.terms[t];
+      sums[kN] += 1, sums[kReward] += r.reward, sums[kReward2] += r.reward * r.reward;
+      sums[kLen] += double(r.response.size()), sums[kTrunc] += r.truncated, sums[kShaped] += r.shaped;
+      for (size_t t = 0; t < r.terms.size(); ++t) sums[kFixed + term_base[r.domain] + t] += r.terms[t];
+      sums[kDomain + 2 * r.domain] += 1, sums[kDomain + 2 * r.domain + 1] += r.reward;
       reward_max = std::max(reward_max, r.reward), neg_reward_min = std::max(neg_reward_min, -r.reward);
       length_max = std::max(length_max, double(r.response.size()));
     }
-    std::vector<double> maxes = {reward_max, neg_reward_min, length_max, mismatch_max};
+    std::vector<double> maxes = {reward_max, neg_reward_min, length_max, mismatch_max, distill_stats.divergence_max};
     if (dp) {
       Tensor t = Tensor::empty({int64_t(sums.size())}, DType::f64);
       std::copy(sums.begin(), sums.end(), t.data<double>());
@@ -564,55 +764,71 @@ int run_grpo(const TrainOptions& opts, Communicator* world) {
       dp->all_reduce(x, ReduceOp::max);
       std::copy(x.data<double>(), x.data<double>() + maxes.size(), maxes.begin());
     }
-    const double n = sums[0], reward_mean = sums[1] / n;
-    const double reward_std = n > 1 ? std::sqrt(std::max(0.0, (sums[2] - n * reward_mean * reward_mean) / (n - 1))) : 0;
-    const double tokens = sums[13], per_update = double(cfg.epochs * M);
+    const double n = sums[kN], reward_mean = sums[kReward] / n;
+    const double reward_std =
+        n > 1 ? std::sqrt(std::max(0.0, (sums[kReward2] - n * reward_mean * reward_mean) / (n - 1))) : 0;
+    const double tokens = sums[kTok], per_update = double(cfg.epochs * M);
+    auto frac = [&](size_t k) { return json_number(tokens > 0 ? sums[k] / tokens : 0.0); };
     const double step_time = now_seconds() - t0;
     const int64_t done = step + 1;
-    rl::RewardEvalResult ev;
     const bool last = done == cfg.steps;
-    const bool eval_now = !eval_prompts.empty() && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last);
-    if (eval_now) ev = evaluate(done);
+    const bool eval_now = have_eval && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last);
+    const std::string eval_fields = eval_now ? evaluate(done) : std::string();
     if (writer) {
       std::string line = cat("{\"step\": ", done, ", \"lr\": ", json_number(lr), ", \"reward_mean\": ",
                              json_number(reward_mean), ", \"reward_std\": ", json_number(reward_std),
                              ", \"reward_min\": ", json_number(-maxes[1]), ", \"reward_max\": ", json_number(maxes[0]));
-      for (size_t t = 0; t < cfg.rewards.size(); ++t)
-        line += cat(", \"reward/", cfg.rewards[t].name, "\": ", json_number(sums[n_fixed + t] / n));
-      if (cfg.overlong_buffer > 0) line += cat(", \"reward_shaped_mean\": ", json_number(sums[5] / n));
-      line += cat(", \"frac_reward_zero_std\": ", json_number(sums[7] / sums[6]));
-      if (cfg.dynamic_sampling) line += cat(", \"kept_groups\": ", int64_t(sums[8]));
-      line += cat(", \"response_length_mean\": ", json_number(sums[3] / n),
-                  ", \"response_length_max\": ", json_number(maxes[2]), ", \"frac_truncated\": ", json_number(sums[4] / n),
-                  ", \"pg_loss\": ", json_number(sums[19] / per_update),
-                  ", \"kl\": ", ref_ptr ? json_number(tokens > 0 ? sums[18] / tokens : NAN) : std::string("null"),
-                  ", \"loss\": ", json_number((sums[19] + cfg.loss.beta * sums[20]) / per_update),
-                  ", \"entropy\": ", json_number(sums[9] / sums[10]),
-                  ", \"clip_frac_low\": ", json_number(tokens > 0 ? sums[14] / tokens : 0.0),
-                  ", \"clip_frac_high\": ", json_number(tokens > 0 ? sums[15] / tokens : 0.0),
-                  ", \"dual_clip_frac\": ", json_number(tokens > 0 ? sums[16] / tokens : 0.0),
-                  ", \"ratio_mean\": ", json_number(tokens > 0 ? sums[17] / tokens : NAN),
-                  ", \"grad_norm\": ", json_number(grad_norm),
-                  ", \"logprob_mismatch\": ", json_number(sums[11] / sums[12]),
+      for (size_t t = 0; t < term_keys.size(); ++t) {  // mean over the responses of the term's domain
+        const double count = sums[kDomain + 2 * term_domain[t]];
+        line += cat(", \"reward/", term_keys[t], "\": ", json_number(count > 0 ? sums[kFixed + t] / count : NAN));
+      }
+      if (multi)
+        for (size_t d = 0; d < n_domains; ++d)
+          line += cat(", \"reward/", cfg.domains[d].name, "\": ",
+                      json_number(sums[kDomain + 2 * d] > 0 ? sums[kDomain + 2 * d + 1] / sums[kDomain + 2 * d] : NAN));
+      if (cfg.overlong_buffer > 0) line += cat(", \"reward_shaped_mean\": ", json_number(sums[kShaped] / n));
+      if (!opd) line += cat(", \"frac_reward_zero_std\": ", json_number(sums[kZeroStd] / sums[kGroups]));
+      if (cfg.dynamic_sampling) line += cat(", \"kept_groups\": ", int64_t(sums[kKept]));
+      line += cat(", \"response_length_mean\": ", json_number(sums[kLen] / n), ", \"response_length_max\": ",
+                  json_number(maxes[2]), ", \"frac_truncated\": ", json_number(sums[kTrunc] / n));
+      if (opd) {
+        line += cat(", \"loss\": ", json_number(sums[kDistill] / per_update), ", \"distill_divergence\": ",
+                    json_number(sums[kDivN] > 0 ? sums[kDiv] / sums[kDivN] : NAN), ", \"distill_divergence_max\": ",
+                    json_number(maxes[4]));
+      } else {
+        line += cat(", \"pg_loss\": ", json_number(sums[kPg] / per_update),
+                    ", \"kl\": ", ref_ptr ? json_number(tokens > 0 ? sums[kKl] / tokens : NAN) : std::string("null"),
+                    ", \"loss\": ", json_number((sums[kPg] + cfg.loss.beta * sums[kKlLoss]) / per_update),
+                    ", \"clip_frac_low\": ", frac(kClipLo), ", \"clip_frac_high\": ", frac(kClipHi),
+                    ", \"dual_clip_frac\": ", frac(kDual),
+                    ", \"ratio_mean\": ", json_number(tokens > 0 ? sums[kRatio] / tokens : NAN));
+      }
+      line += cat(", \"entropy\": ", json_number(sums[kEnt] / sums[kEntN]), ", \"grad_norm\": ", json_number(grad_norm),
+                  ", \"logprob_mismatch\": ", json_number(sums[kMis] / sums[kMisN]),
                   ", \"logprob_mismatch_max\": ", json_number(maxes[3]),
-                  ", \"rollout_tokens_per_s\": ", json_number(sums[21] / t_rollout),
-                  ", \"train_tokens_per_s\": ", json_number(sums[22] / t_update),
+                  ", \"rollout_tokens_per_s\": ", json_number(sums[kRollTok] / t_rollout),
+                  ", \"train_tokens_per_s\": ", json_number(sums[kTrainTok] / t_update),
                   ", \"time_rollout_s\": ", json_number(t_rollout), ", \"time_logprobs_s\": ", json_number(t_logp),
                   ", \"time_update_s\": ", json_number(t_update), ", \"step_time_s\": ", json_number(step_time),
                   ", \"elapsed_s\": ", json_number(now_seconds() - t_start));
-      if (eval_now)
-        line += cat(", \"eval_reward_mean\": ", json_number(ev.reward_mean),
-                    ", \"eval_response_length_mean\": ", json_number(ev.response_length_mean));
-      metrics << line << "}\n" << std::flush;
+      metrics << line << eval_fields << "}\n" << std::flush;
     }
     if (done % cfg.log_every == 0 || last) {
       char buf[320];
-      std::snprintf(buf, sizeof buf,
-                    "step %4lld/%lld | reward %.3f (std %.3f) | len %.1f | pg %.4f | clip %.3f | mismatch %.4f | "
-                    "gnorm %.3f | %.1fs (rollout %.1fs)",
-                    (long long)done, (long long)cfg.steps, reward_mean, reward_std, sums[3] / n, sums[19] / per_update,
-                    tokens > 0 ? (sums[14] + sums[15]) / tokens : 0.0, sums[11] / sums[12], grad_norm, step_time,
-                    t_rollout);
+      if (opd)
+        std::snprintf(buf, sizeof buf,
+                      "step %4lld/%lld | reward %.3f (std %.3f) | len %.1f | divergence %.4f | mismatch %.4f | "
+                      "gnorm %.3f | %.1fs (rollout %.1fs)",
+                      (long long)done, (long long)cfg.steps, reward_mean, reward_std, sums[kLen] / n,
+                      sums[kDivN] > 0 ? sums[kDiv] / sums[kDivN] : 0.0, sums[kMis] / sums[kMisN], grad_norm, step_time,
+                      t_rollout);
+      else
+        std::snprintf(buf, sizeof buf,
+                      "step %4lld/%lld | reward %.3f (std %.3f) | len %.1f | pg %.4f | clip %.3f | mismatch %.4f | "
+                      "gnorm %.3f | %.1fs (rollout %.1fs)",
+                      (long long)done, (long long)cfg.steps, reward_mean, reward_std, sums[kLen] / n,
+                      sums[kPg] / per_update, tokens > 0 ? (sums[kClipLo] + sums[kClipHi]) / tokens : 0.0,
+                      sums[kMis] / sums[kMisN], grad_norm, step_time, t_rollout);
       log_info(buf);
     }
     if (!std::isfinite(grad_norm))

@@ -1,8 +1,10 @@
-// The GRPO stage: `tessera train RECIPE` with stage = "grpo" (docs/post-training.md). Each step samples
-// grpo.prompts_per_step prompts and grpo.group_size responses per prompt with the generation engine, scores them
-// with rule-based rewards, computes group advantages, recomputes the old policy's (and the frozen reference's)
-// token log-probabilities, and takes grpo.mini_batches optimizer steps per epoch, for grpo.epochs epochs, on the
-// clipped surrogate (rl/grpo.h). Rollouts are spread over the data-parallel ranks, prompt by prompt.
+// The on-policy post-training stages: `tessera train RECIPE` with stage = "grpo" or "opd" (docs/post-training.md).
+// Both sample grpo.prompts_per_step prompts per step and grpo.group_size responses per prompt with the generation
+// engine, score them with rule-based rewards, and take grpo.epochs x grpo.mini_batches optimizer steps on them:
+//   grpo  group advantages and the clipped surrogate with an optional KL to a frozen reference (rl/grpo.h);
+//   opd   on-policy distillation: each prompt's domain names a teacher checkpoint, whose per-token distribution
+//         the student is trained towards (full-vocabulary reverse KL by default; rl/distill.h).
+// Rollouts are spread over the data-parallel ranks, prompt by prompt.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -10,29 +12,40 @@
 
 #include "cli/pretrain.h"
 #include "data/chat.h"
+#include "rl/distill.h"
 #include "rl/grpo.h"
 #include "rl/rewards.h"
 
 namespace tessera {
 
-struct GrpoConfig {
+// A prompt set with its rewards and reasoning mode (and, for OPD, its teacher). A recipe has one, from [prompts]
+// and [rewards], or several: `domains = ["arithmetic", "countdown"]` with a [domain.NAME] table each.
+struct RlDomain {
+  std::string name = "default";
+  std::string train, eval;  // prompt-set JSONL files (eval optional)
+  int64_t eval_limit = 64;  // the first N held-out prompts
+  ReasoningMode mode = ReasoningMode::non_thinking;
+  std::vector<rl::RewardTerm> rewards;
+  std::string teacher;  // opd: checkpoint or run directory
+  double weight = 1.0;  // opd: the teacher's loss weight
+};
+
+struct RlConfig {
+  std::string stage = "grpo";  // "grpo" or "opd"
   std::string name, run_dir;
   uint64_t seed = 0;
-  std::string init_checkpoint;  // init.checkpoint: the policy's starting weights (required)
-  std::string reference;        // init.reference: the frozen KL reference (default: init.checkpoint)
+  std::string init_checkpoint;  // init.checkpoint: the policy's (student's) starting weights (required)
+  std::string reference;        // init.reference: the frozen KL reference (grpo; default: init.checkpoint)
   ModelConfig model;
   std::string tokenizer_kind = "byte", tokenizer_model;
-  std::string train_prompts, eval_prompts;  // prompts.train (JSONL), prompts.eval (optional)
-  int64_t eval_limit = 64;                  // prompts.eval_limit: the first N held-out prompts
-  ReasoningMode mode = ReasoningMode::non_thinking;  // prompts.mode
-  std::vector<rl::RewardTerm> rewards;               // rewards.terms = ["arithmetic", "format:0.1"]
+  std::vector<RlDomain> domains;
 
-  int64_t steps = 0;             // training.steps: rollout steps
-  double grad_clip = 1.0;        // training.grad_clip
-  Device device = Device::cpu;   // training.device
-  int dp = -1;                   // parallel.dp (-1: every rank)
+  int64_t steps = 0;            // training.steps: rollout steps
+  double grad_clip = 1.0;       // training.grad_clip
+  Device device = Device::cpu;  // training.device
+  int dp = -1;                  // parallel.dp (-1: every rank)
 
-  // [grpo]
+  // [grpo] (the batch keys apply to opd too)
   int64_t prompts_per_step = 8, group_size = 8;
   int64_t epochs = 1, mini_batches = 1;  // optimizer steps per rollout batch: epochs x mini_batches
   int64_t micro_batch_rows = 8;          // responses per forward/backward
@@ -43,6 +56,10 @@ struct GrpoConfig {
   double overlong_factor = 1.0;
   bool mask_truncated = false;    // truncated responses get no loss (DAPO)
   double offpolicy_delta = 0.0;   // DeepSeek-V3.2 off-policy sequence masking threshold (0: off)
+
+  // [opd]
+  rl::DistillConfig distill;  // divergence and beta; its temperature is the sampling temperature
+  bool sampled_token = false;  // opd.form = "sampled_token": the per-token advantage form instead of full vocabulary
 
   // [sampling]
   int64_t max_new_tokens = 64;
@@ -59,10 +76,11 @@ struct GrpoConfig {
   std::string recipe_toml;
 };
 
-// Reads and validates every key of a stage = "grpo" recipe; unknown keys are errors naming file, line and key.
-GrpoConfig grpo_config_from_recipe(Recipe& r);
+// Reads and validates every key of a stage = "grpo" or "opd" recipe; unknown keys are errors naming file, line
+// and key.
+RlConfig rl_config_from_recipe(Recipe& r);
 
 class Communicator;
-int run_grpo(const TrainOptions& opts, Communicator* world = nullptr);
+int run_rl_stage(const TrainOptions& opts, Communicator* world = nullptr);
 
 }  // namespace tessera

@@ -2,7 +2,7 @@
 
 #include <filesystem>
 
-#include "cli/grpo_stage.h"
+#include "cli/rl_stage.h"
 #include "core/error.h"
 
 namespace tessera {
@@ -16,10 +16,11 @@ std::string recipe_stage(const TrainOptions& opts) {
   return recipe_stage_of(r);
 }
 
-std::string recipe_stage_of(Recipe& r) { return r.get_string("stage", "pretrain", {"pretrain", "sft", "grpo"}); }
+std::string recipe_stage_of(Recipe& r) { return r.get_string("stage", "pretrain", {"pretrain", "sft", "grpo", "opd"}); }
 
 int run_train(const TrainOptions& opts, Communicator* world) {
-  if (recipe_stage(opts) == "grpo") return run_grpo(opts, world);
+  const std::string stage = recipe_stage(opts);
+  if (stage == "grpo" || stage == "opd") return run_rl_stage(opts, world);
   return run_pretrain(opts, world);
 }
 

@@ -1,5 +1,5 @@
 // `tessera train RECIPE`: the recipe's top-level `stage` key picks the loop ("pretrain" and "sft":
-// cli/pretrain.h; "grpo": cli/grpo_stage.h).
+// cli/pretrain.h; "grpo" and "opd": cli/rl_stage.h).
 #pragma once
 #include <string>
 
