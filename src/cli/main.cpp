@@ -1,4 +1,6 @@
 // The `tessera` binary: subcommands wire recipes and checkpoints to stages (DESIGN.md §4 "CLI").
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <cmath>
 #include <cstdio>
@@ -103,14 +105,17 @@ int cmd_sample(const std::string& ckpt, const std::string& prompt, const Samplin
 int cmd_data_prepare(const PrepareOptions& opt, const std::string& tokenizer_kind, const std::string& tokenizer_model) {
   std::unique_ptr<Tokenizer> tok = load_tokenizer(tokenizer_kind, tokenizer_model);
   const double t0 = now_seconds();
+  // The progress line rewrites itself on a terminal; into a log file it would pile up, so it is left out there.
+  const bool tty = isatty(fileno(stderr));
   auto progress = [&](int64_t done, int64_t total) {
+    if (!tty) return;
     double dt = std::max(now_seconds() - t0, 1e-9), rate = double(done) / dt;
     std::fprintf(stderr, "\rprepare: %.1f / %.1f MB (%3.0f%%) | %.1f MB/s | ETA %.0fs   ", done / 1e6, total / 1e6,
                  100.0 * double(done) / double(std::max<int64_t>(total, 1)), rate / 1e6,
                  double(total - done) / std::max(rate, 1.0));
   };
   PrepareStats st = prepare_dataset(opt, *tok, progress);
-  std::fprintf(stderr, "\n");
+  if (tty) std::fprintf(stderr, "\n");
   std::printf("{\"output\": \"%s\", \"documents\": %lld, \"train_tokens\": %lld, \"val_tokens\": %lld, "
               "\"train_bytes\": %lld, \"val_bytes\": %lld, \"seconds\": %.3f}\n",
               opt.output.c_str(), (long long)st.documents, (long long)st.train_tokens, (long long)st.val_tokens,
