@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `tessera pipeline` end to end: a four-stage pipeline (arithmetic conversations, their chat dataset, a 10-step tiny
-# pretraining, a 10-step SFT from it). The first run runs every stage; the second does nothing and says so;
+# `tessera pipeline` end to end: a six-stage pipeline (arithmetic conversations, their chat dataset, a 10-step tiny
+# pretraining, a 10-step SFT from it, held-out prompts, the SFT model's reward on them by `tessera eval-rewards`
+# into a file). The first run runs every stage; the second does nothing and says so;
 # changing the SFT stage's `set` reruns SFT only; changing the pretraining recipe reruns pretraining and SFT (a dry
 # run says so first and touches nothing); a failing stage (a bad recipe, a failing command) stops the pipeline
 # with the stage's name and a non-zero exit, and the SFT run finished before is still there, unchanged.
@@ -70,6 +71,19 @@ name = "sft"
 recipe = "$3"
 set = [$2]
 after = ["sft-data", "pretrain"]
+
+[[stage]]
+name = "eval-prompts"
+after = []
+command = ["data", "prompts", "--task", "arithmetic", "--difficulty", "1", "--n", "16", "--seed", "9", "--out", "data/eval.jsonl"]
+outputs = ["data/eval.jsonl"]
+
+[[stage]]
+name = "sft-eval"
+after = ["sft", "eval-prompts"]
+command = ["eval-rewards", "runs/S", "--prompts", "data/eval.jsonl", "--reward", "arithmetic", "--reward", "format:0.1",
+           "--temperature", "1", "--samples", "2", "--max-new-tokens", "8"]
+stdout = "runs/eval/sft.json"
 EOT
 }
 
@@ -90,15 +104,19 @@ expect_no_line() {
 write_pipeline pipe.toml "" sft.toml
 step "first run: every stage runs"
 run_pipeline first pipe.toml
-for s in chat sft-data pretrain sft; do expect_line first first.log "^stage $s: running"; done
+for s in chat sft-data pretrain sft eval-prompts sft-eval; do expect_line first first.log "^stage $s: running"; done
 [[ -f runs/S/checkpoints/step_00000010.h5 ]] || fail "no SFT checkpoint after the first run"
 [[ -f runs/pipelines/e2e/sft.stamp ]] || fail "no stamp for the SFT stage"
+cat runs/eval/sft.json
+grep -q '"responses": 32, ' runs/eval/sft.json || check_failed "eval-rewards (stdout of a command stage): no 32 responses"
+grep -q '"terms": {"arithmetic": [0-9.]*, "format": [0-9.]*}' runs/eval/sft.json \
+  || check_failed "eval-rewards: no per-term means"
 
 step "second run: nothing to do"
 snapshot runs > before_runs.sha
 snapshot data > before_data.sha
 run_pipeline second pipe.toml
-for s in chat sft-data pretrain sft; do expect_line second second.log "^stage $s: up to date"; done
+for s in chat sft-data pretrain sft eval-prompts sft-eval; do expect_line second second.log "^stage $s: up to date"; done
 expect_line second second.log "^pipeline e2e: nothing to do"
 expect_no_line second second.log "running"
 expect_unchanged second_run_changed_no_run runs before_runs.sha
@@ -111,6 +129,8 @@ write_pipeline pipe.toml '"optimizer.lr=1e-3"' sft.toml
 run_pipeline set_changed pipe.toml
 for s in chat sft-data pretrain; do expect_line set_changed set_changed.log "^stage $s: up to date"; done
 expect_line set_changed set_changed.log "^stage sft: running \(its recipe changed\)"
+expect_line set_changed set_changed.log "^stage sft-eval: running \(after sft, which ran\)"
+expect_line set_changed set_changed.log "^stage eval-prompts: up to date"
 [[ $(sha256sum runs/P/checkpoints/step_00000010.h5) == "$sha_pre" ]] || check_failed "pretraining checkpoint changed"
 [[ $(sha256sum runs/S/checkpoints/step_00000010.h5) != "$sha_sft" ]] || check_failed "SFT did not rerun with lr 1e-3"
 [[ ! -e runs/S.previous ]] || check_failed "the earlier SFT run was not cleaned up"
@@ -135,6 +155,13 @@ run_pipeline from pipe.toml --from sft-data
 expect_line from from.log "^stage sft-data: running \(--from\)"
 expect_line from from.log "^stage sft: running \(after sft-data, which ran\)"
 expect_line from from.log "^stage pretrain: up to date"
+
+step "eval-rewards errors"
+expect_fail unknown_reward "reward 'nope': unknown; known: arithmetic, countdown, format, gsm8k" -- \
+  "$TESSERA" eval-rewards runs/S --prompts data/eval.jsonl --reward nope
+printf '{"task": "arithmetic", "question": "What is 1 + 1?", "answer": "2"}\n{"question": 5}\n' > bad.jsonl
+expect_fail bad_prompts "bad.jsonl:2" -- "$TESSERA" eval-rewards runs/S --prompts bad.jsonl --reward arithmetic
+expect_fail bad_weight "reward 'format:x': the weight" -- "$TESSERA" eval-rewards runs/S --prompts data/eval.jsonl --reward format:x
 
 step "failing stages stop the pipeline; the finished runs stay"
 snapshot runs/S > before_fail.sha
