@@ -24,6 +24,7 @@
 #include "io/hf_export.h"
 #include "model/model.h"
 #include "model/inspect.h"
+#include "model/qat.h"
 #include "parallel/mpi_communicator.h"
 #include "rl/evaluate.h"
 
@@ -120,6 +121,22 @@ int cmd_data_prepare(const PrepareOptions& opt, const std::string& tokenizer_kin
               "\"train_bytes\": %lld, \"val_bytes\": %lld, \"seconds\": %.3f}\n",
               opt.output.c_str(), (long long)st.documents, (long long)st.train_tokens, (long long)st.val_tokens,
               (long long)st.train_bytes, (long long)st.val_bytes, now_seconds() - t0);
+  return 0;
+}
+
+// `tessera ckpt quantize`: post-training quantisation (model/qat.h). A checkpoint whose eligible weights are their
+// FP8 / FP4 values, dequantised and stored as fp32 (the codes themselves are not stored), with the source's step,
+// recipe and tokenizer and no optimizer state: eval, sample, eval-rewards, export and init.checkpoint take it.
+int cmd_ckpt_quantize(const std::string& ckpt, const std::string& mode_name, const std::string& out) {
+  const qat::Mode mode = qat::parse_mode(mode_name);
+  if (mode == qat::Mode::off) TS_FAIL("ckpt quantize: --mode must be fp8 or fp4_fp8");
+  LoadedModel l = load_model(ckpt);
+  const qat::Stats st = qat::quantize_in_place(l.model->params(), mode);
+  save_checkpoint(fs::absolute(out).string(), l.model->config(), l.model->saved_tensors(), nullptr, l.meta);
+  std::printf("{\"checkpoint\": \"%s\", \"output\": \"%s\", \"mode\": \"%s\", \"fp4_tensors\": %lld, "
+              "\"fp4_elements\": %lld, \"fp8_tensors\": %lld, \"fp8_elements\": %lld, \"lossy_fp4_to_fp8\": %lld}\n",
+              l.path.c_str(), out.c_str(), qat::mode_name(mode), (long long)st.fp4_tensors, (long long)st.fp4_elements,
+              (long long)st.fp8_tensors, (long long)st.fp8_elements, (long long)st.lossy_fp4_matrices);
   return 0;
 }
 
@@ -335,6 +352,14 @@ int main(int argc, char** argv) {
   c_export->add_option("checkpoint", ckpt, "checkpoint file or run directory")->required();
   c_export->add_option("--format", format, "export format")->check(CLI::IsMember({"hf"}));
   c_export->add_option("--out", out_dir, "output directory")->required();
+  std::string quant_mode, quant_out;  // ckpt quantize (model/qat.h)
+  auto* c_quantize = c_ckpt->add_subcommand(
+      "quantize", "post-training quantisation: a checkpoint of the FP8 / FP4 weights, dequantised to fp32");
+  c_quantize->add_option("checkpoint", ckpt, "checkpoint file or run directory")->required();
+  c_quantize->add_option("--mode", quant_mode, "fp8 (every hidden matrix) or fp4_fp8 (routed experts FP4, others FP8)")
+      ->required()
+      ->check(CLI::IsMember({"fp8", "fp4_fp8"}));
+  c_quantize->add_option("--out", quant_out, "output checkpoint file (.h5)")->required();
 
   std::string recipe_path, inspect_context, inspect_kv = "native", inspect_compare;
   auto* c_inspect = app.add_subcommand("inspect", "parameter counts, FLOPs and KV-cache bytes of a model recipe");
@@ -410,6 +435,7 @@ int main(int argc, char** argv) {
     if (*c_sample) return cmd_sample(ckpt, prompt, sopt);
     if (*c_eval_rewards) return cmd_eval_rewards(ckpt, eval_prompts, eval_rewards_list, ropt, eval_mode, eval_limit);
     if (*c_info) return cmd_ckpt_info(ckpt);
+    if (*c_quantize) return cmd_ckpt_quantize(ckpt, quant_mode, quant_out);
     if (*c_export) {
       LoadedModel l = load_model(ckpt);
       export_hf(l.path, out_dir, l.tokenizer->bos_id(), l.tokenizer->eos_id());

@@ -6,6 +6,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "backend/backend.h"
@@ -15,6 +16,7 @@
 #include "data/byte_tokenizer.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
+#include "model/qat.h"
 #include "model/v4.h"
 #include "ops/ops.h"
 #include "parallel/data_parallel.h"
@@ -84,6 +86,7 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.grad_clip = r.get_double("training.grad_clip", 1.0, 0.0);
   c.device = r.get_string("training.device", "cpu", {"cpu", "cuda"}) == "cuda" ? Device::cuda : Device::cpu;
   c.bf16_matmuls = r.get_string("training.matmul_precision", "fp32", {"fp32", "bf16"}) == "bf16";
+  c.qat = r.get_string("training.qat", "off", {"off", "fp8", "fp4_fp8"});  // QAT: model/qat.h
   if (c.device == Device::cuda && !device_available(Device::cuda))
     TS_FAIL(r.path(), ": training.device = \"cuda\" but this build has no CUDA backend or no GPU is present ",
             "(build with the cuda preset: launch/build-cuda.sh)");
@@ -418,6 +421,14 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     log_info(cat("initial weights from ", from, " (step ", init_meta.step, ")"));
   }
   Optimizer opt(params, cfg.optimizer, cfg.zero1 ? dp : nullptr);
+  const qat::Mode qat_mode = qat::parse_mode(cfg.qat);  // QAT (training.qat)
+  if (qat_mode != qat::Mode::off) {
+    const qat::FakeQuantWeights probe(params, qat_mode);
+    const qat::Stats& qs = probe.stats();
+    log_info(cat("quantisation-aware training (training.qat = \"", cfg.qat, "\"): ", qs.fp4_tensors,
+                 " routed-expert weights in FP4 (1x32 blocks, requantised to FP8 128x128), ", qs.fp8_tensors,
+                 " matrices in FP8 (128x128 blocks); fp32 master weights, straight-through gradients"));
+  }
   log_info(cat("optimizer groups (", cfg.optimizer.name, "):\n", opt.describe_groups()));
   if (opt.sharded())
     log_info(cat("optimizer state sharded over the ", dp->size(), " data-parallel ranks (parallel.zero1): rank 0 holds ",
@@ -541,6 +552,10 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     // summed pairwise (parallel/data_parallel.h), which the group's all-reduce continues over the ranks.
     const int64_t per_rank = cfg.grad_accum / (dp ? dp->size() : 1), first = (dp ? dp->rank() : 0) * per_rank;
     bool first_stats = true;
+    // QAT (training.qat): the micro-batches' forward/backward at the quantised weights; the masters are back
+    // (bitwise) when the scope ends, before clipping and the optimizer step (straight-through estimator).
+    std::optional<qat::FakeQuantWeights> qat_scope;
+    if (qat_mode != qat::Mode::off) qat_scope.emplace(params, qat_mode);
     pairwise_gradients(model, first, first + per_rank, grad_stack, [&](int64_t mi) {
       if (v4) {
         if (cached) cache.apply(*v4, step, mi);  // indices from the parameters of step - dt
@@ -561,6 +576,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
         }
       }
     });
+    qat_scope.reset();  // QAT: master weights back
     if (v4) v4->clear_routing_override();
     if (dp) {
       // The global step: gradients, loss sums, V4 statistics and expert loads over the data-parallel group.

@@ -41,6 +41,7 @@ struct PretrainConfig {
   double grad_clip = 1.0;
   Device device = Device::cpu;           // training.device: where the model, gradients and optimizer state live
   bool bf16_matmuls = false;             // training.matmul_precision = "bf16": tensor-core products (GPU only)
+  std::string qat = "off";               // training.qat: "off", "fp8" or "fp4_fp8" (model/qat.h; QAT)
   ParallelConfig parallel;                // [parallel]: dp x tp x pp (+ ep) over the MPI world
   bool zero1 = false;                     // parallel.zero1: shard the optimizer state over the dp ranks
   RoutingConfig routing;

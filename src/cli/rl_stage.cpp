@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <optional>
 
 #include "backend/backend.h"
 #include "cli/model_recipe.h"
@@ -14,6 +15,7 @@
 #include "core/rng.h"
 #include "data/prompts.h"
 #include "io/checkpoint.h"
+#include "model/qat.h"
 #include "model/v4.h"
 #include "parallel/data_parallel.h"
 #include "parallel/topology.h"
@@ -97,6 +99,7 @@ RlConfig rl_config_from_recipe(Recipe& r) {
 
   c.steps = r.require_int("training.steps", 1);
   c.grad_clip = r.get_double("training.grad_clip", c.grad_clip, 0.0);
+  c.qat = r.get_string("training.qat", "off", {"off", "fp8", "fp4_fp8"});  // QAT: model/qat.h
   c.device = r.get_string("training.device", "cpu", {"cpu", "cuda"}) == "cuda" ? Device::cuda : Device::cpu;
   if (c.device == Device::cuda && !device_available(Device::cuda))
     TS_FAIL(r.path(), ": training.device = \"cuda\" but this build has no CUDA backend or no GPU is present");
@@ -410,6 +413,14 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
   }
 
   Optimizer opt(params, cfg.optimizer);
+  const qat::Mode qat_mode = qat::parse_mode(cfg.qat);  // QAT (training.qat)
+  if (qat_mode != qat::Mode::off) {
+    const qat::FakeQuantWeights probe(params, qat_mode);
+    log_info(cat("quantisation-aware training (training.qat = \"", cfg.qat, "\"): ", probe.stats().fp4_tensors,
+                 " routed-expert weights in FP4, ", probe.stats().fp8_tensors,
+                 " matrices in FP8; rollouts, log-probabilities, updates and held-out rewards use the quantised "
+                 "weights, the optimizer updates the fp32 masters"));
+  }
   int64_t start_step = 0;
   const fs::path metrics_path = fs::path(cfg.run_dir) / "metrics.jsonl";
   if (!resume_from.empty()) {
@@ -436,6 +447,7 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
   // Held-out rewards (greedy) per domain; the overall value is the mean over every held-out prompt.
   const bool have_eval = std::any_of(eval_prompts.begin(), eval_prompts.end(), [](const auto& v) { return !v.empty(); });
   auto evaluate = [&](int64_t step) {
+    const qat::FakeQuantWeights qat_scope(params, qat_mode);  // QAT: the quantised policy's reward
     std::string out;
     double sum = 0, n = 0, len = 0;
     for (size_t d = 0; d < n_domains; ++d) {
@@ -502,6 +514,9 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
         rollouts.push_back(std::move(r));
       }
     }
+    // QAT (training.qat): rollouts and the old-policy pass at the quantised weights (sampler = trainer).
+    std::optional<qat::FakeQuantWeights> qat_scope;
+    if (qat_mode != qat::Mode::off) qat_scope.emplace(params, qat_mode);
     std::vector<GenerationResult> results = generate(model, requests);
     int64_t rollout_tokens = 0;
     for (size_t i = 0; i < rollouts.size(); ++i) {
@@ -614,6 +629,7 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
         }
     }
     if (v4) v4->reset_expert_load();  // the bias update counts the update passes' routing only
+    qat_scope.reset();  // QAT: master weights back
     const double t_logp = now_seconds() - t1;
 
     // ---------------------------------------------------------------- updates
@@ -647,6 +663,7 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
           dp->all_reduce(c, ReduceOp::sum);
           counts.tokens = int64_t(c.data<double>()[0]), counts.seqs = int64_t(c.data<double>()[1]);
         }
+        if (qat_mode != qat::Mode::off) qat_scope.emplace(params, qat_mode);  // QAT: gradient at quantised weights
         pairwise_gradients(model, 0, int64_t(mini.size()), grad_stack, [&](int64_t mi) {
           MicroBatch& mb = mini[mi];
           const int64_t B = int64_t(mb.rows.size()), N = B * mb.T;
@@ -716,6 +733,7 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
           }
           train_tokens += N;
         });
+        qat_scope.reset();  // QAT: the optimizer steps the masters (straight-through)
         if (dp) {
           grad_buckets->all_reduce();
           if (v4) all_reduce_expert_load(*v4, *dp);

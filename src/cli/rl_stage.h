@@ -42,6 +42,7 @@ struct RlConfig {
 
   int64_t steps = 0;            // training.steps: rollout steps
   double grad_clip = 1.0;       // training.grad_clip
+  std::string qat = "off";      // training.qat: "off", "fp8" or "fp4_fp8" (model/qat.h; rollouts use them too)
   Device device = Device::cpu;  // training.device
   int dp = -1;                  // parallel.dp (-1: every rank)
 
