@@ -91,7 +91,7 @@ def main():
     ax.set_xlabel({"elapsed_s": "training time (s)"}.get(args.x, args.x))
     ax.set_ylabel("nats per byte" if args.val_key == "val_nats_per_byte"
                   else "loss (nats/token)" if args.key in ("loss", "none") else args.key)
-    ax.set_title("Loss: " + ", ".join(labels))
+    ax.set_title(("Loss" if args.key in ("loss", "none") else args.key) + ": " + ", ".join(labels))
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
