@@ -54,6 +54,29 @@ finish() {
 
 step() { echo "--- $*"; }
 
+# arithmetic_chat_data N: one-digit arithmetic conversations ($WORK/chat.jsonl, N of them, seed 1) and their chat
+# dataset $WORK/chat.h5 (assistant-only loss mask), for the post-training tests.
+arithmetic_chat_data() {
+  "$TESSERA" data prompts --task arithmetic --difficulty 1 --n "$1" --seed 1 --chat --out "$WORK/chat.jsonl" > /dev/null
+  "$TESSERA" data prepare "$WORK/chat.jsonl" --format chat --out "$WORK/chat.h5" > /dev/null 2> "$WORK/prep.log" \
+    || { cat "$WORK/prep.log" >&2; fail "data prepare failed"; }
+}
+
+# expect_error NAME PATTERN ARGS...: `tessera ARGS` must fail with PATTERN (grep) on stderr; prints the start of the
+# message. A success or another message is a failed case.
+expect_error() {
+  local name=$1 pattern=$2
+  shift 2
+  if "$TESSERA" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; then
+    check_failed "$name: succeeded"
+  elif ! grep -q -- "$pattern" "$WORK/$name.err"; then
+    cat "$WORK/$name.err" >&2
+    check_failed "$name: message does not match '$pattern'"
+  else
+    head -c 400 "$WORK/$name.err"; echo
+  fi
+}
+
 # Exit with ctest's skip code when the interpreter lacks h5py/numpy (the tests that need them say so).
 require_h5py() {
   if ! "$PY" -c "import h5py, numpy" 2>/dev/null; then

@@ -14,9 +14,7 @@ export OMP_WAIT_POLICY=passive
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
 
 step "arithmetic conversations, prompts, and a 40-step pretraining on the conversations"
-"$TESSERA" data prompts --task arithmetic --difficulty 1 --n 2000 --seed 1 --chat --out "$WORK/chat.jsonl" > /dev/null
-"$TESSERA" data prepare "$WORK/chat.jsonl" --format chat --out "$WORK/chat.h5" > /dev/null 2> "$WORK/prep.log" \
-  || { cat "$WORK/prep.log" >&2; fail "data prepare failed"; }
+arithmetic_chat_data 2000
 "$TESSERA" data prompts --task arithmetic --difficulty 1 --n 200 --seed 2 --out "$WORK/train.jsonl" > /dev/null
 "$TESSERA" data prompts --task arithmetic --difficulty 1 --n 16 --seed 3 --out "$WORK/eval.jsonl" > /dev/null
 cat > "$WORK/pre.toml" <<EOT
@@ -167,18 +165,6 @@ done
   || check_failed "dp=2 weights differ from one process"
 
 step "errors"
-expect_error() {  # expect_error NAME PATTERN ARGS...: the command fails and its stderr matches PATTERN
-  local name=$1 pattern=$2
-  shift 2
-  if "$TESSERA" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; then
-    check_failed "$name: succeeded"
-  elif ! grep -q -- "$pattern" "$WORK/$name.err"; then
-    cat "$WORK/$name.err" >&2
-    check_failed "$name: message does not match '$pattern'"
-  else
-    head -c 400 "$WORK/$name.err"; echo
-  fi
-}
 expect_error reward "rewards.terms.*reward 'arithmetc': unknown; known: arithmetic, countdown, format, gsm8k" \
   train "$WORK/grpo.toml" --set 'rewards.terms=["arithmetc"]' job.run_dir="$WORK/E1"
 printf '{"id": "a", "task": "arithmetic", "question": "What is 1 + 1?", "answer": "2"}\n{"question": oops}\n' \

@@ -12,8 +12,7 @@ export OMP_WAIT_POLICY=passive
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
 
 step "data and three short pretrainings: student S (20 steps), teachers A (60 steps) and B (dim 32, 60 steps)"
-"$TESSERA" data prompts --task arithmetic --difficulty 1 --n 2000 --seed 1 --chat --out "$WORK/chat.jsonl" > /dev/null
-"$TESSERA" data prepare "$WORK/chat.jsonl" --format chat --out "$WORK/chat.h5" > /dev/null 2>&1
+arithmetic_chat_data 2000
 "$TESSERA" data prompts --task arithmetic --difficulty 1 --n 200 --seed 2 --out "$WORK/add.jsonl" > /dev/null
 "$TESSERA" data prompts --task arithmetic --difficulty 2 --n 200 --seed 3 --out "$WORK/two.jsonl" > /dev/null
 "$TESSERA" data prompts --task arithmetic --difficulty 1 --n 8 --seed 4 --out "$WORK/eval.jsonl" > /dev/null
@@ -112,18 +111,6 @@ step "sampled-token form"
   || { cat "$WORK/T.log" >&2; check_failed "sampled-token OPD failed"; }
 
 step "errors"
-expect_error() {  # expect_error NAME PATTERN ARGS...
-  local name=$1 pattern=$2
-  shift 2
-  if "$TESSERA" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; then
-    check_failed "$name: succeeded"
-  elif ! grep -q -- "$pattern" "$WORK/$name.err"; then
-    cat "$WORK/$name.err" >&2
-    check_failed "$name: message does not match '$pattern'"
-  else
-    head -c 300 "$WORK/$name.err"; echo
-  fi
-}
 "$TESSERA" train "$WORK/pre.toml" --set training.steps=1 model.vocab_size=300 job.run_dir="$WORK/W" 2> /dev/null
 expect_error vocab "teacher '.*W/checkpoints/step_00000001.h5' has a vocabulary of 300 tokens, the student 2.*share the tokenizer" \
   train "$WORK/opd.toml" --set domain.two.teacher="$WORK/W" job.run_dir="$WORK/E1"

@@ -15,9 +15,7 @@ export OMP_WAIT_POLICY=passive
 V4TINY="$REPO/recipes/models/v4-tiny.toml"
 
 step "arithmetic conversations and prompts; a 4-step fp32 pretraining of the tiny V4 model"
-"$TESSERA" data prompts --task arithmetic --difficulty 1 --n 600 --seed 1 --chat --out "$WORK/chat.jsonl" > /dev/null
-"$TESSERA" data prepare "$WORK/chat.jsonl" --format chat --out "$WORK/chat.h5" > /dev/null 2> "$WORK/prep.log" \
-  || { cat "$WORK/prep.log" >&2; fail "data prepare failed"; }
+arithmetic_chat_data 600
 "$TESSERA" data prompts --task arithmetic --difficulty 1 --n 100 --seed 2 --out "$WORK/train.jsonl" > /dev/null
 "$TESSERA" data prompts --task arithmetic --difficulty 1 --n 4 --seed 3 --out "$WORK/eval.jsonl" > /dev/null
 cat > "$WORK/pre.toml" <<EOT

@@ -20,30 +20,14 @@
 using namespace tessera;
 using namespace tessera::rl;
 using tessera::testing::error_of;
+using tessera::testing::tensor_of;
+using tessera::testing::values_of;
 
 namespace {
 
 const double kInf = std::numeric_limits<double>::infinity();
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-Tensor make(const std::vector<double>& v, const Shape& shape, DType dt = DType::f64) {
-  Tensor t = Tensor::empty(shape, dt, Device::cpu);
-  EXPECT_EQ(t.numel(), int64_t(v.size()));
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (dt == DType::f64)
-      t.data<double>()[i] = v[i];
-    else
-      t.data<float>()[i] = float(v[i]);
-  }
-  return t;
-}
-
-std::vector<double> values(const Tensor& t) {
-  std::vector<double> v(size_t(t.numel()));
-  for (size_t i = 0; i < v.size(); ++i)
-    v[i] = t.dtype() == DType::f64 ? t.data<double>()[i] : double(t.data<float>()[i]);
-  return v;
-}
 
 bool has(const std::string& s, const std::string& part) {
   return s.find(part) != std::string::npos;
@@ -69,10 +53,10 @@ struct Out {
 Out run(const std::vector<double>& s, const std::vector<double>& t, const std::vector<double>& w, int64_t V,
         double normalizer, const DistillConfig& cfg, DType dt = DType::f64) {
   const int64_t N = int64_t(w.size());
-  Tensor S = make(s, {N, V}, dt), T = make(t, {N, V}, dt), W = make(w, {N}, dt);
+  Tensor S = tensor_of(s, {N, V}, dt), T = tensor_of(t, {N, V}, dt), W = tensor_of(w, {N}, dt);
   Tensor G = Tensor::empty({N, V}, dt, Device::cpu);
   auto r = distill_loss(S, T, W, normalizer, cfg, G);
-  return {r.loss, values(G), r.metrics};
+  return {r.loss, values_of(G), r.metrics};
 }
 
 std::vector<double> random_vec(size_t n, std::mt19937_64& rng, double scale) {
@@ -274,7 +258,7 @@ TEST(DistillLoss, F32InputsAreComputedInF64) {
   EXPECT_NEAR(o.loss, 0.5 * std::log(4.0 / 3.0), 1e-7);
   EXPECT_NEAR(o.grad[0], -0.25 * std::log(3.0), 1e-7);
   // A teacher in a different dtype than the student is fine (the gradient has the student's).
-  Tensor S = make(kS2, {1, 2}, DType::f32), T = make(kT2, {1, 2}, DType::f64), W = make({1.0}, {1});
+  Tensor S = tensor_of(kS2, {1, 2}, DType::f32), T = tensor_of(kT2, {1, 2}, DType::f64), W = tensor_of({1.0}, {1});
   Tensor G = Tensor::empty({1, 2}, DType::f32, Device::cpu);
   EXPECT_NEAR(distill_loss(S, T, W, 1.0, kReverse, G).loss, 0.5 * std::log(4.0 / 3.0), 1e-15);
 }
@@ -316,7 +300,7 @@ TEST(DistillLoss, SplittingTheBatchWithAGlobalNormaliserAddsUp) {
   const int64_t N = 7, V = 6, cut = 3;
   auto s = random_vec(size_t(N * V), rng, 2.0), t = random_vec(size_t(N * V), rng, 2.0);
   const std::vector<double> w = {1, 1, 0, 1, 0.5, 1, 0};
-  const double normalizer = double(count_distill_tokens(make(w, {N})));
+  const double normalizer = double(count_distill_tokens(tensor_of(w, {N})));
   EXPECT_EQ(normalizer, 5.0);
   for (auto cfg : {kReverse, kForward, mode(DistillDivergence::jsd, 0.5, 1.3)}) {
     Out whole = run(s, t, w, V, normalizer, cfg);
@@ -524,12 +508,12 @@ TEST(SampledDistill, HandWorked) {
   //   loss += -0.5 log 4 log(1/8) / 2 = 0.5 * 2 log 2 * 3 log 2 / 2 = 1.5 (log 2)^2; grad = -0.5 log 4 / 2
   // Third token masked (NaN inputs).
   const double l2 = std::log(2.0);
-  Tensor ls = make({std::log(0.5), std::log(0.125), kNaN}, {3});
-  Tensor lt = make({std::log(0.25), std::log(0.5), kNaN}, {3});
-  Tensor w = make({1.0, 0.5, 0.0}, {3});
+  Tensor ls = tensor_of({std::log(0.5), std::log(0.125), kNaN}, {3});
+  Tensor lt = tensor_of({std::log(0.25), std::log(0.5), kNaN}, {3});
+  Tensor w = tensor_of({1.0, 0.5, 0.0}, {3});
   auto r = sampled_distill_loss(ls, lt, w, 2.0);
   EXPECT_NEAR(r.loss, -l2 * l2 / 2.0 + 1.5 * l2 * l2, 1e-15);
-  auto g = values(r.dlogp);
+  auto g = values_of(r.dlogp);
   EXPECT_NEAR(g[0], l2 / 2.0, 1e-15);
   EXPECT_NEAR(g[1], -0.5 * l2, 1e-15);
   EXPECT_EQ(g[2], 0.0);
@@ -537,7 +521,7 @@ TEST(SampledDistill, HandWorked) {
   EXPECT_EQ(r.metrics.tokens, 2);
   EXPECT_NEAR(r.metrics.divergence_sum, l2 - 2 * l2, 1e-15);
   EXPECT_NEAR(r.metrics.divergence_max, l2, 1e-15);
-  auto a = values(sampled_distill_advantages(ls, lt, w));
+  auto a = values_of(sampled_distill_advantages(ls, lt, w));
   EXPECT_NEAR(a[0], -l2, 1e-15);
   EXPECT_NEAR(a[1], 2 * l2, 1e-15);
   EXPECT_EQ(a[2], 0.0);
@@ -552,16 +536,16 @@ TEST(SampledDistill, ExpectationOverTheStudentIsTheReverseKlGradient) {
   const int64_t V = 7;
   auto s = random_vec(size_t(V), rng, 1.5), t = random_vec(size_t(V), rng, 1.5);
   Out full = run(s, t, {1.0}, V, 1.0, kReverse);
-  Tensor S = make(s, {1, V}), T = make(t, {1, V});
+  Tensor S = tensor_of(s, {1, V}), T = tensor_of(t, {1, V});
   std::vector<double> expect(size_t(V), 0.0);
   for (int32_t x = 0; x < V; ++x) {
     Tensor target = Tensor::empty({1}, DType::i32, Device::cpu);
     target.data<int32_t>()[0] = x;
     Tensor lps = token_logprobs(S, target), lpt = token_logprobs(T, target);
-    auto r = sampled_distill_loss(lps, lpt, make({1.0}, {1}), 1.0);
+    auto r = sampled_distill_loss(lps, lpt, tensor_of({1.0}, {1}), 1.0);
     Tensor dl = Tensor::empty({1, V}, DType::f64, Device::cpu);
     token_logprobs_backward(S, target, r.dlogp, dl);
-    const double px = std::exp(values(lps)[0]);
+    const double px = std::exp(values_of(lps)[0]);
     for (int64_t j = 0; j < V; ++j) expect[size_t(j)] += px * dl.data<double>()[j];
   }
   for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(expect[size_t(j)], full.grad[size_t(j)], 1e-14);
@@ -574,17 +558,17 @@ TEST(SampledDistill, SplittingAddsUpAndGradientMatchesFiniteDifferences) {
   for (auto& x : ls) x = -std::abs(x);
   for (auto& x : lt) x = -std::abs(x);
   const std::vector<double> w = {1, 1, 1, 0, 1, 1, 0, 0, 2, 1, 1, 1};
-  const double n = double(count_distill_tokens(make(w, {B, T})));
+  const double n = double(count_distill_tokens(tensor_of(w, {B, T})));
   EXPECT_EQ(n, 9.0);
-  auto whole = sampled_distill_loss(make(ls, {B, T}), make(lt, {B, T}), make(w, {B, T}), n);
-  auto a = sampled_distill_loss(make({ls.begin(), ls.begin() + T}, {1, T}),
-                                make({lt.begin(), lt.begin() + T}, {1, T}),
-                                make({w.begin(), w.begin() + T}, {1, T}), n);
-  auto b = sampled_distill_loss(make({ls.begin() + T, ls.end()}, {B - 1, T}),
-                                make({lt.begin() + T, lt.end()}, {B - 1, T}),
-                                make({w.begin() + T, w.end()}, {B - 1, T}), n);
+  auto whole = sampled_distill_loss(tensor_of(ls, {B, T}), tensor_of(lt, {B, T}), tensor_of(w, {B, T}), n);
+  auto a = sampled_distill_loss(tensor_of({ls.begin(), ls.begin() + T}, {1, T}),
+                                tensor_of({lt.begin(), lt.begin() + T}, {1, T}),
+                                tensor_of({w.begin(), w.begin() + T}, {1, T}), n);
+  auto b = sampled_distill_loss(tensor_of({ls.begin() + T, ls.end()}, {B - 1, T}),
+                                tensor_of({lt.begin() + T, lt.end()}, {B - 1, T}),
+                                tensor_of({w.begin() + T, w.end()}, {B - 1, T}), n);
   EXPECT_NEAR(a.loss + b.loss, whole.loss, 1e-15);
-  auto gw = values(whole.dlogp), ga = values(a.dlogp), gb = values(b.dlogp);
+  auto gw = values_of(whole.dlogp), ga = values_of(a.dlogp), gb = values_of(b.dlogp);
   for (int64_t k = 0; k < B * T; ++k) EXPECT_EQ(k < T ? ga[size_t(k)] : gb[size_t(k - T)], gw[size_t(k)]);
   DistillMetrics m = a.metrics;
   m += b.metrics;
@@ -600,8 +584,8 @@ TEST(SampledDistill, SplittingAddsUpAndGradientMatchesFiniteDifferences) {
 // ------------------------------------------------------------------------------------- errors
 
 TEST(DistillLoss, Errors) {
-  Tensor S = make({0, 0, 0}, {1, 3}), T2 = make({0, 0}, {1, 2}), T3 = make({0, 1, 2}, {1, 3}),
-         W = make({1.0}, {1});
+  Tensor S = tensor_of({0, 0, 0}, {1, 3}), T2 = tensor_of({0, 0}, {1, 2}), T3 = tensor_of({0, 1, 2}, {1, 3}),
+         W = tensor_of({1.0}, {1});
   Tensor G = Tensor::empty({1, 3}, DType::f64, Device::cpu);
   const std::string vocab = error_of([&] { distill_loss(S, T2, W, 1.0, kReverse, G); });
   EXPECT_TRUE(has(vocab, "teacher and student must share the vocabulary")) << vocab;
@@ -609,16 +593,16 @@ TEST(DistillLoss, Errors) {
   EXPECT_TRUE(has(vocab, "teacher logits have V = 2, student logits V = 3")) << vocab;
   EXPECT_TRUE(
       has(error_of([&] { distill_loss(S, T3, W, 0.0, kReverse, G); }), "normalizer must be finite and > 0"));
-  EXPECT_TRUE(has(error_of([&] { distill_loss(S, T3, make({-1.0}, {1}), 1.0, kReverse, G); }),
+  EXPECT_TRUE(has(error_of([&] { distill_loss(S, T3, tensor_of({-1.0}, {1}), 1.0, kReverse, G); }),
                   "weights must be finite"));
-  EXPECT_TRUE(has(error_of([&] { distill_loss(S, T3, make({kNaN}, {1}), 1.0, kReverse, G); }),
+  EXPECT_TRUE(has(error_of([&] { distill_loss(S, T3, tensor_of({kNaN}, {1}), 1.0, kReverse, G); }),
                   "weights must be finite"));
   EXPECT_TRUE(has(error_of([&] {
-                    distill_loss(S, T3, make({1.0, 1.0}, {2}), 1.0, kReverse, G);
+                    distill_loss(S, T3, tensor_of({1.0, 1.0}, {2}), 1.0, kReverse, G);
                   }),
                   "weights must have 1"));
   EXPECT_TRUE(has(error_of([&] {
-                    distill_loss(S, make({0, 0, 0, 0, 0, 0}, {2, 3}), W, 1.0, kReverse, G);
+                    distill_loss(S, tensor_of({0, 0, 0, 0, 0, 0}, {2, 3}), W, 1.0, kReverse, G);
                   }),
                   "must have the student's 1 rows"));
   Tensor G2 = Tensor::empty({1, 3}, DType::f32, Device::cpu);
@@ -633,10 +617,10 @@ TEST(DistillLoss, Errors) {
   for (auto d : {DistillDivergence::reverse_kl, DistillDivergence::forward_kl, DistillDivergence::jsd})
     EXPECT_EQ(parse_distill_divergence(distill_divergence_name(d)), d);
   EXPECT_TRUE(has(error_of([&] {
-                    sampled_distill_loss(make({-1.0}, {1}), make({-1.0, -2.0}, {2}), W, 1.0);
+                    sampled_distill_loss(tensor_of({-1.0}, {1}), tensor_of({-1.0, -2.0}, {2}), W, 1.0);
                   }),
                   "must have the same shape"));
-  EXPECT_TRUE(has(error_of([&] { sampled_distill_loss(make({-1.0}, {1}), make({-kInf}, {1}), W, 1.0); }),
+  EXPECT_TRUE(has(error_of([&] { sampled_distill_loss(tensor_of({-1.0}, {1}), tensor_of({-kInf}, {1}), W, 1.0); }),
                   "teacher must be able to emit"));
 }
 

@@ -15,27 +15,11 @@
 using namespace tessera;
 using namespace tessera::rl;
 using tessera::testing::error_of;
+using tessera::testing::tensor_of;
+using tessera::testing::values_of;
 
 namespace {
 
-Tensor make(const std::vector<double>& v, const Shape& shape, DType dt = DType::f64) {
-  Tensor t = Tensor::empty(shape, dt, Device::cpu);
-  EXPECT_EQ(t.numel(), int64_t(v.size()));
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (dt == DType::f64)
-      t.data<double>()[i] = v[i];
-    else
-      t.data<float>()[i] = float(v[i]);
-  }
-  return t;
-}
-
-std::vector<double> values(const Tensor& t) {
-  std::vector<double> v(size_t(t.numel()));
-  for (size_t i = 0; i < v.size(); ++i)
-    v[i] = t.dtype() == DType::f64 ? t.data<double>()[i] : double(t.data<float>()[i]);
-  return v;
-}
 
 bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
@@ -45,10 +29,10 @@ PolicyLossInputs one_token_rows(const std::vector<double>& rho, const std::vecto
   std::vector<double> lp(rho.size()), lo(rho.size(), 0.0), m(rho.size(), 1.0);
   for (size_t i = 0; i < rho.size(); ++i) lp[i] = std::log(rho[i]);
   PolicyLossInputs in;
-  in.logp = make(lp, {B, 1});
-  in.logp_old = make(lo, {B, 1});
-  in.advantages = make(adv, {B});
-  in.mask = make(m, {B, 1});
+  in.logp = tensor_of(lp, {B, 1});
+  in.logp_old = tensor_of(lo, {B, 1});
+  in.advantages = tensor_of(adv, {B});
+  in.mask = tensor_of(m, {B, 1});
   return in;
 }
 
@@ -121,7 +105,7 @@ TEST(PolicyLoss, ClipsBothSides) {
   PolicyLossConfig cfg;
   auto r = policy_loss(in, cfg, count_loss_tokens(in.mask));
   EXPECT_NEAR(r.loss, -0.28, 1e-15);
-  auto g = values(r.dlogp);
+  auto g = values_of(r.dlogp);
   const double want[] = {0, -0.1, 0, 0.3, -0.4};
   for (int i = 0; i < 5; ++i) EXPECT_NEAR(g[size_t(i)], want[i], 1e-15) << i;
   EXPECT_EQ(r.stats.tokens, 5);
@@ -142,12 +126,12 @@ TEST(PolicyLoss, ClipHigherIsAsymmetric) {
   PolicyLossConfig cfg;
   auto a = policy_loss(in, cfg, count_loss_tokens(in.mask));
   EXPECT_NEAR(a.loss, (-1.2 + 0.8) / 2, 1e-15);
-  EXPECT_EQ(values(a.dlogp), (std::vector<double>{0, 0}));
+  EXPECT_EQ(values_of(a.dlogp), (std::vector<double>{0, 0}));
   cfg.eps_high = 0.28;
   auto b = policy_loss(in, cfg, count_loss_tokens(in.mask));
   EXPECT_NEAR(b.loss, (-1.25 + 0.8) / 2, 1e-15);
-  EXPECT_NEAR(values(b.dlogp)[0], -1.25 / 2, 1e-15);
-  EXPECT_EQ(values(b.dlogp)[1], 0.0);
+  EXPECT_NEAR(values_of(b.dlogp)[0], -1.25 / 2, 1e-15);
+  EXPECT_EQ(values_of(b.dlogp)[1], 0.0);
   EXPECT_EQ(b.stats.clipped_high, 0);
   EXPECT_EQ(b.stats.clipped_low, 1);
 }
@@ -161,7 +145,7 @@ TEST(PolicyLoss, DualClip) {
   cfg.dual_clip_c = 3;
   auto r = policy_loss(in, cfg, count_loss_tokens(in.mask));
   EXPECT_NEAR(r.loss, 3.8 / 3, 1e-15);
-  auto g = values(r.dlogp);
+  auto g = values_of(r.dlogp);
   EXPECT_EQ(g[0], 0.0);
   EXPECT_NEAR(g[1], 2.0 / 3, 1e-15);
   EXPECT_EQ(g[2], 0.0);
@@ -171,7 +155,7 @@ TEST(PolicyLoss, DualClip) {
   cfg.dual_clip_c = 0;
   auto off = policy_loss(in, cfg, count_loss_tokens(in.mask));
   EXPECT_NEAR(off.loss, 4.8 / 3, 1e-15);
-  EXPECT_NEAR(values(off.dlogp)[0], 4.0 / 3, 1e-15);
+  EXPECT_NEAR(values_of(off.dlogp)[0], 4.0 / 3, 1e-15);
   EXPECT_EQ(off.stats.dual_clipped, 0);
   cfg.dual_clip_c = 1.0;
   EXPECT_TRUE(has(error_of([&] { policy_loss(in, cfg, count_loss_tokens(in.mask)); }), "dual_clip_c"));
@@ -184,11 +168,11 @@ TEST(PolicyLoss, MaskedTokensAndFullyMaskedRows) {
   // token-mean over 2 tokens: loss -1, g = {-0.5, 0, -0.5}; row 1 is no sequence and gets g = 0.
   const double nan = std::numeric_limits<double>::quiet_NaN();
   PolicyLossInputs in;
-  in.logp = make({-1, nan, -2, nan, nan, nan}, {2, 3});
-  in.logp_old = make({-1, nan, -2, nan, nan, nan}, {2, 3});
-  in.logp_ref = make({-1, nan, -2, nan, nan, nan}, {2, 3});
-  in.advantages = make({1, nan}, {2});
-  in.mask = make({1, 0, 1, 0, 0, 0}, {2, 3});
+  in.logp = tensor_of({-1, nan, -2, nan, nan, nan}, {2, 3});
+  in.logp_old = tensor_of({-1, nan, -2, nan, nan, nan}, {2, 3});
+  in.logp_ref = tensor_of({-1, nan, -2, nan, nan, nan}, {2, 3});
+  in.advantages = tensor_of({1, nan}, {2});
+  in.mask = tensor_of({1, 0, 1, 0, 0, 0}, {2, 3});
   const LossCounts c = count_loss_tokens(in.mask);
   EXPECT_EQ(c.tokens, 2);
   EXPECT_EQ(c.seqs, 1);
@@ -200,24 +184,24 @@ TEST(PolicyLoss, MaskedTokensAndFullyMaskedRows) {
     cfg.beta = 0.1;         // k3 at logp == logp_ref is 0
     auto r = policy_loss(in, cfg, c);
     EXPECT_EQ(r.loss, -1.0) << loss_aggregation_name(agg);
-    EXPECT_EQ(values(r.dlogp), (std::vector<double>{-0.5, 0, -0.5, 0, 0, 0})) << loss_aggregation_name(agg);
+    EXPECT_EQ(values_of(r.dlogp), (std::vector<double>{-0.5, 0, -0.5, 0, 0, 0})) << loss_aggregation_name(agg);
     EXPECT_EQ(r.stats.tokens, 2);
   }
   // A batch of fully masked rows only: loss 0, gradient 0, no division by zero (global counts all 0).
   PolicyLossInputs empty = in;
-  empty.mask = make({0, 0, 0, 0, 0, 0}, {2, 3});
+  empty.mask = tensor_of({0, 0, 0, 0, 0, 0}, {2, 3});
   for (auto agg : {LossAggregation::token_mean, LossAggregation::seq_mean_token_mean}) {
     PolicyLossConfig cfg;
     cfg.aggregation = agg;
     auto r = policy_loss(empty, cfg, count_loss_tokens(empty.mask));
     EXPECT_EQ(r.loss, 0.0);
-    EXPECT_EQ(values(r.dlogp), std::vector<double>(6, 0.0));
+    EXPECT_EQ(values_of(r.dlogp), std::vector<double>(6, 0.0));
     EXPECT_EQ(r.stats.ratio_mean(), 0.0);
     EXPECT_EQ(r.stats.clip_frac(), 0.0);
   }
   // Mask values other than 0 / 1 are refused.
   PolicyLossInputs bad = in;
-  bad.mask = make({1, 0.5, 1, 0, 0, 0}, {2, 3});
+  bad.mask = tensor_of({1, 0.5, 1, 0, 0, 0}, {2, 3});
   EXPECT_TRUE(has(error_of([&] { policy_loss(bad, PolicyLossConfig{}, LossCounts{3, 1}); }), "0 or 1"));
   // Global counts smaller than this part's are refused (a caller passing local counts of another part).
   EXPECT_TRUE(has(error_of([&] { policy_loss(in, PolicyLossConfig{}, LossCounts{1, 1}); }), "global counts"));
@@ -232,27 +216,27 @@ TEST(PolicyLoss, EachAggregationMode) {
   //   seq-mean-token-mean:     (-3/3 + 2/1) / 2 seqs = 0.5;     g: row 0 -1/(3*2) = -1/6, row 1 2/(1*2) = 1
   //   seq-mean-token-sum-norm: (-3 + 2) / (2 seqs * C = 4) = -1/8; g: row 0 -1/8, row 1 2/8
   PolicyLossInputs in;
-  in.logp = make({-1, -2, -3, -0.5, 0, 0}, {2, 3});
-  in.logp_old = make({-1, -2, -3, -0.5, 0, 0}, {2, 3});
-  in.advantages = make({1, -2}, {2});
-  in.mask = make({1, 1, 1, 1, 0, 0}, {2, 3});
+  in.logp = tensor_of({-1, -2, -3, -0.5, 0, 0}, {2, 3});
+  in.logp_old = tensor_of({-1, -2, -3, -0.5, 0, 0}, {2, 3});
+  in.advantages = tensor_of({1, -2}, {2});
+  in.mask = tensor_of({1, 1, 1, 1, 0, 0}, {2, 3});
   const LossCounts c = count_loss_tokens(in.mask);
   PolicyLossConfig cfg;
   cfg.aggregation = LossAggregation::token_mean;
   auto a = policy_loss(in, cfg, c);
   EXPECT_EQ(a.loss, -0.25);
-  EXPECT_EQ(values(a.dlogp), (std::vector<double>{-0.25, -0.25, -0.25, 0.5, 0, 0}));
+  EXPECT_EQ(values_of(a.dlogp), (std::vector<double>{-0.25, -0.25, -0.25, 0.5, 0, 0}));
   cfg.aggregation = LossAggregation::seq_mean_token_mean;
   auto b = policy_loss(in, cfg, c);
   EXPECT_NEAR(b.loss, 0.5, 1e-15);
-  auto gb = values(b.dlogp);
+  auto gb = values_of(b.dlogp);
   for (int i = 0; i < 3; ++i) EXPECT_NEAR(gb[size_t(i)], -1.0 / 6, 1e-16);
   EXPECT_EQ(gb[3], 1.0);
   cfg.aggregation = LossAggregation::seq_mean_token_sum_norm;
   cfg.norm_constant = 4;
   auto s = policy_loss(in, cfg, c);
   EXPECT_EQ(s.loss, -0.125);
-  EXPECT_EQ(values(s.dlogp), (std::vector<double>{-0.125, -0.125, -0.125, 0.25, 0, 0}));
+  EXPECT_EQ(values_of(s.dlogp), (std::vector<double>{-0.125, -0.125, -0.125, 0.25, 0, 0}));
   cfg.norm_constant = 0;
   EXPECT_TRUE(has(error_of([&] { policy_loss(in, cfg, c); }), "norm_constant"));
   EXPECT_EQ(parse_loss_aggregation("seq-mean-token-sum-norm"), LossAggregation::seq_mean_token_sum_norm);
@@ -265,11 +249,11 @@ TEST(PolicyLoss, EachAggregationMode) {
 // One token, A = 0 (no policy-gradient term), beta = 1: the loss is the estimator and dlogp its derivative.
 PolicyLossResult kl_only(KlEstimator k, double logp, double logp_ref, double logp_old, double beta = 1.0) {
   PolicyLossInputs in;
-  in.logp = make({logp}, {1, 1});
-  in.logp_old = make({logp_old}, {1, 1});
-  in.logp_ref = make({logp_ref}, {1, 1});
-  in.advantages = make({0}, {1});
-  in.mask = make({1}, {1, 1});
+  in.logp = tensor_of({logp}, {1, 1});
+  in.logp_old = tensor_of({logp_old}, {1, 1});
+  in.logp_ref = tensor_of({logp_ref}, {1, 1});
+  in.advantages = tensor_of({0}, {1});
+  in.mask = tensor_of({1}, {1, 1});
   PolicyLossConfig cfg;
   cfg.kl = k;
   cfg.beta = beta;
@@ -285,34 +269,34 @@ TEST(PolicyLoss, KlEstimatorsHandWorked) {
   //   k3_ratio with logp_old = logp - ln 2 (rho = 2, detached): 2 k3 = 0.21306131942526684, dk = 0.78693868057473316
   auto k1 = kl_only(KlEstimator::k1, -1, -1.5, -1);
   EXPECT_EQ(k1.loss, 0.5);
-  EXPECT_EQ(values(k1.dlogp)[0], 1.0);
+  EXPECT_EQ(values_of(k1.dlogp)[0], 1.0);
   auto k2 = kl_only(KlEstimator::k2, -1, -1.5, -1);
   EXPECT_EQ(k2.loss, 0.125);
-  EXPECT_EQ(values(k2.dlogp)[0], 0.5);
+  EXPECT_EQ(values_of(k2.dlogp)[0], 0.5);
   auto k3 = kl_only(KlEstimator::k3, -1, -1.5, -1);
   EXPECT_NEAR(k3.loss, 0.10653065971263342, 1e-16);
-  EXPECT_NEAR(values(k3.dlogp)[0], 0.39346934028736658, 1e-16);
+  EXPECT_NEAR(values_of(k3.dlogp)[0], 0.39346934028736658, 1e-16);
   EXPECT_NEAR(k3.stats.kl_mean(), 0.10653065971263342, 1e-16);
   auto k3r = kl_only(KlEstimator::k3_ratio, -1, -1.5, -1 - std::log(2.0));
   EXPECT_NEAR(k3r.loss, 0.21306131942526684, 1e-15);
-  EXPECT_NEAR(values(k3r.dlogp)[0], 0.78693868057473316, 1e-15);
+  EXPECT_NEAR(values_of(k3r.dlogp)[0], 0.78693868057473316, 1e-15);
   EXPECT_NEAR(k3r.stats.ratio_mean(), 2.0, 1e-15);
   // beta scales the loss and gradient, not the reported KL: beta 0.5 on k2 -> loss 0.0625, g 0.25, kl_loss 0.125.
   auto half = kl_only(KlEstimator::k2, -1, -1.5, -1, 0.5);
   EXPECT_EQ(half.loss, 0.0625);
-  EXPECT_EQ(values(half.dlogp)[0], 0.25);
+  EXPECT_EQ(values_of(half.dlogp)[0], 0.25);
   EXPECT_EQ(half.stats.kl_loss, 0.125);
   // k3 for negative d = -2: exp(2) - 2 - 1 = 4.3890560989306504, dk = 1 - exp(2) = -6.3890560989306504.
   auto neg = kl_only(KlEstimator::k3, -2, 0, -2);
   EXPECT_NEAR(neg.loss, 4.3890560989306504, 1e-14);
-  EXPECT_NEAR(values(neg.dlogp)[0], -6.3890560989306504, 1e-14);
+  EXPECT_NEAR(values_of(neg.dlogp)[0], -6.3890560989306504, 1e-14);
   // k3 clamp at 10: d = -5 gives exp(5) - 6 = 142.41 -> 10 with no gradient; d = 30 gives 29 + e^-20 -> 10.
   auto big = kl_only(KlEstimator::k3, -5, 0, -5);
   EXPECT_EQ(big.loss, 10.0);
-  EXPECT_EQ(values(big.dlogp)[0], 0.0);
+  EXPECT_EQ(values_of(big.dlogp)[0], 0.0);
   auto far = kl_only(KlEstimator::k3, 0, -30, 0);
   EXPECT_EQ(far.loss, 10.0);
-  EXPECT_EQ(values(far.dlogp)[0], 0.0);
+  EXPECT_EQ(values_of(far.dlogp)[0], 0.0);
   // beta > 0 without a reference is an error; beta = 0 without one is fine.
   PolicyLossInputs in = one_token_rows({1}, {1});
   PolicyLossConfig cfg;
@@ -328,11 +312,11 @@ struct Batch {
   std::vector<double> lp, lo, lr, adv, m;
   PolicyLossInputs inputs(const std::vector<double>& logp, const std::vector<double>& logp_old) const {
     PolicyLossInputs in;
-    in.logp = make(logp, {B, T});
-    in.logp_old = make(logp_old, {B, T});
-    in.logp_ref = make(lr, {B, T});
-    in.advantages = make(adv, {B});
-    in.mask = make(m, {B, T});
+    in.logp = tensor_of(logp, {B, T});
+    in.logp_old = tensor_of(logp_old, {B, T});
+    in.logp_ref = tensor_of(lr, {B, T});
+    in.advantages = tensor_of(adv, {B});
+    in.mask = tensor_of(m, {B, T});
     return in;
   }
   PolicyLossInputs inputs() const { return inputs(lp, lo); }
@@ -396,7 +380,7 @@ TEST(PolicyLoss, GradientMatchesFiniteDifferences) {
     auto r = policy_loss(x.inputs(), cfg, c);
     EXPECT_GT(r.stats.clipped_low + r.stats.clipped_high, 0) << what;
     EXPECT_GT(r.stats.dual_clipped, 0) << what;
-    const auto g = values(r.dlogp);
+    const auto g = values_of(r.dlogp);
     for (size_t i = 0; i < g.size(); ++i) {
       if (x.m[i] == 0.0) {
         EXPECT_EQ(g[i], 0.0);
@@ -420,7 +404,7 @@ TEST(PolicyLoss, GradientMatchesFiniteDifferences) {
         const double dn = policy_loss(x.inputs(lp, lo), cfg, c).loss;
         PolicyLossConfig pg = cfg;
         pg.beta = 0;
-        fd = (up - dn) / (2 * h) + values(policy_loss(x.inputs(), pg, c).dlogp)[i];
+        fd = (up - dn) / (2 * h) + values_of(policy_loss(x.inputs(), pg, c).dlogp)[i];
       }
       EXPECT_NEAR(g[i], fd, 1e-8 * std::max(1.0, std::abs(fd))) << what << " token " << i;
     }
@@ -435,7 +419,7 @@ TEST(PolicyLoss, MicroBatchesAndRanksSumToTheWholeBatch) {
   for (const PolicyLossConfig& cfg : all_configs()) {
     const std::string what = std::string(loss_aggregation_name(cfg.aggregation)) + " " + kl_estimator_name(cfg.kl);
     auto whole = policy_loss(x.inputs(), cfg, global);
-    const auto gw = values(whole.dlogp);
+    const auto gw = values_of(whole.dlogp);
     // Two micro-batches (rows 0-3, 4-7) and two "ranks" (even rows, odd rows), each with the global counts.
     for (const auto& split : {std::vector<std::vector<int64_t>>{{0, 1, 2, 3}, {4, 5, 6, 7}},
                               std::vector<std::vector<int64_t>>{{0, 2, 4, 6}, {1, 3, 5, 7}}}) {
@@ -448,7 +432,7 @@ TEST(PolicyLoss, MicroBatchesAndRanksSumToTheWholeBatch) {
         auto part = policy_loss(part_in, cfg, global);
         loss += part.loss;
         st += part.stats;
-        const auto gp = values(part.dlogp);
+        const auto gp = values_of(part.dlogp);
         for (size_t k = 0; k < rows.size(); ++k)
           for (int64_t t = 0; t < x.T; ++t)  // bitwise: the same arithmetic per token
             EXPECT_EQ(gp[k * size_t(x.T) + size_t(t)], gw[size_t(rows[k] * x.T + t)]) << what;
@@ -508,7 +492,7 @@ TEST(PolicyLoss, F32InputsMatchF64) {
   auto b = policy_loss(in32, cfg, count_loss_tokens(in32.mask));
   EXPECT_EQ(b.dlogp.dtype(), DType::f32);
   EXPECT_NEAR(a.loss, b.loss, 1e-5);
-  auto ga = values(a.dlogp), gb = values(b.dlogp);
+  auto ga = values_of(a.dlogp), gb = values_of(b.dlogp);
   for (size_t i = 0; i < ga.size(); ++i) EXPECT_NEAR(ga[i], gb[i], 1e-5);
 }
 
@@ -520,7 +504,7 @@ TEST(TokenLogprobs, BackwardMatchesFiniteDifferencesAndCrossEntropy) {
   std::normal_distribution<double> nd(0.0, 2.0);
   std::vector<double> x(size_t(N * V));
   for (double& v : x) v = nd(g);
-  Tensor logits = make(x, {N, V});
+  Tensor logits = tensor_of(x, {N, V});
   Tensor targets = Tensor::empty({N}, DType::i32, Device::cpu);
   const int32_t tg[] = {3, -1, 0, 6};
   for (int64_t i = 0; i < N; ++i) targets.data<int32_t>()[i] = tg[i];
@@ -528,20 +512,20 @@ TEST(TokenLogprobs, BackwardMatchesFiniteDifferencesAndCrossEntropy) {
   Tensor lp = token_logprobs(logits, targets);
   Tensor ce = Tensor::empty({N}, DType::f64, Device::cpu);
   ops::cross_entropy(logits, targets, ce, 1.0, Tensor());
-  for (int64_t i = 0; i < N; ++i) EXPECT_NEAR(values(lp)[size_t(i)], -values(ce)[size_t(i)], 1e-14);
-  EXPECT_EQ(values(lp)[1], 0.0);
+  for (int64_t i = 0; i < N; ++i) EXPECT_NEAR(values_of(lp)[size_t(i)], -values_of(ce)[size_t(i)], 1e-14);
+  EXPECT_EQ(values_of(lp)[1], 0.0);
 
   // d(sum_i w_i logp_i)/dlogits against central differences.
   const std::vector<double> w = {0.7, 5.0, -1.3, 0.2};
   Tensor dl = Tensor::empty({N, V}, DType::f64, Device::cpu);
-  token_logprobs_backward(logits, targets, make(w, {N}), dl);
+  token_logprobs_backward(logits, targets, tensor_of(w, {N}), dl);
   auto objective = [&](const std::vector<double>& xs) {
-    auto l = values(token_logprobs(make(xs, {N, V}), targets));
+    auto l = values_of(token_logprobs(tensor_of(xs, {N, V}), targets));
     double s = 0;
     for (int64_t i = 0; i < N; ++i) s += w[size_t(i)] * l[size_t(i)];
     return s;
   };
-  const auto d = values(dl);
+  const auto d = values_of(dl);
   for (size_t k = 0; k < x.size(); ++k) {
     auto xp = x, xm = x;
     xp[k] += 1e-6, xm[k] -= 1e-6;
@@ -553,8 +537,8 @@ TEST(TokenLogprobs, BackwardMatchesFiniteDifferencesAndCrossEntropy) {
   // A constant dlogp = -s is cross_entropy's backward with loss_scale s: s * (softmax - onehot).
   Tensor dce = Tensor::empty({N, V}, DType::f64, Device::cpu);
   ops::cross_entropy(logits, targets, ce, 0.25, dce);
-  token_logprobs_backward(logits, targets, make(std::vector<double>(size_t(N), -0.25), {N}), dl);
-  const auto a = values(dl), b = values(dce);
+  token_logprobs_backward(logits, targets, tensor_of(std::vector<double>(size_t(N), -0.25), {N}), dl);
+  const auto a = values_of(dl), b = values_of(dce);
   for (size_t k = 0; k < a.size(); ++k) EXPECT_NEAR(a[k], b[k], 1e-15) << k;
 }
 
@@ -573,10 +557,10 @@ TEST(GrpoOptions, OverlongPenalty) {
 }
 
 TEST(GrpoOptions, TruncationAndOffPolicyMasks) {
-  Tensor mask = make({1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0}, {4, 3});
+  Tensor mask = tensor_of({1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0}, {4, 3});
   Tensor t = mask_truncated(mask, {0, 1, 0, 0});
-  EXPECT_EQ(values(t), (std::vector<double>{1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}));
-  EXPECT_EQ(values(mask)[3], 1.0);  // the input is not modified
+  EXPECT_EQ(values_of(t), (std::vector<double>{1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}));
+  EXPECT_EQ(values_of(mask)[3], 1.0);  // the input is not modified
   EXPECT_EQ(count_loss_tokens(t).seqs, 2);
 
   // delta 0.2; mean over unmasked tokens of logp_old - logp:
@@ -584,11 +568,11 @@ TEST(GrpoOptions, TruncationAndOffPolicyMasks) {
   //   row 1: A +1, drift 0.3: kept (only negative samples are masked)
   //   row 2: A -1, drift 0.1: kept
   //   row 3: A -1, fully masked: kept
-  Tensor lp = make({-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}, {4, 3});
-  Tensor lo = make({-0.8, -0.6, 99, -0.7, -0.7, -0.7, -0.9, -1, -1, 5, 5, 5}, {4, 3});
+  Tensor lp = tensor_of({-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}, {4, 3});
+  Tensor lo = tensor_of({-0.8, -0.6, 99, -0.7, -0.7, -0.7, -0.9, -1, -1, 5, 5, 5}, {4, 3});
   auto keep = offpolicy_sequence_keep(lp, lo, mask, {-1, 1, -1, -1}, 0.2);
   EXPECT_EQ(keep, (std::vector<uint8_t>{0, 1, 1, 1}));
-  EXPECT_EQ(values(mask_rows(mask, keep)), (std::vector<double>{0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0}));
+  EXPECT_EQ(values_of(mask_rows(mask, keep)), (std::vector<double>{0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0}));
   // delta 0.35: row 0 (0.3) is kept too.
   EXPECT_EQ(offpolicy_sequence_keep(lp, lo, mask, {-1, 1, -1, -1}, 0.35), (std::vector<uint8_t>{1, 1, 1, 1}));
 }

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "core/batch.h"
 #include "core/error.h"
@@ -46,6 +47,26 @@ inline TokenBatch random_token_batch(int64_t B, int64_t T, int64_t V, uint64_t s
     b.targets.data<int32_t>()[i] = int32_t(rng.below(2 * i + 1, V));
   }
   return b;
+}
+
+// A host tensor of `shape` (f64 or f32) holding v, row-major; and the values of an f32/f64 host tensor.
+inline Tensor tensor_of(const std::vector<double>& v, const Shape& shape, DType dt = DType::f64) {
+  Tensor t = Tensor::empty(shape, dt, Device::cpu);
+  TS_CHECK(t.numel() == int64_t(v.size()), "tensor_of: ", v.size(), " values for ", t.numel(), " elements");
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (dt == DType::f64)
+      t.data<double>()[i] = v[i];
+    else
+      t.data<float>()[i] = float(v[i]);
+  }
+  return t;
+}
+
+inline std::vector<double> values_of(const Tensor& t) {
+  std::vector<double> v(size_t(t.numel()));
+  for (size_t i = 0; i < v.size(); ++i)
+    v[i] = t.dtype() == DType::f64 ? t.data<double>()[i] : double(t.data<float>()[i]);
+  return v;
 }
 
 }  // namespace tessera::testing
