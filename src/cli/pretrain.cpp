@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "cli/model_recipe.h"
 #include "cli/run_files.h"
+#include "cli/stages.h"
 #include "core/log.h"
 #include "data/byte_tokenizer.h"
 #include "io/checkpoint.h"
@@ -365,14 +366,7 @@ void check_same_data_stream(const PretrainConfig& now, const CheckpointMeta& met
 
 int run_pretrain(const TrainOptions& opts, Communicator* world) {
   const bool resuming = !opts.resume_dir.empty();
-  std::string recipe_path = opts.recipe_path;
-  if (resuming) {
-    if (!recipe_path.empty()) TS_FAIL("give either a recipe or --resume RUN_DIR, not both");
-    if (!opts.run_dir.empty()) TS_FAIL("--resume continues a run in its own directory; --run-dir cannot be combined with it");
-    recipe_path = (fs::path(opts.resume_dir) / "recipe.toml").string();
-    if (!fs::exists(recipe_path)) TS_FAIL("--resume ", opts.resume_dir, ": no recipe.toml in that run directory");
-  }
-  Recipe recipe = Recipe::load(recipe_path, opts.overrides);
+  Recipe recipe = Recipe::load(train_recipe_path(opts), opts.overrides);
   PretrainConfig cfg = pretrain_config_from_recipe(recipe);
   if (resuming) cfg.run_dir = opts.resume_dir;
   if (!opts.run_dir.empty()) cfg.run_dir = opts.run_dir;
@@ -394,14 +388,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   }
   const bool writer = !world || world->rank() == 0;  // only rank 0 writes the run directory
 
-  std::string resume_from;
-  if (resuming) {
-    resume_from = latest_checkpoint(cfg.run_dir);
-    if (resume_from.empty()) TS_FAIL("--resume ", cfg.run_dir, ": no checkpoint to resume from in ", cfg.run_dir, "/checkpoints");
-  } else if (!latest_checkpoint(cfg.run_dir).empty()) {
-    TS_FAIL("run directory '", cfg.run_dir, "' already holds checkpoints; continue it with `tessera train --resume ",
-            cfg.run_dir, "` or choose another job.run_dir");
-  }
+  const std::string resume_from = checkpoint_to_resume(cfg.run_dir, resuming);
 
   TrainingData data = TrainingData::load(cfg);
   PackedLoader train_loader(data.train(), cfg.seq_len, cfg.seed, cfg.document_mask);
@@ -444,13 +431,9 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
               cfg.dataset.empty() ? join_paths(cfg.data.files) : cfg.dataset, ") now holds (the token stream's fingerprint differs); resuming would not ",
               "continue the same run");
     start_step = meta.step;
-    if (writer) truncate_metrics(metrics_path, start_step);
     log_info(cat("resuming from ", resume_from, " at step ", start_step));
-  } else if (writer) {
-    fs::create_directories(cfg.run_dir);
-    write_atomically(metrics_path, "");
   }
-  if (writer) write_atomically(fs::path(cfg.run_dir) / "recipe.toml", cfg.recipe_toml);
+  if (writer) prepare_run_directory(cfg.run_dir, !resume_from.empty(), start_step, cfg.recipe_toml);
   if (dp)
     log_info(cat("data parallel over ", dp->size(), " ranks (", topo.str(), "): ", cfg.grad_accum / dp->size(),
                  " micro-batch(es) of ", cfg.batch_size, " rows per rank and step, gradients summed in buckets"));

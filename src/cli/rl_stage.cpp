@@ -11,6 +11,7 @@
 #include "backend/backend.h"
 #include "cli/model_recipe.h"
 #include "cli/run_files.h"
+#include "cli/stages.h"
 #include "core/log.h"
 #include "core/rng.h"
 #include "data/prompts.h"
@@ -280,12 +281,7 @@ uint64_t hash_prompts(const std::vector<StagePrompt>& ps) {
 
 int run_rl_stage(const TrainOptions& opts, Communicator* world) {
   const bool resuming = !opts.resume_dir.empty();
-  std::string recipe_path = opts.recipe_path;
-  if (resuming) {
-    if (!recipe_path.empty()) TS_FAIL("give either a recipe or --resume RUN_DIR, not both");
-    recipe_path = (fs::path(opts.resume_dir) / "recipe.toml").string();
-  }
-  Recipe recipe = Recipe::load(recipe_path, opts.overrides);
+  Recipe recipe = Recipe::load(train_recipe_path(opts), opts.overrides);
   RlConfig cfg = rl_config_from_recipe(recipe);
   const bool opd = cfg.stage == "opd";
   if (resuming) cfg.run_dir = opts.resume_dir;
@@ -310,14 +306,7 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
     TS_FAIL(recipe.path(), ": grpo.mini_batches (", cfg.mini_batches, ") must divide the prompts per rank and step (",
             cfg.prompts_per_step / n_ranks, " = grpo.prompts_per_step / dp): a mini-batch takes whole groups from every rank");
 
-  std::string resume_from;
-  if (resuming) {
-    resume_from = latest_checkpoint(cfg.run_dir);
-    if (resume_from.empty()) TS_FAIL("--resume ", cfg.run_dir, ": no checkpoint to resume from in ", cfg.run_dir, "/checkpoints");
-  } else if (!latest_checkpoint(cfg.run_dir).empty()) {
-    TS_FAIL("run directory '", cfg.run_dir, "' already holds checkpoints; continue it with `tessera train --resume ",
-            cfg.run_dir, "` or choose another job.run_dir");
-  }
+  const std::string resume_from = checkpoint_to_resume(cfg.run_dir, resuming);
 
   // Prompts of every domain. Those that leave no room for a whole response within the model's context are left
   // out (as verl's filter_overlong_prompts), with a warning.
@@ -430,13 +419,9 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
       TS_FAIL("checkpoint '", resume_from, "' was trained on other prompts than the recipe's prompt sets now hold; ",
               "resuming would not continue the same run");
     start_step = meta.step;
-    if (writer) truncate_metrics(metrics_path, start_step);
     log_info(cat("resuming from ", resume_from, " at step ", start_step));
-  } else if (writer) {
-    fs::create_directories(cfg.run_dir);
-    write_atomically(metrics_path, "");
   }
-  if (writer) write_atomically(fs::path(cfg.run_dir) / "recipe.toml", cfg.recipe_toml);
+  if (writer) prepare_run_directory(cfg.run_dir, !resume_from.empty(), start_step, cfg.recipe_toml);
   std::unique_ptr<GradientBuckets> grad_buckets = dp ? std::make_unique<GradientBuckets>(*dp, params) : nullptr;
   GradientStack grad_stack;
   log_info(cat(opd ? "OPD" : "GRPO", ": ", cfg.steps, " steps of ", cfg.prompts_per_step, " prompts x ",
