@@ -89,6 +89,7 @@ RlConfig rl_config_from_recipe(Recipe& r) {
     d.eval = r.get_string(k + "eval", "");
     d.eval_limit = r.get_int(k + "eval_limit", d.eval_limit, 1);
     d.mode = mode_key(r, k + "mode");
+    d.max_new_tokens = r.get_int(k + "max_new_tokens", 0, 0, c.model.max_seq_len - 1);
     d.rewards = reward_terms(r, k + "rewards");
     if (opd) {
       d.teacher = r.get_string(k + "teacher", "");
@@ -112,6 +113,12 @@ RlConfig rl_config_from_recipe(Recipe& r) {
   c.mini_batches = r.get_int("grpo.mini_batches", c.mini_batches, 1);
   c.micro_batch_rows = r.get_int("grpo.micro_batch_rows", c.micro_batch_rows, 1);
   c.max_new_tokens = r.get_int("sampling.max_new_tokens", c.max_new_tokens, 1, c.model.max_seq_len - 1);
+  int64_t budget_min = INT64_MAX, budget_max = 0;  // over the prompt sets
+  for (RlDomain& d : c.domains) {
+    const bool own = d.max_new_tokens > 0;
+    if (!own) d.max_new_tokens = c.max_new_tokens;
+    budget_min = std::min(budget_min, d.max_new_tokens), budget_max = std::max(budget_max, d.max_new_tokens);
+  }
   c.temperature = r.get_double("sampling.temperature", c.temperature, 1e-3, 100.0);
   c.top_p = r.get_double("sampling.top_p", c.top_p, 1e-6, 1.0);
   c.top_k = r.get_int("sampling.top_k", c.top_k, 0);
@@ -133,7 +140,7 @@ RlConfig rl_config_from_recipe(Recipe& r) {
     L.kl = rl::parse_kl_estimator(r.get_string("grpo.kl_estimator", "k3", {"k1", "k2", "k3", "k3_ratio"}));
     L.aggregation = rl::parse_loss_aggregation(r.get_string(
         "grpo.loss_aggregation", "token-mean", {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"}));
-    L.norm_constant = r.get_double("grpo.norm_constant", double(c.max_new_tokens), 1e-9);
+    L.norm_constant = r.get_double("grpo.norm_constant", double(budget_max), 1e-9);
     try {
       L.validate();
     } catch (const Error& e) {
@@ -141,12 +148,13 @@ RlConfig rl_config_from_recipe(Recipe& r) {
     }
     c.dynamic_sampling = r.get_bool("grpo.dynamic_sampling", c.dynamic_sampling);
     c.offpolicy_delta = r.get_double("grpo.offpolicy_delta", c.offpolicy_delta, 0.0);
-    c.overlong_buffer = r.get_int("grpo.overlong_buffer", c.overlong_buffer, 0, c.max_new_tokens);
+    c.overlong_buffer = r.get_int("grpo.overlong_buffer", c.overlong_buffer, 0, budget_min);
     c.overlong_factor = r.get_double("grpo.overlong_factor", c.overlong_factor, 0.0);
   }
 
   c.eval_every = r.get_int("eval.every", c.eval_every, 0);
-  c.eval_max_new_tokens = r.get_int("eval.max_new_tokens", c.max_new_tokens, 1, c.model.max_seq_len - 1);
+  // 0: each prompt set's response budget.
+  c.eval_max_new_tokens = r.get_int("eval.max_new_tokens", 0, 0, c.model.max_seq_len - 1);
   optimizer_from_recipe(r, c.steps * c.epochs * c.mini_batches, c.optimizer, c.schedule);
   c.checkpoint_every = r.get_int("checkpoint.every", 0, 0);
   c.checkpoint_keep = r.get_int("checkpoint.keep", 3, 0);
@@ -322,7 +330,7 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
     std::string first_too_long;
     for (const Prompt& p : load_prompts_jsonl(dom.train)) {
       std::vector<int32_t> ids = rl::prompt_tokens(*tok, p, dom.mode);
-      if (int64_t(ids.size()) + cfg.max_new_tokens > cfg.model.max_seq_len) {
+      if (int64_t(ids.size()) + dom.max_new_tokens > cfg.model.max_seq_len) {
         if (too_long++ == 0) first_too_long = cat(p.id, " (", ids.size(), " tokens)");
         continue;
       }
@@ -331,11 +339,11 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
     }
     if (too_long)
       log_warn(cat("'", dom.train, "': ", too_long, " prompt(s) left out, first ", first_too_long,
-                   ": prompt + sampling.max_new_tokens (", cfg.max_new_tokens, ") exceeds model.max_seq_len (",
+                   ": prompt + the response budget (", dom.max_new_tokens, ") exceeds model.max_seq_len (",
                    cfg.model.max_seq_len, ")"));
     if (kept == 0)
       TS_FAIL("'", dom.train, "' (domain ", dom.name, "): no prompt fits model.max_seq_len = ", cfg.model.max_seq_len,
-              " with sampling.max_new_tokens = ", cfg.max_new_tokens);
+              " with a response budget of ", dom.max_new_tokens, " tokens");
     if (!dom.eval.empty()) {
       eval_prompts[d] = load_prompts_jsonl(dom.eval);
       if (int64_t(eval_prompts[d].size()) > dom.eval_limit) eval_prompts[d].resize(dom.eval_limit);
@@ -438,7 +446,7 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
     for (size_t d = 0; d < n_domains; ++d) {
       if (eval_prompts[d].empty()) continue;
       rl::RewardEvalOptions eo;
-      eo.max_new_tokens = cfg.eval_max_new_tokens;
+      eo.max_new_tokens = cfg.eval_max_new_tokens > 0 ? cfg.eval_max_new_tokens : cfg.domains[d].max_new_tokens;
       eo.temperature = 0.0;
       eo.seed = cfg.seed;
       eo.mode = cfg.domains[d].mode;
@@ -486,7 +494,7 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
       for (int64_t g = 0; g < cfg.group_size; ++g) {
         GenerationRequest q;
         q.prompt = prompts[pi].ids;
-        q.max_new_tokens = cfg.max_new_tokens;
+        q.max_new_tokens = cfg.domains[prompts[pi].domain].max_new_tokens;
         q.stop_tokens = {tok->eos_id()};
         q.temperature = cfg.temperature, q.top_p = cfg.top_p, q.top_k = cfg.top_k;
         q.seed = mix64(cfg.seed ^ mix64(uint64_t(step) * 0x100000001b3ULL + uint64_t(k * cfg.group_size + g)));
@@ -513,9 +521,9 @@ int run_rl_stage(const TrainOptions& opts, Communicator* world) {
       const rl::RewardScore s = rewards[r.domain].score(prompts[r.prompt].prompt, tok->decode(r.response),
                                                         rl::RewardContext{cfg.domains[r.domain].mode});
       r.reward = s.total, r.terms = s.terms;
-      r.shaped = r.reward + (cfg.overlong_buffer > 0 ? rl::overlong_penalty(int64_t(r.response.size()),
-                                                                            cfg.max_new_tokens, cfg.overlong_buffer,
-                                                                            cfg.overlong_factor)
+      const int64_t budget = cfg.domains[r.domain].max_new_tokens;
+      r.shaped = r.reward + (cfg.overlong_buffer > 0 ? rl::overlong_penalty(int64_t(r.response.size()), budget,
+                                                                            cfg.overlong_buffer, cfg.overlong_factor)
                                                      : 0.0);
     }
     rl::Advantages adv;

@@ -25,6 +25,7 @@ struct RlDomain {
   std::string train, eval;  // prompt-set JSONL files (eval optional)
   int64_t eval_limit = 64;  // the first N held-out prompts
   ReasoningMode mode = ReasoningMode::non_thinking;
+  int64_t max_new_tokens = 0;  // the response budget of this set (think_max: a larger one); 0 = sampling.max_new_tokens
   std::vector<rl::RewardTerm> rewards;
   std::string teacher;  // opd: checkpoint or run directory
   double weight = 1.0;  // opd: the teacher's loss weight
@@ -69,7 +70,7 @@ struct RlConfig {
 
   // [eval]: held-out reward (greedy) every N steps and at the end
   int64_t eval_every = 0;
-  int64_t eval_max_new_tokens = 64;
+  int64_t eval_max_new_tokens = 0;  // 0: each prompt set's response budget
 
   OptimizerConfig optimizer;
   LrSchedule schedule;

@@ -3,7 +3,7 @@
 # them a different size) pretrained on arithmetic conversations. Checked: with the student as its own teacher
 # the full-vocabulary reverse KL is exactly 0 and the weights do not move; towards real teachers the divergence
 # falls; per-domain rewards and held-out rewards are logged; mpirun -np 2 gives bitwise the one-process
-# checkpoint; the sampled-token form runs; a teacher with another vocabulary, a domain without a teacher and an
+# checkpoint; the sampled-token form runs; a per-domain response budget caps sampling and evaluation; a teacher with another vocabulary, a domain without a teacher and an
 # unknown divergence are clear errors.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -106,9 +106,16 @@ mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/opd.toml" --set parallel.dp
 "$PY" "$REPO/tests/e2e/ckpt_equal.py" "$WORK/O/checkpoints/step_00000012.h5" "$WORK/D/checkpoints/step_00000012.h5" \
   || check_failed "dp=2 differs from one process"
 
-step "sampled-token form"
-"$TESSERA" train "$WORK/opd.toml" --set opd.form=sampled_token training.steps=2 job.run_dir="$WORK/T" 2> "$WORK/T.log" \
+step "sampled-token form, with a response budget of 2 tokens per prompt set (domain.NAME.max_new_tokens)"
+"$TESSERA" train "$WORK/opd.toml" --set opd.form=sampled_token training.steps=2 domain.arith.max_new_tokens=2 \
+  domain.two.max_new_tokens=2 job.run_dir="$WORK/T" 2> "$WORK/T.log" \
   || { cat "$WORK/T.log" >&2; check_failed "sampled-token OPD failed"; }
+"$PY" - "$WORK/T/metrics.jsonl" <<'PYEOF' || check_failed "per-domain response budget not applied"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"kind"' not in l]
+assert all(r["response_length_max"] <= 2 and r["frac_truncated"] > 0.5 for r in rows), rows
+assert all(r["eval_response_length_mean"] <= 2 for r in rows if "eval_response_length_mean" in r), rows
+PYEOF
 
 step "errors"
 "$TESSERA" train "$WORK/pre.toml" --set training.steps=1 model.vocab_size=300 job.run_dir="$WORK/W" 2> /dev/null
