@@ -25,6 +25,19 @@
 namespace tessera {
 namespace fs = std::filesystem;
 
+RunKeys run_keys_from_recipe(Recipe& r) {
+  RunKeys k;
+  k.name = r.get_string("job.name", fs::path(r.path()).stem().string());
+  k.run_dir = r.get_string("job.run_dir", "runs/" + k.name);
+  k.seed = static_cast<uint64_t>(r.get_int("job.seed", 0, 0));
+  k.tokenizer_kind = r.get_string("tokenizer.kind", "byte", {"byte", "sentencepiece"});
+  k.tokenizer_model = r.get_string("tokenizer.model", "");
+  if (k.tokenizer_kind == "sentencepiece" && k.tokenizer_model.empty())
+    TS_FAIL(r.path(), ": tokenizer.kind = \"sentencepiece\" needs tokenizer.model (a .model file)");
+  k.model = model_config_from_recipe(r, load_tokenizer(k.tokenizer_kind, k.tokenizer_model)->vocab_size());
+  return k;
+}
+
 // [optimizer] and [lr_scheduler] (docs/recipes.md), for a stage of `steps` optimizer steps.
 void optimizer_from_recipe(Recipe& r, int64_t steps, OptimizerConfig& o, LrSchedule& s) {
   o.name = r.get_string("optimizer.name", "adamw", {"adamw", "muon"});
@@ -62,14 +75,7 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.init_checkpoint = r.get_string("init.checkpoint", "");
   if (c.stage == "sft" && c.init_checkpoint.empty())
     TS_FAIL(r.path(), ": stage = \"sft\" needs init.checkpoint (the pretrained run directory or checkpoint file)");
-  c.name = r.get_string("job.name", fs::path(r.path()).stem().string());
-  c.run_dir = r.get_string("job.run_dir", "runs/" + c.name);
-  c.seed = static_cast<uint64_t>(r.get_int("job.seed", 0, 0));
-  c.tokenizer_kind = r.get_string("tokenizer.kind", "byte", {"byte", "sentencepiece"});
-  c.tokenizer_model = r.get_string("tokenizer.model", "");
-  if (c.tokenizer_kind == "sentencepiece" && c.tokenizer_model.empty())
-    TS_FAIL(r.path(), ": tokenizer.kind = \"sentencepiece\" needs tokenizer.model (a .model file)");
-  c.model = model_config_from_recipe(r, load_tokenizer(c.tokenizer_kind, c.tokenizer_model)->vocab_size());
+  static_cast<RunKeys&>(c) = run_keys_from_recipe(r);
 
   c.data.files = r.get_string_list("data.train", {});
   c.dataset = r.get_string("data.dataset", "");

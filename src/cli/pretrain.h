@@ -26,14 +26,19 @@ struct RoutingConfig {
   int64_t force_spike_at = 0;        // tests: the detector fires at this step (1-based) the first time; 0 = never
 };
 
-struct PretrainConfig {
+// What every training stage reads the same way: [job], [tokenizer] and [model].
+struct RunKeys {
+  std::string name;     // job.name (default: the recipe file's stem)
+  std::string run_dir;  // job.run_dir (default: runs/<name>)
+  uint64_t seed = 0;    // job.seed
+  std::string tokenizer_kind = "byte", tokenizer_model;
+  ModelConfig model;
+};
+RunKeys run_keys_from_recipe(Recipe& r);
+
+struct PretrainConfig : RunKeys {
   std::string stage = "pretrain";  // "pretrain", or "sft": the same loop on a chat dataset from init_checkpoint
   std::string init_checkpoint;     // init.checkpoint: start from these weights (not its optimizer state)
-  std::string name;
-  std::string run_dir;
-  uint64_t seed = 0;
-  ModelConfig model;
-  std::string tokenizer_kind = "byte", tokenizer_model;
   TextCorpusConfig data;  // text files tokenized at start (data.train) ...
   std::string dataset;    // ... or an HDF5 token dataset made by `tessera data prepare` (data.dataset)
   bool document_mask = true;

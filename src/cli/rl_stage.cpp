@@ -53,14 +53,7 @@ RlConfig rl_config_from_recipe(Recipe& r) {
   if (c.init_checkpoint.empty())
     TS_FAIL(r.path(), ": stage = \"", c.stage, "\" needs init.checkpoint (the starting run directory or checkpoint file)");
   if (!opd) c.reference = r.get_string("init.reference", c.init_checkpoint);
-  c.name = r.get_string("job.name", fs::path(r.path()).stem().string());
-  c.run_dir = r.get_string("job.run_dir", "runs/" + c.name);
-  c.seed = static_cast<uint64_t>(r.get_int("job.seed", 0, 0));
-  c.tokenizer_kind = r.get_string("tokenizer.kind", "byte", {"byte", "sentencepiece"});
-  c.tokenizer_model = r.get_string("tokenizer.model", "");
-  if (c.tokenizer_kind == "sentencepiece" && c.tokenizer_model.empty())
-    TS_FAIL(r.path(), ": tokenizer.kind = \"sentencepiece\" needs tokenizer.model (a .model file)");
-  c.model = model_config_from_recipe(r, load_tokenizer(c.tokenizer_kind, c.tokenizer_model)->vocab_size());
+  static_cast<RunKeys&>(c) = run_keys_from_recipe(r);
 
   // Prompt sets: one ([prompts] + [rewards]) or several named domains ([domain.NAME] each). OPD needs domains:
   // each names its teacher.

@@ -31,14 +31,10 @@ struct RlDomain {
   double weight = 1.0;  // opd: the teacher's loss weight
 };
 
-struct RlConfig {
+struct RlConfig : RunKeys {
   std::string stage = "grpo";  // "grpo" or "opd"
-  std::string name, run_dir;
-  uint64_t seed = 0;
   std::string init_checkpoint;  // init.checkpoint: the policy's (student's) starting weights (required)
   std::string reference;        // init.reference: the frozen KL reference (grpo; default: init.checkpoint)
-  ModelConfig model;
-  std::string tokenizer_kind = "byte", tokenizer_model;
   std::vector<RlDomain> domains;
 
   int64_t steps = 0;            // training.steps: rollout steps
