@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "ops/ops.h"
+#include "parallel/communicator.h"
 
 namespace tessera {
 
@@ -31,9 +32,31 @@ double LrSchedule::at(int64_t step) const {
   return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine);
 }
 
-double clip_grad_norm(const ParamList& params, double max_norm) {
+// Sum of squares of a gradient; a stack (3-D) as the sum over its matrices in order: per-matrix sums are what a
+// rank holding whole matrices of the stack can compute.
+static std::vector<double> matrix_sum_squares(const Tensor& g) {
+  if (g.ndim() != 3) return {ops::sum_squares(g)};
+  std::vector<double> out;
+  for (int64_t e = 0; e < g.size(0); ++e) out.push_back(ops::sum_squares(g.slice(e, 1)));
+  return out;
+}
+
+double clip_grad_norm(const ParamList& params, double max_norm, Communicator* shard_group) {
   double ss = 0;
-  for (const Param* p : params) ss += ops::sum_squares(p->grad);
+  for (const Param* p : params) {
+    std::vector<double> parts = matrix_sum_squares(p->grad);
+    if (p->sharded() && shard_group) {  // every shard's per-matrix sums, in the stack's order
+      TS_CHECK(p->grad.ndim() == 3, "clip_grad_norm: sharded ", p->name, " is not a stack of matrices");
+      Tensor mine = Tensor::empty({int64_t(parts.size())}, DType::f64, Device::cpu);
+      Tensor all = Tensor::empty({int64_t(parts.size()) * shard_group->size()}, DType::f64, Device::cpu);
+      std::copy(parts.begin(), parts.end(), mine.data<double>());
+      shard_group->all_gather(mine, all);
+      parts.assign(all.data<double>(), all.data<double>() + all.numel());
+    }
+    double s = 0;
+    for (double x : parts) s += x;
+    ss += s;
+  }
   double norm = std::sqrt(ss);
   double factor = max_norm / (norm + 1e-6);
   if (max_norm > 0 && factor < 1.0)

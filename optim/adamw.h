@@ -47,8 +47,12 @@ struct LrSchedule {
   double at(int64_t step) const;  // step counts from 0
 };
 
-// Global L2 norm of all gradients (summed in a fixed order); if max_norm > 0 and the norm exceeds it, scales all
-// gradients by max_norm / norm (as torch.nn.utils.clip_grad_norm_, with its 1e-6). Returns the norm before.
-double clip_grad_norm(const ParamList& params, double max_norm);
+// Global L2 norm of all gradients (summed in a fixed order; a stack of matrices as the sum over its matrices); if
+// max_norm > 0 and the norm exceeds it, scales all gradients by max_norm / norm (as
+// torch.nn.utils.clip_grad_norm_, with its 1e-6). Returns the norm before. `shard_group`: the group sharded
+// parameters are split over (expert parallelism, by whole matrices), a collective over it; the norm is then the
+// whole model's, bitwise what one process computes.
+class Communicator;
+double clip_grad_norm(const ParamList& params, double max_norm, Communicator* shard_group = nullptr);
 
 }  // namespace tessera

@@ -35,6 +35,14 @@ struct CommCounter {
 };
 struct CommStats {
   CommCounter all_reduce, reduce_scatter, all_gather, all_to_all, send, recv, broadcast, barrier;
+  CommStats& operator+=(const CommStats& o) {
+    for (auto m : {&CommStats::all_reduce, &CommStats::reduce_scatter, &CommStats::all_gather, &CommStats::all_to_all,
+                   &CommStats::send, &CommStats::recv, &CommStats::broadcast, &CommStats::barrier}) {
+      (this->*m).calls += (o.*m).calls;
+      (this->*m).bytes += (o.*m).bytes;
+    }
+    return *this;
+  }
   int64_t total_bytes() const {
     return all_reduce.bytes + reduce_scatter.bytes + all_gather.bytes + all_to_all.bytes + send.bytes + recv.bytes +
            broadcast.bytes;
@@ -65,6 +73,9 @@ class Communicator {
   // Point to point (blocking for MPI, stream-ordered for NCCL); the sizes and dtypes must match.
   virtual void send(const Tensor& t, int peer) = 0;
   virtual void recv(const Tensor& t, int peer) = 0;
+  // Sends `out` to dst and receives `in` from src at once (counted as one send and one recv): two ranks that each
+  // send to the other cannot deadlock, as two blocking sends can (a pipeline's forward and backward exchanges).
+  virtual void send_recv(const Tensor& out, int dst, const Tensor& in, int src) = 0;
   // In place: t = t of rank root.
   virtual void broadcast(const Tensor& t, int root) = 0;
   virtual void barrier() = 0;

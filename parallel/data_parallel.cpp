@@ -6,30 +6,31 @@
 
 namespace tessera {
 
-static void pairwise(Model& model, const ParamList& params, int64_t lo, int64_t hi, size_t depth, GradientStack& stack,
-                     const std::function<void(int64_t)>& run) {
+static void pairwise(Model& model, const std::vector<Tensor>& grads, int64_t lo, int64_t hi, size_t depth,
+                     GradientStack& stack, const std::function<void(int64_t)>& run) {
   if (hi - lo == 1) {
     model.zero_grad();
     run(lo);
     return;
   }
   const int64_t mid = (lo + hi) / 2;
-  pairwise(model, params, lo, mid, depth + 1, stack, run);
+  pairwise(model, grads, lo, mid, depth + 1, stack, run);
   if (stack.levels.size() <= depth) stack.levels.resize(depth + 1);
   std::vector<Tensor>& left = stack.levels[depth];
-  if (left.size() != params.size()) {
+  if (left.size() != grads.size()) {
     left.clear();
-    for (Param* p : params) left.push_back(Tensor::empty(p->grad.shape(), p->grad.dtype(), p->grad.device()));
+    for (const Tensor& g : grads) left.push_back(Tensor::empty(g.shape(), g.dtype(), g.device()));
   }
-  for (size_t i = 0; i < params.size(); ++i) ops::copy(params[i]->grad, left[i]);
-  pairwise(model, params, mid, hi, depth + 1, stack, run);
-  for (size_t i = 0; i < params.size(); ++i) ops::axpy(1.0, left[i], params[i]->grad);  // right + left
+  for (size_t i = 0; i < grads.size(); ++i) ops::copy(grads[i], left[i]);
+  pairwise(model, grads, mid, hi, depth + 1, stack, run);
+  for (size_t i = 0; i < grads.size(); ++i) ops::axpy(1.0, left[i], grads[i]);  // right + left
 }
 
 void pairwise_gradients(Model& model, int64_t lo, int64_t hi, GradientStack& stack,
                         const std::function<void(int64_t)>& run) {
   TS_CHECK(hi > lo, "pairwise_gradients: empty range [", lo, ", ", hi, ")");
-  pairwise(model, model.params(), lo, hi, 0, stack, run);
+  pairwise(model, model.gradient_accumulators(), lo, hi, 0, stack, run);
+  model.finish_gradients();
 }
 
 GradientBuckets::GradientBuckets(Communicator& group, const ParamList& params, size_t bucket_bytes) : group_(group) {

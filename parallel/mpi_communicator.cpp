@@ -236,6 +236,26 @@ class MpiCommunicator final : public Communicator {
       fail("recv", cat("rank ", peer, " sent ", got, " elements (or another dtype), expected ", t.str()));
   }
 
+  void send_recv(const Tensor& out, int dst, const Tensor& in, int src) override {
+    std::string err = p2p_error(out, dst);
+    if (err.empty()) err = p2p_error(in, src);
+    if (!err.empty()) fail("send_recv", err);
+    stats_.send.calls++;
+    stats_.send.bytes += out.nbytes();
+    stats_.recv.calls++;
+    stats_.recv.bytes += in.nbytes();
+    MPI_Status status;
+    MPI_Datatype type = mpi_type(in.dtype());
+    check(MPI_Sendrecv(out.numel() ? out.raw() : nullptr, static_cast<int>(out.numel()), mpi_type(out.dtype()), dst,
+                       kTag, in.numel() ? in.raw() : nullptr, static_cast<int>(in.numel()), type, src, kTag, comm_,
+                       &status),
+          "send_recv", "MPI_Sendrecv");
+    int got = 0;
+    check(MPI_Get_count(&status, type, &got), "send_recv", "MPI_Get_count");
+    if (got != in.numel())
+      fail("send_recv", cat("rank ", src, " sent ", got, " elements (or another dtype), expected ", in.str()));
+  }
+
   void broadcast(const Tensor& t, int root) override {
     const char* name = "broadcast";
     std::string err = tensor_error(t, "t");

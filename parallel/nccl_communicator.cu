@@ -140,6 +140,22 @@ class NcclCommunicator final : public Communicator {
     check(ncclRecv(t.raw(), t.numel(), nccl_type(t.dtype()), peer, comm_, kStream), "recv", "ncclRecv");
   }
 
+  void send_recv(const Tensor& out, int dst, const Tensor& in, int src) override {
+    std::string err = p2p_error(out, dst);
+    if (err.empty()) err = p2p_error(in, src);
+    if (!err.empty()) fail("send_recv", err);
+    stats_.send.calls++;
+    stats_.send.bytes += out.nbytes();
+    stats_.recv.calls++;
+    stats_.recv.bytes += in.nbytes();
+    check(ncclGroupStart(), "send_recv", "ncclGroupStart");
+    if (out.numel() > 0)
+      check(ncclSend(out.raw(), out.numel(), nccl_type(out.dtype()), dst, comm_, kStream), "send_recv", "ncclSend");
+    if (in.numel() > 0)
+      check(ncclRecv(in.raw(), in.numel(), nccl_type(in.dtype()), src, comm_, kStream), "send_recv", "ncclRecv");
+    check(ncclGroupEnd(), "send_recv", "ncclGroupEnd");
+  }
+
   void broadcast(const Tensor& t, int root) override {
     std::string err = tensor_error(t, "t");
     if (err.empty() && (root < 0 || root >= size_)) err = cat("root ", root, " out of range");

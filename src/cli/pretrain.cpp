@@ -21,6 +21,7 @@
 #include "model/v4.h"
 #include "ops/ops.h"
 #include "parallel/data_parallel.h"
+#include "parallel/expert_parallel.h"
 
 namespace tessera {
 namespace fs = std::filesystem;
@@ -377,17 +378,32 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   if (resuming) cfg.run_dir = opts.resume_dir;
   if (!opts.run_dir.empty()) cfg.run_dir = opts.run_dir;
 
-  // Parallel layout: validated against the world size; data parallelism is what is built so far.
+  // Parallel layout: validated against the world size; data and expert parallelism are what is built so far.
   const int world_size = world ? world->size() : 1;
   const Topology topo = Topology::make(cfg.parallel, world_size);
-  if (topo.tp() > 1 || topo.pp() > 1 || topo.ep() > 1)
-    TS_FAIL(recipe.path(), ": [parallel] ", topo.str(), ": tensor, pipeline and expert parallelism are not built yet; ",
-            "use data parallelism (parallel.dp) alone");
+  if (topo.tp() > 1 || topo.pp() > 1)
+    TS_FAIL(recipe.path(), ": [parallel] ", topo.str(), ": tensor and pipeline parallelism are not built yet; ",
+            "use data parallelism (parallel.dp) and expert parallelism (parallel.ep)");
+  if (topo.ep() > 1) {
+    auto refuse = [&](const std::string& key, const std::string& why) {
+      TS_FAIL(recipe.path(), ": parallel.ep = ", topo.ep(), " does not work with ", key, " yet (", why, ")");
+    };
+    if (!cfg.model.is_v4()) refuse("model.arch = \"" + cfg.model.arch + "\"", "it has no routed experts");
+    if (cfg.zero1) refuse("parallel.zero1", "the sharded optimizer assigns whole stacks to owners");
+    if (cfg.routing.anticipatory != "off") refuse("routing.anticipatory", "its routing state names whole tensors");
+    if (!cfg.qat.empty() && cfg.qat != "off") refuse("training.qat", "quantisation blocks span the expert stacks");
+    if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
+    if (cfg.model.n_routed_experts % topo.ep() != 0)
+      TS_FAIL(recipe.path(), ": model.n_routed_experts (", cfg.model.n_routed_experts,
+              ") must be a multiple of parallel.ep (", topo.ep(), "): each ep rank holds whole experts");
+  }
   std::unique_ptr<ProcessGroups> groups;
   Communicator* dp = nullptr;  // the data-parallel group, when there is more than one rank
+  Communicator* ep = nullptr;  // the expert-parallel group, when parallel.ep > 1
   if (world && world_size > 1) {
     groups = std::make_unique<ProcessGroups>(ProcessGroups::build(topo, *world));
     dp = groups->dp.get();
+    if (topo.ep() > 1) ep = groups->ep.get();
     if (cfg.grad_accum % dp->size() != 0)
       TS_FAIL(recipe.path(), ": training.grad_accum (", cfg.grad_accum, ") must be a multiple of parallel.dp (",
               dp->size(), "): each data-parallel rank trains on grad_accum / dp of the step's micro-batches");
@@ -404,6 +420,11 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   backend_for(cfg.device).set_matmul_precision(cfg.bf16_matmuls ? MatmulPrecision::bf16 : MatmulPrecision::fp32);
   Model& model = *model_ptr;
   V4Model* v4 = dynamic_cast<V4Model*>(&model);
+  if (ep) {
+    v4->set_expert_parallel(*ep);
+    log_info(cat("expert parallel over ", ep->size(), " ranks: this rank holds ", cfg.model.n_routed_experts / ep->size(),
+                 " of the ", cfg.model.n_routed_experts, " routed experts of each MoE layer"));
+  }
   ParamList params = model.params(), saved = model.saved_tensors();
   model.init(cfg.seed);
   if (!cfg.init_checkpoint.empty() && !resuming) {
@@ -443,7 +464,21 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   if (dp)
     log_info(cat("data parallel over ", dp->size(), " ranks (", topo.str(), "): ", cfg.grad_accum / dp->size(),
                  " micro-batch(es) of ", cfg.batch_size, " rows per rank and step, gradients summed in buckets"));
-  std::unique_ptr<GradientBuckets> grad_buckets = dp ? std::make_unique<GradientBuckets>(*dp, params) : nullptr;
+  // Gradients summed over the data-parallel group; under expert parallelism the experts' over the ranks holding
+  // the same experts (the expert-data-parallel group), their sum over the ep group done by the model.
+  ParamList dense_params, expert_params;
+  for (Param* p : params) (p->sharded() ? expert_params : dense_params).push_back(p);
+  std::unique_ptr<GradientBuckets> grad_buckets =
+      dp ? std::make_unique<GradientBuckets>(*dp, dense_params) : nullptr;
+  // This rank's collectives over all its groups, for the metrics.
+  auto comm_stats = [&] {
+    CommStats s = dp ? dp->stats() : CommStats{};
+    if (ep) s += ep->stats();
+    if (ep && groups->edp->size() > 1) s += groups->edp->stats();
+    return s;
+  };
+  std::unique_ptr<GradientBuckets> expert_buckets =
+      ep && groups->edp->size() > 1 ? std::make_unique<GradientBuckets>(*groups->edp, expert_params) : nullptr;
   GradientStack grad_stack;
 
   // On a GPU the reference is the H100/H200 dense bf16 peak (989 TFLOP/s); on the CPU the measured fp32 GEMM rate.
@@ -515,7 +550,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   for (int64_t step = start_step; step < cfg.steps; ++step) {
     if (opts.stop_after >= 0 && step >= start_step + opts.stop_after) break;
     const double t_step = now_seconds();
-    const CommStats comm_before = dp ? dp->stats() : CommStats{};  // this step's collectives, for comm_bytes
+    const CommStats comm_before = comm_stats();  // this step's collectives, for comm_bytes
     const double lr = cfg.schedule.at(step);
     if (on_spike && (snapshots.empty() || (step % rc.snapshot_every == 0 && snapshots.back().step != step))) {
       Snapshot snap{step, {}, opt.snapshot()};
@@ -570,6 +605,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (dp) {
       // The global step: gradients, loss sums, V4 statistics and expert loads over the data-parallel group.
       grad_buckets->all_reduce();
+      if (expert_buckets) expert_buckets->all_reduce();
       Tensor sums = Tensor::empty({4}, DType::f64, Device::cpu);
       double* sp = sums.data<double>();
       sp[0] = loss_sum, sp[1] = mtp_sum, sp[2] = double(mtp_targets), sp[3] = balance;
@@ -606,7 +642,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (!std::isfinite(loss) && !back_to)
       TS_FAIL("training loss is ", loss, " at step ", step + 1, "; the last checkpoint in ", cfg.run_dir,
               " is intact (lower optimizer.lr or training.grad_clip?)");
-    const double grad_norm = clip_grad_norm(params, cfg.grad_clip);
+    const double grad_norm = clip_grad_norm(params, cfg.grad_clip, ep);
     std::string moe_metrics, routing_metrics;
     if (v4) {
       // Expert load of this step (max over mean per MoE layer) and the spike instrumentation.
@@ -635,7 +671,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
               << ", \"tokens_per_s\": " << json_number(tokens_per_s)
               << ", \"mfu\": " << json_number(tokens_per_s * flops_per_token / peak)
               << ", \"elapsed_s\": " << json_number(now_seconds() - t_start)
-              << (dp ? comm_metrics(comm_before, dp->stats()) : std::string()) << moe_metrics
+              << (dp ? comm_metrics(comm_before, comm_stats()) : std::string()) << moe_metrics
               << routing_metrics << extra
               << "}\n"
               << std::flush;
@@ -726,7 +762,11 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     }
     const bool save = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last;
     // A sharded optimizer's state is gathered to rank 0 (a collective: every rank takes part).
-    const std::vector<Optimizer::State> opt_state = save ? opt.gather_state() : std::vector<Optimizer::State>{};
+    std::vector<Optimizer::State> opt_state = save ? opt.gather_state() : std::vector<Optimizer::State>{};
+    // Expert parallelism: the checkpoint holds the whole expert stacks, gathered over the ep group (a collective).
+    std::deque<Param> gathered;
+    const ParamList to_save = save && ep ? gather_shards(saved, *ep, gathered) : saved;
+    if (save && ep) opt_state = gather_state_shards(opt_state, params, *ep);
     if (writer && save) {
       CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind,
                           data.tokenizer->hash()};
@@ -741,7 +781,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
         fs::create_directories(fs::path(path).parent_path());
         save_routing_state(routing_state_path(path), st);
       }
-      save_checkpoint(path, cfg.model, saved, &opt, meta, &opt_state);
+      save_checkpoint(path, cfg.model, to_save, &opt, meta, &opt_state);
       if (cfg.checkpoint_keep > 0) {
         std::vector<std::string> all = list_checkpoints(cfg.run_dir);
         for (size_t i = 0; i + cfg.checkpoint_keep < all.size(); ++i) {

@@ -1,9 +1,12 @@
 #include "io/checkpoint.h"
 
+#include <map>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <type_traits>
 #include <variant>
 #include <vector>
@@ -176,9 +179,12 @@ void check_format(const io::H5Reader& r, const std::string& path) {
 
 // Weights and moments are finite by construction; a non-finite value means damage the HDF5 checksum missed
 // (Fletcher-32 cannot tell 0x0000 from 0xFFFF).
-void read_finite(const io::H5Reader& r, const std::string& path, const std::string& name, const Tensor& dst) {
+// A shard (row_start >= 0) reads its rows of the stored logical tensor.
+void read_finite(const io::H5Reader& r, const std::string& path, const std::string& name, const Tensor& dst,
+                 int64_t row_start = -1) {
   Tensor host = dst.device() == Device::cpu ? dst : Tensor::empty(dst.shape(), dst.dtype(), Device::cpu);
-  r.read_into(name, host);
+  if (row_start >= 0) r.read_rows(name, row_start, host);
+  else r.read_into(name, host);
   if (dst.device() != Device::cpu) dst.copy_from(host);
   const float* p = host.dtype() == DType::f32 ? host.data<float>() : nullptr;
   for (int64_t i = 0; p && i < host.numel(); ++i)
@@ -202,7 +208,10 @@ void save_checkpoint(const std::string& path, const ModelConfig& cfg, const Para
   w.write_attr("tokenizer.hash", static_cast<int64_t>(meta.tokenizer_hash));
   w.write_attr("recipe", meta.recipe);
   write_config(w, cfg);
-  for (const Param* p : params) w.write_tensor("model/" + p->name, p->value);
+  for (const Param* p : params) {
+    TS_CHECK(!p->sharded(), "save_checkpoint: ", p->name, " is a shard; gather the logical tensor first");
+    w.write_tensor("model/" + p->name, p->value);
+  }
   if (opt) {
     w.write_attr("optim.name", opt->config().name);
     w.write_attr("optim.steps", opt->steps_taken());
@@ -241,7 +250,11 @@ CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, 
       diff += cat(diff.empty() ? " " : "; ", "model.", saved[i].first, " is ", saved[i].second,
                   " in the checkpoint, ", want[i].second, " in the recipe");
   if (!diff.empty()) TS_FAIL("checkpoint '", path, "' does not match the model of the recipe:", diff);
-  for (const Param* p : params) read_finite(r, path, "model/" + p->name, p->value);
+  std::map<std::string, const Param*> by_name;
+  for (const Param* p : params) {
+    read_finite(r, path, "model/" + p->name, p->value, p->sharded() ? p->shard_offset : -1);
+    by_name[p->name] = p;
+  }
   if (opt) {
     if (!r.has_attr("optim.name")) TS_FAIL("checkpoint '", path, "' has no optimizer state to resume from");
     if (r.attr_string("optim.name") != opt->config().name)
@@ -251,7 +264,10 @@ CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, 
       if (!r.has_tensor("optim/" + s.key))
         TS_FAIL("checkpoint '", path, "' has no optimizer state 'optim/", s.key,
                 "' (was optimizer.adamw_params changed?)");
-      read_finite(r, path, "optim/" + s.key, s.tensor);
+      // Keys are RULE/MOMENT/NAME; a sharded parameter's state is sharded as it is.
+      auto p = by_name.find(s.key.substr(s.key.rfind('/') + 1));
+      const bool shard = p != by_name.end() && p->second->sharded();
+      read_finite(r, path, "optim/" + s.key, s.tensor, shard ? p->second->shard_offset : -1);
     }
     opt->set_steps_taken(r.attr_int("optim.steps"));
   }

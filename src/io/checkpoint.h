@@ -20,7 +20,8 @@ struct CheckpointMeta {
   uint64_t tokenizer_hash = 0;     // checked when the tokenizer is loaded again (eval, sample, export, resume)
 };
 
-// `params` are every saved tensor: a model's trainable parameters and its buffers (Model::saved_tensors()).
+// `params` are every saved tensor: a model's trainable parameters and its buffers (Model::saved_tensors()), whole
+// (shards gathered first: parallel/expert_parallel.h).
 // `opt_state`, if given, is written instead of opt->state() (a sharded optimizer's gather_state()).
 void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const Optimizer* opt,
                      const CheckpointMeta& meta, const std::vector<Optimizer::State>* opt_state = nullptr);
@@ -29,7 +30,8 @@ void save_checkpoint(const std::string& path, const ModelConfig& cfg, const Para
 ModelConfig checkpoint_model_config(const std::string& path);
 CheckpointMeta checkpoint_meta(const std::string& path);
 
-// Loads weights (and optimizer state if opt is non-null). The checkpoint's model config must equal `cfg`;
+// Loads weights (and optimizer state if opt is non-null); a sharded parameter reads its rows of the stored tensor,
+// its optimizer state likewise. The checkpoint's model config must equal `cfg`;
 // otherwise an error names the file and each differing field.
 CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params,
                                Optimizer* opt);

@@ -472,6 +472,39 @@ void H5Reader::read_into(const std::string& name, const Tensor& dst) const {
   read_data(dataset.get(), name, i, dst.raw());
 }
 
+void H5Reader::read_rows(const std::string& name, int64_t row_start, const Tensor& dst) const {
+  TS_CHECK(dst.defined() && dst.is_contiguous() && dst.ndim() >= 1, "read_rows '", name,
+           "' needs a contiguous tensor of at least one dimension");
+  if (dst.device() != Device::cpu) {
+    Tensor host = Tensor::empty(dst.shape(), dst.dtype(), Device::cpu);
+    read_rows(name, row_start, host);
+    dst.copy_from(host);
+    return;
+  }
+  Handle dataset(open_dataset(name), H5Dclose);
+  Info i = info(dataset.get(), name);
+  Shape want = dst.shape();
+  bool fits = i.shape.size() == want.size() && row_start >= 0 && row_start + want[0] <= i.shape[0];
+  for (size_t d = 1; fits && d < want.size(); ++d) fits = i.shape[d] == want[d];
+  if (!fits)
+    TS_FAIL(where(path_), ": tensor '", name, "' has shape ", shape_str(i.shape), "; cannot read rows [", row_start,
+            ", ", row_start + want[0], ") of shape ", shape_str(want));
+  if (i.dtype != dst.dtype())
+    TS_FAIL(where(path_), ": tensor '", name, "' has dtype ", dtype_name(i.dtype), ", expected ",
+            dtype_name(dst.dtype()));
+  if (dst.numel() == 0) return;
+  std::string context = cat(where(path_), ": cannot read rows [", row_start, ", ", row_start + want[0], ") of '",
+                            name, "'");
+  std::vector<hsize_t> offset(want.size(), 0), count(want.begin(), want.end());
+  offset[0] = hsize_t(row_start);
+  Handle file_space(check_id(H5Dget_space(dataset.get()), context), H5Sclose);
+  check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, offset.data(), nullptr, count.data(), nullptr),
+        context);
+  Handle mem_space(check_id(H5Screate_simple(int(count.size()), count.data(), nullptr), context), H5Sclose);
+  check(H5Dread(dataset.get(), memory_type(i.dtype), mem_space.get(), file_space.get(), H5P_DEFAULT, dst.raw()),
+        context);
+}
+
 void H5Reader::read_range(const std::string& name, int64_t start, const Tensor& dst) const {
   TS_CHECK(dst.ndim() == 1 && dst.device() == Device::cpu && dst.is_contiguous(), "read_range '", name,
            "' needs a 1-D contiguous host tensor");

@@ -6,8 +6,14 @@
 
 namespace tessera {
 
+std::vector<Tensor> Model::gradient_accumulators() {
+  std::vector<Tensor> out;
+  for (Param* p : params()) out.push_back(p->grad);
+  return out;
+}
+
 void Model::zero_grad() {
-  for (Param* p : params()) ops::zero(p->grad);
+  for (const Tensor& t : gradient_accumulators()) ops::zero(t);
 }
 
 ParamList Model::saved_tensors() {

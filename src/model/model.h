@@ -24,7 +24,12 @@ class Model {
   ParamList saved_tensors();
   // Deterministic initialisation from `seed` (each parameter from its own named Philox stream).
   virtual void init(uint64_t seed) = 0;
-  void zero_grad();
+  // The tensors a backward accumulates parameter gradients into, in params() order: each gradient itself, or
+  // (V4 under expert parallelism) a gradient per source rank, which finish_gradients folds into the parameter's.
+  // Micro-batch sums (parallel/data_parallel.h) sum these, then call finish_gradients.
+  virtual std::vector<Tensor> gradient_accumulators();
+  virtual void finish_gradients() {}
+  void zero_grad();  // zeroes gradient_accumulators()
   // Sum of the main next-token losses over positions with a target; logits (B*T, V) if requested.
   virtual double forward(const TokenBatch& batch, Tensor* logits = nullptr) = 0;
   // Forward, then backward of loss_scale * (the model's objective summed over the batch's targets);

@@ -21,9 +21,15 @@ Param make_param(const std::string& name, ParamKind kind, const Shape& shape, DT
   return p;
 }
 
+Shape Param::logical_shape() const {
+  Shape s = value.shape();
+  if (sharded()) s[0] = shard_rows;
+  return s;
+}
+
 int64_t count_elements(const ParamList& params) {
   int64_t n = 0;
-  for (const Param* p : params) n += p->value.numel();
+  for (const Param* p : params) n += shape_numel(p->logical_shape());
   return n;
 }
 

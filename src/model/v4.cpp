@@ -6,6 +6,7 @@
 #include <numbers>
 
 #include "core/rng.h"
+#include "parallel/communicator.h"
 #include "ops/ops.h"
 #include "ops/v4_ops.h"
 
@@ -458,7 +459,21 @@ struct MoE {
   Tensor idx_host;  // idx on the host (the same tensor on a CPU model): the dispatch and routing_indices read it
   Tensor dscores;  // (N, E): the balance loss's gradient, from the forward when training
   std::vector<int64_t> offsets;  // per expert, into the dispatched rows; E + 1 entries
-  std::vector<Tensor> g_, u_, s_;  // per expert SwiGLU inputs and output
+  // Expert parallelism (V4Model::set_expert_parallel): this rank holds experts [first_expert, first_expert +
+  // n_local) of the stack; the rows of its experts arrive from every rank of the ep group, each source's rows
+  // computed apart (its own GEMMs, its own gradient slot in src_w*) so that every number is what one process
+  // computes for that source's micro-batch.
+  Communicator* ep = nullptr;
+  int64_t first_expert = 0, n_local = 0;
+  Tensor src_w1, src_w2, src_w3;  // (ep size, n_local, ...): the weight gradients by source rank
+  std::vector<int64_t> send_counts, recv_counts;  // rows to / from each ep rank
+  Tensor xr, yr;  // the rows this rank's experts compute: xe itself without expert parallelism
+  // One GEMM chain: local expert j on rows [start, start + n) of xr, from source rank src.
+  struct Chunk {
+    int64_t j = 0, src = 0, start = 0, n = 0;
+    Tensor g, u, s;  // SwiGLU inputs and output
+  };
+  std::vector<Chunk> chunks;
   Tensor sg, su, ss;               // shared expert
   Tensor override_idx;             // (N, k) i32 used instead of TopK(scores + bias) when defined (score-routed)
   double preact_max_abs = 0, logit_max = 0;  // spike instrumentation of the last forward
@@ -478,6 +493,7 @@ struct MoE {
     w1 = make_param(p + "experts.w1", ParamKind::matrix, {E, F, d}, dt);
     w2 = make_param(p + "experts.w2", ParamKind::matrix, {E, d, F}, dt);
     w3 = make_param(p + "experts.w3", ParamKind::matrix, {E, F, d}, dt);
+    n_local = E;
     if (Fs > 0) {
       sw1 = make_param(p + "shared.w1", ParamKind::matrix, {Fs, d}, dt);
       sw2 = make_param(p + "shared.w2", ParamKind::matrix, {d, Fs}, dt);
@@ -485,6 +501,27 @@ struct MoE {
     }
   }
   bool has_shared() const { return sw1.value.defined(); }
+  // Keeps experts [rank * E / P, (rank + 1) * E / P) of the stacks, P = the group's size (values to be set by init
+  // or a checkpoint).
+  void shard_experts(Communicator& group) {
+    const int64_t E = cfg->n_routed_experts, P = group.size();
+    ep = &group;
+    n_local = E / P;
+    first_expert = group.rank() * n_local;
+    for (Param* w : {&w1, &w2, &w3}) {
+      Shape shape = w->value.shape();
+      shape[0] = n_local;
+      const DType dt = w->value.dtype();
+      w->value = Tensor::zeros(shape, dt);
+      w->grad = Tensor::zeros(shape, dt);
+      w->shard_offset = first_expert;
+      w->shard_rows = E;
+      shape.insert(shape.begin(), P);
+      (w == &w1 ? src_w1 : w == &w2 ? src_w2 : src_w3) = Tensor::zeros(shape, dt);
+    }
+  }
+  // The weight gradients by source rank, folded by V4Model::finish_gradients (undefined without expert parallelism).
+  Tensor& by_source(const Param* w) { return w == &w1 ? src_w1 : w == &w2 ? src_w2 : src_w3; }
   ParamList params() {
     ParamList ps{&gate, &w1, &w2, &w3};
     if (has_shared())
@@ -577,38 +614,66 @@ struct MoE {
     // one buffer, whose max |x| is read after the layer with one copy to the host.
     const int64_t F = c.moe_inter_dim, Fs = has_shared() ? sw1.value.size(0) : 0;
     const bool on_cpu = ctx.device == Device::cpu;
-    const int64_t preact_n = 2 * M * F + 2 * N * Fs;
+    const int64_t preact_n = ep ? 0 : 2 * M * F + 2 * N * Fs;  // EP: one tensor each (the rows are known later)
     Tensor preact = on_cpu || preact_n == 0 ? Tensor() : Tensor::empty({preact_n}, dt);
     int64_t preact_at = 0;
     auto preact_tensor = [&](int64_t r, int64_t cols) {
-      if (on_cpu) return Tensor::empty({r, cols}, dt);
+      if (!preact.defined()) return Tensor::empty({r, cols}, dt);
       Tensor t = preact.slice(preact_at, r * cols).reshape({r, cols});
       preact_at += r * cols;
       return t;
     };
-    g_.assign(E, Tensor());
-    u_.assign(E, Tensor());
-    s_.assign(E, Tensor());
-    for (int64_t e = 0; e < E; ++e) {
-      int64_t n = offsets[e + 1] - offsets[e];
-      if (n == 0) continue;
-      Tensor x = xe.slice(offsets[e], n);
-      g_[e] = preact_tensor(n, F);
-      u_[e] = preact_tensor(n, F);
-      s_[e] = Tensor::empty({n, c.moe_inter_dim}, dt);
-      ops::linear_forward(x, w1.value.slice(e, 1).reshape({c.moe_inter_dim, d}), g_[e]);
-      ops::linear_forward(x, w3.value.slice(e, 1).reshape({c.moe_inter_dim, d}), u_[e]);
-      if (on_cpu) preact_max_abs = std::max({preact_max_abs, max_of(g_[e], true), max_of(u_[e], true)});
-      ops::swiglu_forward(g_[e], u_[e], s_[e], c.swiglu_limit);
-      ops::linear_forward(s_[e], w2.value.slice(e, 1).reshape({d, c.moe_inter_dim}), ye.slice(offsets[e], n));
+    // The rows this rank's experts compute: its own (xe), or under expert parallelism what each ep rank sends.
+    const int64_t P = ep ? ep->size() : 1;
+    std::vector<int64_t> counts(size_t(P * E));  // rows per (source rank, expert)
+    for (int64_t e = 0; e < E; ++e) counts[e] = offsets[e + 1] - offsets[e];
+    if (ep) {
+      Tensor mine = Tensor::empty({E}, DType::i64, Device::cpu), all = Tensor::empty({P * E}, DType::i64, Device::cpu);
+      std::copy(counts.begin(), counts.begin() + E, mine.data<int64_t>());
+      ep->all_gather(mine, all);
+      std::copy(all.data<int64_t>(), all.data<int64_t>() + P * E, counts.begin());
+      send_counts.assign(P, 0);
+      recv_counts.assign(P, 0);
+      for (int64_t q = 0; q < P; ++q) {
+        send_counts[q] = offsets[(q + 1) * n_local] - offsets[q * n_local];  // my rows for rank q's experts
+        for (int64_t j = 0; j < n_local; ++j) recv_counts[q] += counts[q * E + first_expert + j];  // and its for mine
+      }
+      int64_t R = 0;
+      for (int64_t n : recv_counts) R += n;
+      xr = Tensor::empty({R, d}, dt);
+      ep->all_to_all_v(xe, send_counts, xr, recv_counts);
+      yr = Tensor::empty({R, d}, dt);
+    } else {
+      xr = xe;
+      yr = ye;
     }
+    chunks.clear();
+    int64_t at = 0;
+    for (int64_t src = 0; src < P; ++src)
+      for (int64_t j = 0; j < n_local; ++j) {
+        const int64_t n = counts[src * E + first_expert + j];
+        if (n > 0) chunks.push_back(Chunk{j, src, at, n, {}, {}, {}});
+        at += n;
+      }
+    for (Chunk& ch : chunks) {
+      Tensor x = xr.slice(ch.start, ch.n);
+      ch.g = preact_tensor(ch.n, F);
+      ch.u = preact_tensor(ch.n, F);
+      ch.s = Tensor::empty({ch.n, F}, dt);
+      ops::linear_forward(x, w1.value.slice(ch.j, 1).reshape({F, d}), ch.g);
+      ops::linear_forward(x, w3.value.slice(ch.j, 1).reshape({F, d}), ch.u);
+      if (!preact.defined()) preact_max_abs = std::max({preact_max_abs, max_of(ch.g, true), max_of(ch.u, true)});
+      ops::swiglu_forward(ch.g, ch.u, ch.s, c.swiglu_limit);
+      ops::linear_forward(ch.s, w2.value.slice(ch.j, 1).reshape({d, F}), yr.slice(ch.start, ch.n));
+    }
+    if (ep) ep->all_to_all_v(yr, recv_counts, ye, send_counts);
     Tensor y = Tensor::zeros({N, d}, dt);
     if (has_shared()) {
       sg = preact_tensor(N, Fs);
       su = preact_tensor(N, Fs);
       ops::linear_forward(h, sw1.value, sg);
       ops::linear_forward(h, sw3.value, su);
-      if (on_cpu) preact_max_abs = std::max({preact_max_abs, max_of(sg, true), max_of(su, true)});
+      if (!preact.defined()) preact_max_abs = std::max({preact_max_abs, max_of(sg, true), max_of(su, true)});
       ss = Tensor::empty(sg.shape(), dt);
       ops::swiglu_forward(sg, su, ss, c.swiglu_limit);
       ops::linear_forward(ss, sw2.value, y);
@@ -637,16 +702,29 @@ struct MoE {
     ops::rows_dot(ye, dy, rows, dwflat);
     Tensor dweights = Tensor::zeros({N * k, 1}, dt);
     ops::scatter_add_rows(dwflat.reshape({M, 1}), slots, Tensor(), dweights);
-    Tensor dxe = Tensor::empty({M, d}, dt);
-    for (int64_t e = 0; e < E; ++e) {
-      int64_t n = offsets[e + 1] - offsets[e];
-      if (n == 0) continue;
-      Tensor x = xe.slice(offsets[e], n), dx = dxe.slice(offsets[e], n), dyo = dye.slice(offsets[e], n);
-      Tensor ds = Tensor::empty({n, F}, dt), dg = Tensor::empty({n, F}, dt), du = Tensor::empty({n, F}, dt);
-      ops::linear_backward(s_[e], w2.value.slice(e, 1).reshape({d, F}), dyo, ds, w2.grad.slice(e, 1).reshape({d, F}));
-      ops::swiglu_backward(g_[e], u_[e], ds, dg, du, c.swiglu_limit);
-      ops::linear_backward(x, w1.value.slice(e, 1).reshape({F, d}), dg, dx, w1.grad.slice(e, 1).reshape({F, d}));
-      linear_backward_acc(x, w3.value.slice(e, 1).reshape({F, d}), du, dx, w3.grad.slice(e, 1).reshape({F, d}));
+    // The experts' backward on the rows they computed (under expert parallelism: dye goes to the experts' ranks,
+    // and each source's weight gradient to its own slot).
+    Tensor dyr = dye, dxr;
+    if (ep) {
+      dyr = Tensor::empty(xr.shape(), dt);
+      ep->all_to_all_v(dye, send_counts, dyr, recv_counts);
+    }
+    dxr = Tensor::empty(xr.shape(), dt);
+    for (const Chunk& ch : chunks) {
+      Tensor x = xr.slice(ch.start, ch.n), dx = dxr.slice(ch.start, ch.n), dyo = dyr.slice(ch.start, ch.n);
+      Tensor ds = Tensor::empty({ch.n, F}, dt), dg = Tensor::empty({ch.n, F}, dt), du = Tensor::empty({ch.n, F}, dt);
+      auto grad = [&](const Param& w, const Tensor& by_source, const Shape& shape) {
+        return (ep ? by_source.slice(ch.src, 1).reshape(w.grad.shape()) : w.grad).slice(ch.j, 1).reshape(shape);
+      };
+      ops::linear_backward(ch.s, w2.value.slice(ch.j, 1).reshape({d, F}), dyo, ds, grad(w2, src_w2, {d, F}));
+      ops::swiglu_backward(ch.g, ch.u, ds, dg, du, c.swiglu_limit);
+      ops::linear_backward(x, w1.value.slice(ch.j, 1).reshape({F, d}), dg, dx, grad(w1, src_w1, {F, d}));
+      linear_backward_acc(x, w3.value.slice(ch.j, 1).reshape({F, d}), du, dx, grad(w3, src_w3, {F, d}));
+    }
+    Tensor dxe = dxr;
+    if (ep) {
+      dxe = Tensor::empty({M, d}, dt);
+      ep->all_to_all_v(dxr, recv_counts, dxe, send_counts);
     }
     ops::scatter_add_rows(dxe, rows, Tensor(), dh);
     // Router: gate weights, added to the balance loss's gradient from the forward.
@@ -915,10 +993,11 @@ void V4Model::init(uint64_t seed) {
       continue;
     }
     bool residual = n.ends_with("attn.wo_b") || n.ends_with("experts.w2") || n.ends_with("shared.w2");
-    Tensor f32 = Tensor::empty(p->value.shape(), DType::f32, Device::cpu);
+    // A shard (expert parallelism) draws the whole tensor and keeps its rows: the values of one process.
+    Tensor f32 = Tensor::empty(p->logical_shape(), DType::f32, Device::cpu);
     Rng{seed, stream_id(n.c_str())}.fill_normal(f32.data<float>(), f32.numel(), 0.0,
                                                 residual ? residual_std : cfg_.init_std);
-    p->value.copy_from(f32.to(dtype_));
+    p->value.copy_from(f32.slice(p->shard_offset, p->value.size(0)).to(dtype_));
   }
   // Buffers: no balancing bias yet; the hash table is a fixed function of (layer, token) - k distinct experts by a
   // partial Fisher-Yates shuffle on a Philox stream named after the table (independent of the training seed).
@@ -945,6 +1024,49 @@ void V4Model::init(uint64_t seed) {
 }
 
 Tensor V4Model::last_mtp_logits() const { return impl_->mtp_logits; }
+
+void V4Model::set_expert_parallel(Communicator& group) {
+  TS_CHECK(!ep_, "set_expert_parallel: already set");
+  TS_CHECK(group.device() == device_, "expert parallelism: the ", group.backend(), " communicator works on ",
+           device_name(group.device()), " tensors, the model is on ", device_name(device_));
+  TS_CHECK(cfg_.n_routed_experts % group.size() == 0, "expert parallelism: model.n_routed_experts (",
+           cfg_.n_routed_experts, ") must be a multiple of parallel.ep (", group.size(), ")");
+  DeviceScope on_model_device(device_);
+  ep_ = &group;
+  for (MoE* f : impl_->moes()) f->shard_experts(group);
+}
+
+std::vector<Tensor> V4Model::gradient_accumulators() {
+  std::vector<Tensor> out;
+  std::vector<MoE*> moes = impl_->moes();
+  for (Param* p : params()) {
+    Tensor t = p->grad;
+    if (ep_)
+      for (MoE* f : moes)
+        if (p == &f->w1 || p == &f->w2 || p == &f->w3) t = f->by_source(p);
+    out.push_back(t);
+  }
+  return out;
+}
+
+void V4Model::finish_gradients() {
+  if (!ep_) return;
+  // grad = the pairwise sum over source ranks [lo, hi): the tree the data-parallel all-reduce sums ranks in.
+  std::function<void(const Tensor&, int64_t, int64_t, const Tensor&)> fold = [&](const Tensor& src, int64_t lo,
+                                                                               int64_t hi, const Tensor& out) {
+    if (hi - lo == 1) {
+      ops::copy(src.slice(lo, 1).reshape(out.shape()), out);
+      return;
+    }
+    const int64_t mid = (lo + hi) / 2;
+    fold(src, lo, mid, out);
+    Tensor right = Tensor::empty(out.shape(), out.dtype(), out.device());
+    fold(src, mid, hi, right);
+    ops::axpy(1.0, right, out);
+  };
+  for (MoE* f : impl_->moes())
+    for (Param* w : {&f->w1, &f->w2, &f->w3}) fold(f->by_source(w), 0, ep_->size(), w->grad);
+}
 
 void V4Model::reset_expert_load() {
   for (auto& l : expert_load_) std::fill(l.begin(), l.end(), 0);

@@ -12,6 +12,8 @@
 
 namespace tessera {
 
+class Communicator;
+
 // Where a row's compressed blocks lie (one layout per compression ratio m): documents are compressed
 // separately and trailing tokens short of m are dropped. Host-side integer bookkeeping: make_block_layout builds
 // host tensors (from `doc` on any device); the model copies them to its device once per batch.
@@ -43,6 +45,16 @@ class V4Model final : public Model {
   double forward(const TokenBatch& batch, Tensor* logits = nullptr) override;
   double forward_backward(const TokenBatch& batch, double loss_scale) override;
   double forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) override;
+  // Expert parallelism over `group` (kept by reference; call before init or loading weights): this rank keeps
+  // experts [rank * E / P, (rank + 1) * E / P) of every routed stack (sharded Params, checkpoints hold the whole
+  // stacks), and each MoE layer's forward and backward exchange rows with the group by all_to_all_v, so every rank
+  // of the group must run the same sequence of forward/backward calls. Each expert computes each source rank's rows
+  // apart and keeps a weight gradient per source (gradient_accumulators), which finish_gradients sums in the
+  // data-parallel tree: the result of one process (docs/parallelism.md "Expert parallelism").
+  void set_expert_parallel(Communicator& group);
+  Communicator* expert_parallel() const { return ep_; }
+  std::vector<Tensor> gradient_accumulators() override;
+  void finish_gradients() override;
   // Cached decoding (v4_decode.inc): window, compressed (CSA / HCA) and indexer caches; MTP unused.
   std::unique_ptr<DecodeCache> new_cache(int64_t batch, int64_t capacity) override;
   void decode(const Tensor& ids, DecodeCache& cache, const Tensor& logits_out) override;
@@ -100,6 +112,7 @@ class V4Model final : public Model {
   std::unique_ptr<Impl> impl_;
   Stats stats_;
   std::vector<std::vector<int64_t>> expert_load_;
+  Communicator* ep_ = nullptr;
 };
 
 // The look-ahead cache of anticipatory routing: for a future step, one set of routing indices per micro-batch,

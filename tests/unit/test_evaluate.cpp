@@ -128,6 +128,7 @@ class ThreadComm final : public Communicator {
   }
   void send(const Tensor&, int) override { TS_FAIL("ThreadComm: no send"); }
   void recv(const Tensor&, int) override { TS_FAIL("ThreadComm: no recv"); }
+  void send_recv(const Tensor&, int, const Tensor&, int) override { TS_FAIL("ThreadComm: no send_recv"); }
   void broadcast(const Tensor&, int) override { TS_FAIL("ThreadComm: no broadcast"); }
   std::unique_ptr<Communicator> split(int, int) override { TS_FAIL("ThreadComm: no split"); }
 
