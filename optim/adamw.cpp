@@ -1,5 +1,6 @@
 #include "optim/adamw.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "ops/ops.h"
@@ -41,8 +42,8 @@ static std::vector<double> matrix_sum_squares(const Tensor& g) {
   return out;
 }
 
-double clip_grad_norm(const ParamList& params, double max_norm, Communicator* shard_group) {
-  double ss = 0;
+double clip_grad_norm(const ParamList& params, double max_norm, Communicator* shard_group, Communicator* stage_group) {
+  std::vector<double> per_param;  // each parameter's sum of squares, in order
   for (const Param* p : params) {
     std::vector<double> parts = matrix_sum_squares(p->grad);
     if (p->sharded() && shard_group) {  // every shard's per-matrix sums, in the stack's order
@@ -55,8 +56,23 @@ double clip_grad_norm(const ParamList& params, double max_norm, Communicator* sh
     }
     double s = 0;
     for (double x : parts) s += x;
-    ss += s;
+    per_param.push_back(s);
   }
+  if (stage_group && stage_group->size() > 1) {  // every stage's sums, stage by stage (the parameter order)
+    Tensor n = Tensor::empty({1}, DType::i64, Device::cpu), counts = Tensor::empty({stage_group->size()}, DType::i64, Device::cpu);
+    n.data<int64_t>()[0] = int64_t(per_param.size());
+    stage_group->all_gather(n, counts);
+    const int64_t* c = counts.data<int64_t>();
+    const int64_t most = *std::max_element(c, c + stage_group->size());
+    Tensor mine = Tensor::zeros({most}, DType::f64, Device::cpu), all = Tensor::empty({most * stage_group->size()}, DType::f64, Device::cpu);
+    std::copy(per_param.begin(), per_param.end(), mine.data<double>());
+    stage_group->all_gather(mine, all);
+    per_param.clear();
+    for (int r = 0; r < stage_group->size(); ++r)
+      per_param.insert(per_param.end(), all.data<double>() + r * most, all.data<double>() + r * most + c[r]);
+  }
+  double ss = 0;
+  for (double x : per_param) ss += x;
   double norm = std::sqrt(ss);
   double factor = max_norm / (norm + 1e-6);
   if (max_norm > 0 && factor < 1.0)

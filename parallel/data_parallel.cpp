@@ -15,20 +15,22 @@ static void pairwise(Model& model, const std::vector<Tensor>& grads, int64_t lo,
   }
   const int64_t mid = (lo + hi) / 2;
   pairwise(model, grads, lo, mid, depth + 1, stack, run);
-  if (stack.levels.size() <= depth) stack.levels.resize(depth + 1);
-  std::vector<Tensor>& left = stack.levels[depth];
+  std::vector<Tensor>& left = stack.levels.at(depth);
   if (left.size() != grads.size()) {
     left.clear();
     for (const Tensor& g : grads) left.push_back(Tensor::empty(g.shape(), g.dtype(), g.device()));
   }
   for (size_t i = 0; i < grads.size(); ++i) ops::copy(grads[i], left[i]);
   pairwise(model, grads, mid, hi, depth + 1, stack, run);
+  // levels was sized up front: `left` still refers to it (a right subtree deeper than the left would otherwise
+  // reallocate it under the reference).
   for (size_t i = 0; i < grads.size(); ++i) ops::axpy(1.0, left[i], grads[i]);  // right + left
 }
 
 void pairwise_gradients(Model& model, int64_t lo, int64_t hi, GradientStack& stack,
                         const std::function<void(int64_t)>& run) {
   TS_CHECK(hi > lo, "pairwise_gradients: empty range [", lo, ", ", hi, ")");
+  if (stack.levels.size() < 64) stack.levels.resize(64);  // deeper than any tree of int64 leaves
   pairwise(model, model.gradient_accumulators(), lo, hi, 0, stack, run);
   model.finish_gradients();
 }

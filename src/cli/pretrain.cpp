@@ -22,6 +22,8 @@
 #include "ops/ops.h"
 #include "parallel/data_parallel.h"
 #include "parallel/expert_parallel.h"
+#include "parallel/pipeline_parallel.h"
+#include "model/dense.h"
 
 namespace tessera {
 namespace fs = std::filesystem;
@@ -137,7 +139,7 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
 }
 
 EvalResult evaluate_loss(Model& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
-                         int64_t max_batches) {
+                         int64_t max_batches, Communicator* pp) {
   std::vector<int64_t> bytes(tok.vocab_size());
   for (int32_t id = 0; id < tok.vocab_size(); ++id) bytes[id] = tok.token_bytes(id);
   int64_t windows = loader.eval_windows();
@@ -147,7 +149,7 @@ EvalResult evaluate_loss(Model& model, const PackedLoader& loader, const Tokeniz
   int64_t count = 0, n_bytes = 0;
   for (int64_t i = 0; i < batches; ++i) {
     TokenBatch b = loader.eval_batch(i * bs, bs);
-    total += model.forward(b);
+    total += pp ? pipeline_forward_loss(dynamic_cast<DenseModel&>(model), *pp, b) : model.forward(b);
     count += b.count_targets();
     const int32_t* t = b.targets.data<int32_t>();
     for (int64_t k = 0; k < b.targets.numel(); ++k)
@@ -381,9 +383,20 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   // Parallel layout: validated against the world size; data and expert parallelism are what is built so far.
   const int world_size = world ? world->size() : 1;
   const Topology topo = Topology::make(cfg.parallel, world_size);
-  if (topo.tp() > 1 || topo.pp() > 1)
-    TS_FAIL(recipe.path(), ": [parallel] ", topo.str(), ": tensor and pipeline parallelism are not built yet; ",
-            "use data parallelism (parallel.dp) and expert parallelism (parallel.ep)");
+  if (topo.tp() > 1)
+    TS_FAIL(recipe.path(), ": [parallel] ", topo.str(), ": tensor parallelism is not built yet; use data, pipeline ",
+            "(dense models) and expert (V4 models) parallelism: parallel.dp, parallel.pp, parallel.ep");
+  if (topo.pp() > 1) {
+    auto refuse = [&](const std::string& key, const std::string& why) {
+      TS_FAIL(recipe.path(), ": parallel.pp = ", topo.pp(), " does not work with ", key, " yet (", why, ")");
+    };
+    if (cfg.model.is_v4()) refuse("model.arch = \"deepseek_v4\"", "its stages are not built: mHC streams, MTP");
+    if (!cfg.qat.empty() && cfg.qat != "off") refuse("training.qat", "not tested with stages");
+    if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
+    if (cfg.model.n_layers < topo.pp())
+      TS_FAIL(recipe.path(), ": parallel.pp (", topo.pp(), ") must not exceed model.n_layers (", cfg.model.n_layers,
+              "): each stage holds at least one layer");
+  }
   if (topo.ep() > 1) {
     auto refuse = [&](const std::string& key, const std::string& why) {
       TS_FAIL(recipe.path(), ": parallel.ep = ", topo.ep(), " does not work with ", key, " yet (", why, ")");
@@ -400,10 +413,12 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   std::unique_ptr<ProcessGroups> groups;
   Communicator* dp = nullptr;  // the data-parallel group, when there is more than one rank
   Communicator* ep = nullptr;  // the expert-parallel group, when parallel.ep > 1
+  Communicator* pp = nullptr;  // the pipeline group, when parallel.pp > 1
   if (world && world_size > 1) {
     groups = std::make_unique<ProcessGroups>(ProcessGroups::build(topo, *world));
     dp = groups->dp.get();
     if (topo.ep() > 1) ep = groups->ep.get();
+    if (topo.pp() > 1) pp = groups->pp.get();
     if (cfg.grad_accum % dp->size() != 0)
       TS_FAIL(recipe.path(), ": training.grad_accum (", cfg.grad_accum, ") must be a multiple of parallel.dp (",
               dp->size(), "): each data-parallel rank trains on grad_accum / dp of the step's micro-batches");
@@ -424,6 +439,14 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     v4->set_expert_parallel(*ep);
     log_info(cat("expert parallel over ", ep->size(), " ranks: this rank holds ", cfg.model.n_routed_experts / ep->size(),
                  " of the ", cfg.model.n_routed_experts, " routed experts of each MoE layer"));
+  }
+  DenseModel* stage_model = pp ? dynamic_cast<DenseModel*>(&model) : nullptr;
+  if (pp) {
+    stage_model->set_pipeline_stage(pp->rank(), pp->size());
+    log_info(cat("pipeline over ", pp->size(), " stages, 1F1B: stage ", pp->rank(), " holds layers [",
+                 pp->rank() * cfg.model.n_layers / pp->size(), ", ", (pp->rank() + 1) * cfg.model.n_layers / pp->size(),
+                 ")", pp->rank() == 0 ? " and the embedding" : "",
+                 pp->rank() == pp->size() - 1 ? " and the head" : ""));
   }
   ParamList params = model.params(), saved = model.saved_tensors();
   model.init(cfg.seed);
@@ -475,6 +498,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     CommStats s = dp ? dp->stats() : CommStats{};
     if (ep) s += ep->stats();
     if (ep && groups->edp->size() > 1) s += groups->edp->stats();
+    if (pp) s += pp->stats();
     return s;
   };
   std::unique_ptr<GradientBuckets> expert_buckets =
@@ -580,7 +604,15 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     // (bitwise) when the scope ends, before clipping and the optimizer step (straight-through estimator).
     std::optional<qat::FakeQuantWeights> qat_scope;
     if (qat_mode != qat::Mode::off) qat_scope.emplace(params, qat_mode);
+    // Pipeline parallelism: the 1F1B schedule of this rank's micro-batches; each leaf of the gradient tree runs it
+    // through that micro-batch's backward.
+    std::optional<OneFOneB> schedule;
+    if (pp) schedule.emplace(*stage_model, *pp, micro, first, first + per_rank, 1.0 / double(n_targets));
     pairwise_gradients(model, first, first + per_rank, grad_stack, [&](int64_t mi) {
+      if (schedule) {
+        schedule->run_through_backward(mi);
+        return;
+      }
       if (v4) {
         if (cached) cache.apply(*v4, step, mi);  // indices from the parameters of step - dt
         else v4->clear_routing_override();
@@ -601,6 +633,12 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       }
     });
     qat_scope.reset();  // QAT: master weights back
+    if (schedule) {  // the losses are the last stage's: every stage gets their sum (the others add zeros: exact)
+      Tensor t = Tensor::empty({1}, DType::f64, Device::cpu);
+      t.data<double>()[0] = schedule->loss_sum();
+      pp->all_reduce(t, ReduceOp::sum);
+      loss_sum = t.data<double>()[0];
+    }
     if (v4) v4->clear_routing_override();
     if (dp) {
       // The global step: gradients, loss sums, V4 statistics and expert loads over the data-parallel group.
@@ -642,7 +680,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (!std::isfinite(loss) && !back_to)
       TS_FAIL("training loss is ", loss, " at step ", step + 1, "; the last checkpoint in ", cfg.run_dir,
               " is intact (lower optimizer.lr or training.grad_clip?)");
-    const double grad_norm = clip_grad_norm(params, cfg.grad_clip, ep);
+    const double grad_norm = clip_grad_norm(params, cfg.grad_clip, ep, pp);
     std::string moe_metrics, routing_metrics;
     if (v4) {
       // Expert load of this step (max over mean per MoE layer) and the spike instrumentation.
@@ -737,7 +775,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     const bool last = done == cfg.steps;
     double val_loss = NAN, val_per_byte = NAN;
     if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
-      EvalResult ev = evaluate_loss(model, val_loader, *data.tokenizer, cfg.batch_size, cfg.eval_batches);
+      EvalResult ev = evaluate_loss(model, val_loader, *data.tokenizer, cfg.batch_size, cfg.eval_batches, pp);
       val_loss = ev.nats_per_token, val_per_byte = ev.nats_per_byte;
       if (v4) v4->reset_expert_load();  // held-out batches do not count towards the next bias update
     }
@@ -767,6 +805,11 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     std::deque<Param> gathered;
     const ParamList to_save = save && ep ? gather_shards(saved, *ep, gathered) : saved;
     if (save && ep) opt_state = gather_state_shards(opt_state, params, *ep);
+    // Pipeline parallelism: every stage's tensors go to the first stage of data-parallel replica 0 (rank 0).
+    std::deque<Param> received;
+    PipelineGathered stages;
+    const bool gather_stages = save && pp && groups->coords.dp == 0;
+    if (gather_stages) stages = gather_pipeline_stages(to_save, opt_state, *pp, received);
     if (writer && save) {
       CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind,
                           data.tokenizer->hash()};
@@ -781,7 +824,8 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
         fs::create_directories(fs::path(path).parent_path());
         save_routing_state(routing_state_path(path), st);
       }
-      save_checkpoint(path, cfg.model, to_save, &opt, meta, &opt_state);
+      if (gather_stages) save_checkpoint(path, cfg.model, stages.params, &opt, meta, &stages.state);
+      else save_checkpoint(path, cfg.model, to_save, &opt, meta, &opt_state);
       if (cfg.checkpoint_keep > 0) {
         std::vector<std::string> all = list_checkpoints(cfg.run_dir);
         for (size_t i = 0; i + cfg.checkpoint_keep < all.size(); ++i) {

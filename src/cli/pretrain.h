@@ -102,8 +102,10 @@ class Model;
 struct EvalResult {
   double nats_per_token = 0, nats_per_byte = 0;
 };
+// Under pipeline parallelism (`pp`: the model is a stage) every stage calls it and gets the pipeline's loss.
+class Communicator;
 EvalResult evaluate_loss(Model& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
-                         int64_t max_batches);
+                         int64_t max_batches, Communicator* pp = nullptr);
 
 // Measured fp32 GEMM rate of this machine (FLOP/s), the CPU's MFU denominator.
 double measure_gemm_peak();

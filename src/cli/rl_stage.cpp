@@ -99,6 +99,9 @@ RlConfig rl_config_from_recipe(Recipe& r) {
   if (c.device == Device::cuda && !device_available(Device::cuda))
     TS_FAIL(r.path(), ": training.device = \"cuda\" but this build has no CUDA backend or no GPU is present");
   c.dp = int(r.get_int("parallel.dp", -1, -1, 1 << 20));
+  for (const char* key : {"parallel.tp", "parallel.pp", "parallel.ep"})
+    if (r.get_int(key, 1, 1, 1 << 20) > 1)
+      TS_FAIL(r.path(), ": ", key, " > 1: the ", c.stage, " stage runs data-parallel only (parallel.dp)");
 
   c.prompts_per_step = r.get_int("grpo.prompts_per_step", c.prompts_per_step, 1);
   c.group_size = r.get_int("grpo.group_size", opd ? 1 : c.group_size, opd ? 1 : 2);

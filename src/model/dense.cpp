@@ -1,6 +1,7 @@
 #include "model/dense.h"
 
 #include <cmath>
+#include <utility>
 
 #include "core/rng.h"
 #include "ops/ops.h"
@@ -28,14 +29,39 @@ DenseModel::DenseModel(const ModelConfig& cfg, DType dtype, Device device) : cfg
   }
   norm_ = make_param("norm", ParamKind::vector, {C}, dtype);
   output_ = make_param("output", ParamKind::head, {V, C}, dtype);
+  last_layer_ = cfg.n_layers;
+}
+
+void DenseModel::set_pipeline_stage(int stage, int n_stages) {
+  TS_CHECK(n_stages >= 1 && stage >= 0 && stage < n_stages, "set_pipeline_stage: stage ", stage, " of ", n_stages);
+  TS_CHECK(n_stages <= cfg_.n_layers, "pipeline parallelism: parallel.pp (", n_stages,
+           ") must not exceed model.n_layers (", cfg_.n_layers, "): each stage holds at least one layer");
+  stage_ = stage, n_stages_ = n_stages;
+  first_layer_ = stage * cfg_.n_layers / n_stages;
+  last_layer_ = (stage + 1) * cfg_.n_layers / n_stages;
+  // What other stages hold is dropped.
+  auto drop = [](Param& p) { p.value = p.grad = Tensor(); };
+  for (int64_t l = 0; l < cfg_.n_layers; ++l)
+    if (l < first_layer_ || l >= last_layer_)
+      for (Param* p : {&layers_[l].attn_norm, &layers_[l].wq, &layers_[l].wk, &layers_[l].wv, &layers_[l].wo,
+                       &layers_[l].ffn_norm, &layers_[l].w1, &layers_[l].w2, &layers_[l].w3})
+        drop(*p);
+  if (!first_stage()) drop(tok_embeddings_);
+  if (!last_stage()) drop(norm_), drop(output_);
+  B_ = T_ = 0;
 }
 
 ParamList DenseModel::params() {
-  ParamList ps{&tok_embeddings_};
-  for (Layer& l : layers_)
+  ParamList ps;
+  if (first_stage()) ps.push_back(&tok_embeddings_);
+  for (int64_t i = first_layer_; i < last_layer_; ++i) {
+    Layer& l = layers_[i];
     for (Param* p : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w1, &l.w2, &l.w3}) ps.push_back(p);
-  ps.push_back(&norm_);
-  ps.push_back(&output_);
+  }
+  if (last_stage()) {
+    ps.push_back(&norm_);
+    ps.push_back(&output_);
+  }
   return ps;
 }
 
@@ -54,44 +80,59 @@ void DenseModel::init(uint64_t seed) {
   }
 }
 
+DenseModel::Activations DenseModel::new_activations() const {
+  DeviceScope on_device(device_);
+  const int64_t B = B_, T = T_, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, H = cfg_.n_heads, KH = cfg_.n_kv_heads;
+  const int64_t hd = cfg_.attn_head_dim(), V = cfg_.vocab_size;
+  auto buf = [&](const Shape& s) { return Tensor::empty(s, dtype_); };
+  Activations a;
+  for (int64_t l = first_layer_; l < last_layer_; ++l)
+    a.layers.push_back(LayerActs{buf({N, C}), buf({N, C}), buf({N}), buf({B, T, H, hd}), buf({B, T, KH, hd}),
+                                 buf({B, T, KH, hd}), buf({B, T, H, hd}), buf({B, H, T}), buf({N, C}), buf({N, C}),
+                                 buf({N}), buf({N, F}), buf({N, F}), buf({N, F})});
+  a.x_final = buf({N, C});
+  if (last_stage()) {
+    a.h_final = buf({N, C});
+    a.rstd_final = buf({N});
+    a.logits = buf({N, V});
+    a.losses = buf({N});
+  }
+  return a;
+}
+
 void DenseModel::ensure_buffers(int64_t B, int64_t T) {
   if (B == B_ && T == T_) return;
   if (T > cfg_.max_seq_len) TS_FAIL("sequence length ", T, " exceeds model.max_seq_len ", cfg_.max_seq_len);
+  TS_CHECK(parked_.empty(), "DenseModel: the batch shape changed with micro-batches waiting for their backward");
   B_ = B, T_ = T;
   DeviceScope on_device(device_);
   const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, H = cfg_.n_heads, KH = cfg_.n_kv_heads;
-  const int64_t hd = cfg_.attn_head_dim(), V = cfg_.vocab_size;
+  const int64_t hd = cfg_.attn_head_dim();
   auto buf = [&](const Shape& s) { return Tensor::empty(s, dtype_); };
-  acts_.clear();
-  for (int64_t l = 0; l < cfg_.n_layers; ++l)
-    acts_.push_back(LayerActs{buf({N, C}), buf({N, C}), buf({N}), buf({B, T, H, hd}), buf({B, T, KH, hd}),
-                              buf({B, T, KH, hd}), buf({B, T, H, hd}), buf({B, H, T}), buf({N, C}), buf({N, C}),
-                              buf({N}), buf({N, F}), buf({N, F}), buf({N, F})});
+  cur_ = new_activations();
+  spare_.clear();
   Tensor positions = Tensor::empty({N}, DType::i32, Device::cpu);
   for (int64_t i = 0; i < N; ++i) positions.data<int32_t>()[i] = static_cast<int32_t>(i % T);
   positions_ = positions.to_device(device_);
-  x_final_ = buf({N, C});
-  h_final_ = buf({N, C});
-  rstd_final_ = buf({N});
-  logits_ = buf({N, V});
-  losses_ = buf({N});
   dx_ = buf({N, C}), dx2_ = buf({N, C}), dh_ = buf({N, C}), dtmp_ = buf({N, C});
   dq_ = buf({B, T, H, hd}), dk_ = buf({B, T, KH, hd}), dv_ = buf({B, T, KH, hd}), datt_ = buf({B, T, H, hd});
   dg_ = buf({N, F}), du_ = buf({N, F}), ds_ = buf({N, F});
 }
 
-void DenseModel::run_forward(const TokenBatch& batch) {
+void DenseModel::run_forward(const TokenBatch& batch, const Tensor& input) {
   TS_CHECK(batch.ids.device() == device_, "run_forward: batch on ", device_name(batch.ids.device()));
   const int64_t B = batch.batch_size(), T = batch.seq_len();
   ensure_buffers(B, T);
   const int64_t N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
   const double scale = 1.0 / std::sqrt(double(hd));
-  Tensor ids = batch.ids.reshape({N});
-  ops::embedding_forward(ids, tok_embeddings_.value, acts_.empty() ? x_final_ : acts_[0].x);
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    Layer& w = layers_[l];
-    LayerActs& a = acts_[l];
-    Tensor out = l + 1 < layers_.size() ? acts_[l + 1].x : x_final_;  // (N, C) residual stream
+  std::vector<LayerActs>& acts = cur_.layers;
+  const Tensor first_x = acts.empty() ? cur_.x_final : acts[0].x;
+  if (first_stage()) ops::embedding_forward(batch.ids.reshape({N}), tok_embeddings_.value, first_x);
+  else ops::copy(input, first_x);
+  for (size_t i = 0; i < acts.size(); ++i) {
+    Layer& w = layers_[first_layer_ + int64_t(i)];
+    LayerActs& a = acts[i];
+    Tensor out = i + 1 < acts.size() ? acts[i + 1].x : cur_.x_final;  // (N, C) residual stream
     ops::rmsnorm_forward(a.x, w.attn_norm.value, cfg_.norm_eps, a.h1, a.rstd1);
     ops::linear_forward(a.h1, w.wq.value, a.q.reshape({N, H * hd}));
     ops::linear_forward(a.h1, w.wk.value, a.k.reshape({N, KH * hd}));
@@ -108,8 +149,9 @@ void DenseModel::run_forward(const TokenBatch& batch) {
     ops::copy(a.x2, out);
     ops::gemm(a.s, false, w.w2.value, true, out, 1.0, 1.0);  // out = x2 + s w2^T
   }
-  ops::rmsnorm_forward(x_final_, norm_.value, cfg_.norm_eps, h_final_, rstd_final_);
-  ops::linear_forward(h_final_, output_.value, logits_);
+  if (!last_stage()) return;
+  ops::rmsnorm_forward(cur_.x_final, norm_.value, cfg_.norm_eps, cur_.h_final, cur_.rstd_final);
+  ops::linear_forward(cur_.h_final, output_.value, cur_.logits);
 }
 
 static double sum_losses(const Tensor& device_losses) {
@@ -121,43 +163,88 @@ static double sum_losses(const Tensor& device_losses) {
 }
 
 double DenseModel::forward(const TokenBatch& host_batch, Tensor* logits) {
+  TS_CHECK(n_stages_ == 1, "DenseModel::forward: a pipeline stage runs stage_forward");
   const TokenBatch batch = host_batch.on(device_);
   run_forward(batch);
-  if (logits) *logits = logits_.clone();
-  ops::cross_entropy(logits_, batch.targets.reshape({B_ * T_}), losses_, 1.0, Tensor());
-  return sum_losses(losses_);
+  if (logits) *logits = cur_.logits.clone();
+  ops::cross_entropy(cur_.logits, batch.targets.reshape({B_ * T_}), cur_.losses, 1.0, Tensor());
+  return sum_losses(cur_.losses);
 }
 
 double DenseModel::forward_backward(const TokenBatch& host_batch, double loss_scale) {
+  TS_CHECK(n_stages_ == 1, "DenseModel::forward_backward: a pipeline stage runs stage_forward / stage_backward");
   const TokenBatch batch = host_batch.on(device_);
   run_forward(batch);
   // The fused cross-entropy overwrites the logits with their gradient.
-  ops::cross_entropy(logits_, batch.targets.reshape({B_ * T_}), losses_, loss_scale, logits_);
-  const double loss = sum_losses(losses_);
-  run_backward(batch, logits_);
+  ops::cross_entropy(cur_.logits, batch.targets.reshape({B_ * T_}), cur_.losses, loss_scale, cur_.logits);
+  const double loss = sum_losses(cur_.losses);
+  run_backward(batch, cur_.logits);
   return loss;
 }
 
 double DenseModel::forward_backward_logits(const TokenBatch& host_batch, const LogitsGrad& loss_grad) {
+  TS_CHECK(n_stages_ == 1, "DenseModel::forward_backward_logits: not with pipeline parallelism");
   const TokenBatch batch = host_batch.on(device_);
   run_forward(batch);
-  ops::cross_entropy(logits_, batch.targets.reshape({B_ * T_}), losses_, 1.0, Tensor());
-  const double loss = sum_losses(losses_);
-  Tensor dlogits = Tensor::empty(logits_.shape(), logits_.dtype(), logits_.device());
-  loss_grad(logits_, dlogits);
+  ops::cross_entropy(cur_.logits, batch.targets.reshape({B_ * T_}), cur_.losses, 1.0, Tensor());
+  const double loss = sum_losses(cur_.losses);
+  Tensor dlogits = Tensor::empty(cur_.logits.shape(), cur_.logits.dtype(), cur_.logits.device());
+  loss_grad(cur_.logits, dlogits);
   run_backward(batch, dlogits);
   return loss;
+}
+
+double DenseModel::stage_forward(int64_t slot, const TokenBatch& host_batch, const Tensor& input,
+                                 const Tensor& output, double loss_scale) {
+  const TokenBatch batch = host_batch.on(device_);
+  run_forward(batch, input);
+  double loss = 0;
+  if (last_stage()) {
+    // With a backward to follow, the fused cross-entropy leaves the logits' gradient in their place.
+    ops::cross_entropy(cur_.logits, batch.targets.reshape({B_ * T_}), cur_.losses, loss_scale,
+                       loss_scale != 0 ? cur_.logits : Tensor());
+    loss = sum_losses(cur_.losses);
+  } else {
+    ops::copy(cur_.x_final, output);
+  }
+  if (loss_scale == 0) return loss;  // no backward: nothing to keep
+  TS_CHECK(!parked_.count(slot), "stage_forward: slot ", slot, " is already waiting for its backward");
+  Activations next;
+  if (!spare_.empty()) {
+    next = std::move(spare_.back());
+    spare_.pop_back();
+  } else {
+    next = new_activations();
+  }
+  parked_[slot] = std::exchange(cur_, std::move(next));
+  return loss;
+}
+
+void DenseModel::stage_backward(int64_t slot, const TokenBatch& host_batch, const Tensor& grad_output,
+                                const Tensor& grad_input) {
+  auto it = parked_.find(slot);
+  TS_CHECK(it != parked_.end(), "stage_backward: no forward of slot ", slot, " waits for its backward");
+  const TokenBatch batch = host_batch.on(device_);
+  spare_.push_back(std::exchange(cur_, std::move(it->second)));
+  parked_.erase(it);
+  run_backward(batch, last_stage() ? cur_.logits : grad_output);
+  if (!first_stage()) ops::copy(dx_, grad_input);
 }
 
 void DenseModel::run_backward(const TokenBatch& batch, const Tensor& dlogits) {
   const int64_t B = B_, T = T_, N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
   const double scale = 1.0 / std::sqrt(double(hd));
 
-  ops::linear_backward(h_final_, output_.value, dlogits, dh_, output_.grad);
-  ops::rmsnorm_backward(x_final_, norm_.value, rstd_final_, dh_, dx_, norm_.grad);
-  for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
-    Layer& w = layers_[l];
-    LayerActs& a = acts_[l];
+  if (last_stage()) {
+    ops::linear_backward(cur_.h_final, output_.value, dlogits, dh_, output_.grad);
+    ops::rmsnorm_backward(cur_.x_final, norm_.value, cur_.rstd_final, dh_, dx_, norm_.grad);
+  } else {
+    ops::copy(dlogits, dx_);  // d output, from the next stage
+  }
+  std::vector<LayerActs>& acts = cur_.layers;
+  for (int64_t i = int64_t(acts.size()) - 1; i >= 0; --i) {
+    Layer& w = layers_[first_layer_ + i];
+    LayerActs& a = acts[i];
     // out = x2 + swiglu(h2 w1^T, h2 w3^T) w2^T; dx_ holds d out.
     ops::linear_backward(a.s, w.w2.value, dx_, ds_, w.w2.grad);
     ops::swiglu_backward(a.g, a.u, ds_, dg_, du_);
@@ -182,7 +269,7 @@ void DenseModel::run_backward(const TokenBatch& batch, const Tensor& dlogits) {
     ops::copy(dx2_, dx_);
     ops::axpy(1.0, dtmp_, dx_);
   }
-  ops::embedding_backward(batch.ids.reshape({N}), dx_, tok_embeddings_.grad);
+  if (first_stage()) ops::embedding_backward(batch.ids.reshape({N}), dx_, tok_embeddings_.grad);
 }
 
 }  // namespace tessera

@@ -2,6 +2,7 @@
 //   tok_embeddings -> n_layers x [RMSNorm, causal GQA attention with RoPE, residual, RMSNorm, SwiGLU MLP,
 //   residual] -> RMSNorm -> untied output head.
 #pragma once
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -27,6 +28,22 @@ class DenseModel final : public Model {
   // Returns the sum of token losses.
   double forward_backward(const TokenBatch& batch, double loss_scale) override;
   double forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) override;
+  // Pipeline parallelism (docs/parallelism.md "Pipeline parallelism"): this model keeps stage `stage` of
+  // `n_stages`: layers [stage * L / n_stages, (stage + 1) * L / n_stages), the embedding on the first stage, the
+  // final norm and the head on the last; params() lists only those (call before init or loading weights).
+  void set_pipeline_stage(int stage, int n_stages);
+  int pipeline_stage() const { return stage_; }
+  int pipeline_stages() const { return n_stages_; }
+  // One micro-batch through this stage. `input`: the previous stage's output (N, dim), ignored on the first
+  // stage; `output` (N, dim) receives this stage's, except on the last, which computes the head and the loss
+  // (returned, 0 elsewhere) and, if loss_scale != 0, the gradient of loss_scale * loss for stage_backward.
+  // `slot` names the micro-batch's activations, kept until stage_backward(slot) (several may be in flight).
+  double stage_forward(int64_t slot, const TokenBatch& batch, const Tensor& input, const Tensor& output,
+                       double loss_scale);
+  // The backward of micro-batch `slot`: `grad_output` is d loss / d output (ignored on the last stage);
+  // grad_input (N, dim) receives d loss / d input (ignored on the first). Parameter gradients accumulate.
+  void stage_backward(int64_t slot, const TokenBatch& batch, const Tensor& grad_output, const Tensor& grad_input);
+
   // Cached decoding (dense_decode.cpp): a per-layer K/V cache.
   std::unique_ptr<DecodeCache> new_cache(int64_t batch, int64_t capacity) override;
   void decode(const Tensor& ids, DecodeCache& cache, const Tensor& logits_out) override;
@@ -39,9 +56,21 @@ class DenseModel final : public Model {
   struct LayerActs {
     Tensor x, h1, rstd1, q, k, v, att, lse, x2, h2, rstd2, g, u, s;
   };
+  // What a backward needs of one micro-batch's forward: the stage's layers, its output (the final residual
+  // stream), and on the last stage the head's.
+  struct Activations {
+    std::vector<LayerActs> layers;
+    Tensor x_final, h_final, rstd_final, logits, losses;
+  };
+  bool first_stage() const { return stage_ == 0; }
+  bool last_stage() const { return stage_ == n_stages_ - 1; }
   void ensure_buffers(int64_t B, int64_t T);
-  void run_forward(const TokenBatch& batch);
-  void run_backward(const TokenBatch& batch, const Tensor& dlogits);  // after run_forward on the same batch
+  Activations new_activations() const;
+  // Layers [first_layer_, last_layer_) from `input` (or the embedding on the first stage), then on the last stage
+  // the head into cur_.logits.
+  void run_forward(const TokenBatch& batch, const Tensor& input = Tensor());
+  // After run_forward on the same batch: dlogits on the last stage, else d output; leaves d input in dx_.
+  void run_backward(const TokenBatch& batch, const Tensor& dlogits);
 
   ModelConfig cfg_;
   Device device_;
@@ -49,10 +78,16 @@ class DenseModel final : public Model {
   Param tok_embeddings_, norm_, output_;
   std::vector<Layer> layers_;
 
-  // Buffers, (re)allocated when the batch shape changes.
+  int stage_ = 0, n_stages_ = 1;
+  int64_t first_layer_ = 0, last_layer_ = 0;  // this stage's layers
+
+  // Buffers, (re)allocated when the batch shape changes. cur_ is the micro-batch being computed; a pipeline parks
+  // the activations of micro-batches waiting for their backward (by slot) and reuses freed ones.
   int64_t B_ = 0, T_ = 0;
-  std::vector<LayerActs> acts_;
-  Tensor positions_, x_final_, h_final_, rstd_final_, logits_, losses_;
+  Activations cur_;
+  std::map<int64_t, Activations> parked_;
+  std::vector<Activations> spare_;
+  Tensor positions_;
   Tensor dx_, dx2_, dh_, dtmp_, dq_, dk_, dv_, datt_, dg_, du_, ds_;
 };
 

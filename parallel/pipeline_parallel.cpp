@@ -1,0 +1,198 @@
+#include "parallel/pipeline_parallel.h"
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <utility>
+
+#include "core/error.h"
+#include "model/dense.h"
+
+namespace tessera {
+
+OneFOneB::OneFOneB(DenseModel& model, Communicator& pp, const std::vector<TokenBatch>& micro, int64_t lo,
+                   int64_t hi, double loss_scale)
+    : model_(model), pp_(pp), micro_(micro), loss_scale_(loss_scale), stage_(pp.rank()), n_stages_(pp.size()) {
+  TS_CHECK(model.pipeline_stages() == pp.size() && model.pipeline_stage() == pp.rank(),
+           "OneFOneB: the model is stage ", model.pipeline_stage(), " of ", model.pipeline_stages(),
+           ", the pp group has this rank at ", pp.rank(), " of ", pp.size());
+  TS_CHECK(lo < hi && hi <= int64_t(micro.size()), "OneFOneB: micro-batches [", lo, ", ", hi, ")");
+  const int64_t n = hi - lo, warmup = std::min<int64_t>(n_stages_ - 1 - stage_, n);
+  for (int64_t j = 0; j < warmup; ++j) ops_.push_back({true, lo + j});
+  steady_begin_ = int64_t(ops_.size());
+  for (int64_t i = 0; i < n - warmup; ++i) {
+    ops_.push_back({true, lo + warmup + i});
+    ops_.push_back({false, lo + i});
+  }
+  steady_end_ = int64_t(ops_.size());
+  for (int64_t j = n - warmup; j < n; ++j) ops_.push_back({false, lo + j});
+}
+
+Tensor OneFOneB::activation() const {
+  return Tensor::empty({micro_.front().ids.numel(), model_.config().dim}, DType::f32);
+}
+
+void OneFOneB::run_through_backward(int64_t m) {
+  while (next_ < ops_.size()) {
+    const int64_t k = int64_t(next_++);
+    const Op op = ops_[size_t(k)];
+    const bool steady = k >= steady_begin_ && k < steady_end_;
+    if (op.forward) {
+      forward(op.m, steady);
+    } else {
+      backward(op.m, steady, k + 1 == steady_end_);
+      if (op.m == m) return;
+    }
+  }
+  TS_FAIL("OneFOneB: micro-batch ", m, " is not in the schedule (or its backward already ran)");
+}
+
+void OneFOneB::forward(int64_t m, bool steady) {
+  const bool first = stage_ == 0, last = stage_ == n_stages_ - 1;
+  // The input: received now (warm-up, and the first forward of the steady phase) or with the last backward's send.
+  Tensor input;
+  if (!first) {
+    if (input_.defined()) {
+      input = std::exchange(input_, Tensor());
+    } else {
+      input = activation();
+      pp_.recv(input, stage_ - 1);
+    }
+  }
+  Tensor out = last ? Tensor() : activation();
+  loss_sum_ += model_.stage_forward(m, micro_[m], input, out, loss_scale_);
+  if (last) return;
+  if (steady) {  // send on, and receive the gradient for the backward that follows
+    dy_ = activation();
+    pp_.send_recv(out, stage_ + 1, dy_, stage_ + 1);
+  } else {
+    pp_.send(out, stage_ + 1);
+  }
+}
+
+void OneFOneB::backward(int64_t m, bool steady, bool last_steady) {
+  const bool first = stage_ == 0, last = stage_ == n_stages_ - 1;
+  Tensor dy;
+  if (!last) {
+    if (dy_.defined()) {
+      dy = std::exchange(dy_, Tensor());
+    } else {
+      dy = activation();
+      pp_.recv(dy, stage_ + 1);
+    }
+  }
+  Tensor dx = first ? Tensor() : activation();
+  model_.stage_backward(m, micro_[m], dy, dx);
+  if (first) return;
+  if (steady && !last_steady) {  // send the gradient back and receive the next forward's input
+    input_ = activation();
+    pp_.send_recv(dx, stage_ - 1, input_, stage_ - 1);
+  } else {
+    pp_.send(dx, stage_ - 1);
+  }
+}
+
+double pipeline_forward_loss(DenseModel& model, Communicator& pp, const TokenBatch& batch) {
+  const int stage = pp.rank(), n = pp.size();
+  const Shape shape{batch.ids.numel(), model.config().dim};
+  Tensor input, out;
+  if (stage > 0) {
+    input = Tensor::empty(shape, DType::f32);
+    pp.recv(input, stage - 1);
+  }
+  if (stage < n - 1) out = Tensor::empty(shape, DType::f32);
+  const double loss = model.stage_forward(-1, batch, input, out, 0.0);
+  if (stage < n - 1) pp.send(out, stage + 1);
+  Tensor t = Tensor::empty({1}, DType::f64, Device::cpu);
+  t.data<double>()[0] = stage == n - 1 ? loss : 0.0;
+  pp.all_reduce(t, ReduceOp::sum);  // the last stage's loss plus zeros: exact
+  return t.data<double>()[0];
+}
+
+// ---- checkpoint gathering: each stage sends its tensors' names, shapes and dtypes as one i64 header, then the
+// tensors.
+namespace {
+
+void append_entry(std::vector<int64_t>& h, const std::string& name, const Tensor& t) {
+  h.push_back(int64_t(name.size()));
+  for (char c : name) h.push_back(int64_t(static_cast<unsigned char>(c)));
+  h.push_back(int64_t(t.dtype()));
+  h.push_back(t.ndim());
+  for (int64_t d : t.shape()) h.push_back(d);
+}
+
+struct Entry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+};
+
+std::vector<Entry> parse_entries(const int64_t* h, int64_t n) {
+  std::vector<Entry> out;
+  int64_t at = 0;
+  while (at < n) {
+    Entry e;
+    const int64_t len = h[at++];
+    for (int64_t i = 0; i < len; ++i) e.name += char(h[at++]);
+    e.dtype = DType(h[at++]);
+    const int64_t nd = h[at++];
+    for (int64_t i = 0; i < nd; ++i) e.shape.push_back(h[at++]);
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+}  // namespace
+
+PipelineGathered gather_pipeline_stages(const ParamList& saved, const std::vector<Optimizer::State>& state,
+                                        Communicator& pp, std::deque<Param>& storage) {
+  PipelineGathered out;
+  // Every entry: parameters first ("P" + name), then optimizer state ("S" + key).
+  std::vector<std::pair<std::string, Tensor>> mine;
+  std::map<std::string, const Param*> by_name;
+  for (const Param* p : saved) mine.emplace_back("P" + p->name, p->value), by_name[p->name] = p;
+  for (const Optimizer::State& s : state) mine.emplace_back("S" + s.key, s.tensor);
+  if (pp.rank() != 0) {
+    std::vector<int64_t> h;
+    for (const auto& [name, t] : mine) append_entry(h, name, t);
+    Tensor len = Tensor::empty({1}, DType::i64, Device::cpu);
+    len.data<int64_t>()[0] = int64_t(h.size());
+    pp.send(len, 0);
+    Tensor header = Tensor::empty({int64_t(h.size())}, DType::i64, Device::cpu);
+    std::copy(h.begin(), h.end(), header.data<int64_t>());
+    pp.send(header, 0);
+    for (const auto& [name, t] : mine) pp.send(t.device() == Device::cpu ? t : t.to_device(Device::cpu), 0);
+    return out;
+  }
+  auto take = [&](const std::string& name, const Tensor& t, const Param* like) {
+    if (name[0] == 'P') {
+      if (like) {
+        out.params.push_back(const_cast<Param*>(like));
+        return;
+      }
+      Param p;
+      p.name = name.substr(1);
+      p.kind = ParamKind::matrix;  // the checkpoint stores values only
+      p.value = t;
+      storage.push_back(std::move(p));
+      out.params.push_back(&storage.back());
+    } else {
+      out.state.push_back({name.substr(1), t});
+    }
+  };
+  for (const auto& [name, t] : mine) take(name, t, name[0] == 'P' ? by_name.at(name.substr(1)) : nullptr);
+  for (int s = 1; s < pp.size(); ++s) {
+    Tensor len = Tensor::empty({1}, DType::i64, Device::cpu);
+    pp.recv(len, s);
+    Tensor header = Tensor::empty({len.data<int64_t>()[0]}, DType::i64, Device::cpu);
+    pp.recv(header, s);
+    for (const Entry& e : parse_entries(header.data<int64_t>(), header.numel())) {
+      Tensor t = Tensor::empty(e.shape, e.dtype, Device::cpu);
+      pp.recv(t, s);
+      take(e.name, t, nullptr);
+    }
+  }
+  return out;
+}
+
+}  // namespace tessera

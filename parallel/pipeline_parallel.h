@@ -1,0 +1,70 @@
+// Pipeline parallelism (docs/parallelism.md "Pipeline parallelism"): the layers split into stages over the pp
+// group (DenseModel::set_pipeline_stage), micro-batches flowing through them in a 1F1B schedule. Every micro-batch's
+// forward and backward are the computations of one process, split at a layer boundary, so a stage's parameter
+// gradients are bitwise those of one process when summed in the same micro-batch tree.
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+#include "core/batch.h"
+#include "model/param.h"
+#include "optim/optimizer.h"
+#include "parallel/communicator.h"
+
+namespace tessera {
+
+class DenseModel;
+
+// The 1F1B schedule (PipeDream-flush, as Megatron's non-interleaved schedule) of micro-batches [lo, hi) on this
+// stage: min(P - 1 - stage, n) warm-up forwards, then one forward and one backward in turn, then the remaining
+// backwards; so at most P - stage micro-batches keep activations at once. Activations go to the next stage, their
+// gradients back, paired as send_recv where two stages exchange in both directions (no deadlock).
+class OneFOneB {
+ public:
+  // `micro` outlives the schedule; loss_scale multiplies each micro-batch's loss (the global normalisation).
+  OneFOneB(DenseModel& model, Communicator& pp, const std::vector<TokenBatch>& micro, int64_t lo, int64_t hi,
+           double loss_scale);
+  // Runs the schedule up to and including the backward of micro-batch m; call with m = lo, lo + 1, ... in order
+  // (pairwise_gradients' run: each leaf's gradients are exactly its backward's).
+  void run_through_backward(int64_t m);
+  // The sum of the losses of the micro-batches run so far: on the last stage; 0 on the others.
+  double loss_sum() const { return loss_sum_; }
+
+ private:
+  struct Op {
+    bool forward;
+    int64_t m;
+  };
+  void forward(int64_t m, bool steady);
+  void backward(int64_t m, bool steady, bool last_steady);
+  Tensor activation() const;
+
+  DenseModel& model_;
+  Communicator& pp_;
+  const std::vector<TokenBatch>& micro_;
+  double loss_scale_;
+  int stage_, n_stages_;
+  std::vector<Op> ops_;
+  size_t next_ = 0;
+  int64_t steady_begin_ = 0, steady_end_ = 0;  // ops_ indices of the steady phase
+  Tensor input_;   // the next forward's input, when received ahead (1F1B's send_backward_recv_forward)
+  Tensor dy_;      // the next backward's output gradient, received with the forward's send
+  double loss_sum_ = 0;
+};
+
+// The held-out loss sum of a forward-only pass of `batch` through the pipeline (every stage calls it): the last
+// stage's loss, given to every stage.
+double pipeline_forward_loss(DenseModel& model, Communicator& pp, const TokenBatch& batch);
+
+// What a checkpoint needs from every stage, on the pp group's rank 0 (a collective over the group; the other
+// ranks get empty lists): the parameters and buffers of every stage (`storage` holds those received), then the
+// optimizer state entries.
+struct PipelineGathered {
+  ParamList params;
+  std::vector<Optimizer::State> state;
+};
+PipelineGathered gather_pipeline_stages(const ParamList& saved, const std::vector<Optimizer::State>& state,
+                                        Communicator& pp, std::deque<Param>& storage);
+
+}  // namespace tessera

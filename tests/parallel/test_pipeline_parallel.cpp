@@ -1,0 +1,109 @@
+// Pipeline parallelism on a 4-layer dense model, under mpirun (-np 4 in ctest): the ranks are the stages of one
+// pipeline (pp = 4), or two pipelines of 2 stages; every rank also builds the whole model in-process as the
+// reference. The 1F1B schedule over M micro-batches (more than the stages, and fewer) must give each stage's
+// parameter gradients and the loss bitwise equal to the single-process pairwise sum, and a forward-only pass the
+// same loss.
+#include <gtest/gtest.h>
+
+#include <memory>
+
+#include "core/error.h"
+#include "model/dense.h"
+#include "parallel/data_parallel.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/pipeline_parallel.h"
+#include "tests/unit/test_util.h"
+
+namespace tessera {
+namespace {
+
+Communicator* g_world = nullptr;
+
+ModelConfig four_layers() {
+  ModelConfig c;
+  c.vocab_size = 23;
+  c.dim = 16;
+  c.n_layers = 4;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.ffn_dim = 24;
+  c.max_seq_len = 16;
+  c.init_std = 0.3;
+  return c;
+}
+
+void check_against_one_process(int stages, int64_t M) {
+  ASSERT_TRUE(g_world) << "run under mpirun";
+  Communicator& world = *g_world;
+  std::unique_ptr<Communicator> pp = world.split(world.rank() / stages, world.rank());
+  const ModelConfig cfg = four_layers();
+  std::vector<TokenBatch> micro;
+  int64_t n_targets = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    micro.push_back(testing::random_token_batch(2, 12, cfg.vocab_size, 40 + uint64_t(m)));
+    n_targets += micro.back().count_targets();
+  }
+  const double scale = 1.0 / double(n_targets);
+
+  DenseModel whole(cfg);
+  whole.init(3);
+  GradientStack stack;
+  double whole_loss = 0;
+  pairwise_gradients(whole, 0, M, stack, [&](int64_t m) { whole_loss += whole.forward_backward(micro[m], scale); });
+
+  DenseModel stage(cfg);
+  stage.set_pipeline_stage(pp->rank(), pp->size());
+  stage.init(3);
+  OneFOneB schedule(stage, *pp, micro, 0, M, scale);
+  GradientStack stack2;
+  pairwise_gradients(stage, 0, M, stack2, [&](int64_t m) { schedule.run_through_backward(m); });
+  if (pp->rank() == pp->size() - 1) EXPECT_EQ(schedule.loss_sum(), whole_loss);
+  else EXPECT_EQ(schedule.loss_sum(), 0.0);
+
+  std::map<std::string, Param*> ref;
+  for (Param* p : whole.params()) ref[p->name] = p;
+  ParamList mine = stage.params();
+  EXPECT_LT(mine.size(), ref.size());
+  for (Param* p : mine) {
+    std::vector<double> got = testing::values_of(p->grad), want = testing::values_of(ref.at(p->name)->grad);
+    ASSERT_EQ(got.size(), want.size()) << p->name;
+    int64_t diff = 0;
+    for (size_t k = 0; k < got.size(); ++k) diff += got[k] != want[k];
+    EXPECT_EQ(diff, 0) << p->name << " on stage " << pp->rank() << ": " << diff << " elements differ";
+  }
+  EXPECT_EQ(pipeline_forward_loss(stage, *pp, micro[0]), whole.forward(micro[0]));
+}
+
+TEST(PipelineParallel, FourStagesSixMicroBatches) { check_against_one_process(4, 6); }
+TEST(PipelineParallel, FourStagesTwoMicroBatches) { check_against_one_process(4, 2); }  // all warm-up, no steady
+TEST(PipelineParallel, TwoStagesFourMicroBatches) { check_against_one_process(2, 4); }
+
+TEST(PipelineParallel, MoreStagesThanLayersIsAnError) {
+  DenseModel m(four_layers());
+  try {
+    m.set_pipeline_stage(0, 5);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("parallel.pp (5) must not exceed model.n_layers (4)"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace tessera
+
+int main(int argc, char** argv) {
+  tessera::MpiRuntime mpi(&argc, &argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  std::unique_ptr<tessera::Communicator> world = tessera::make_mpi_world();
+  tessera::g_world = world.get();
+  if (world->rank() != 0) {  // rank 0 prints the report; every rank runs every test
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  const int failed = RUN_ALL_TESTS();
+  tessera::Tensor f = tessera::Tensor::empty({1}, tessera::DType::i32, tessera::Device::cpu);
+  f.data<int32_t>()[0] = failed;
+  world->all_reduce(f, tessera::ReduceOp::max);  // a failure on any rank fails the job
+  return f.data<int32_t>()[0];
+}
