@@ -31,9 +31,10 @@ for layout in 1:1:1:1 "$@"; do
         training.seq_len=256 optimizer.lr=1e-3 eval.every=0 metrics.log_every=1 metrics.peak_flops=1e11
         parallel.dp=$dp parallel.pp=$pp parallel.ep=$ep)
   mpirun --oversubscribe -np "$np" --bind-to none -x OMP_NUM_THREADS=$threads -x OMP_WAIT_POLICY=passive \
-    build/bin/tessera train $recipe --run-dir "$out/run" --set "${sets[@]}" >/dev/null 2>"$out/log"
+    build/bin/tessera train $recipe --run-dir "$out/run-$np-$dp-$pp-$ep" --set "${sets[@]}" >/dev/null 2>"$out/log" \
+    || { tail -5 "$out/log" >&2; exit 1; }
   params=$(grep -o '^model: [0-9]* parameters' "$out/log" | grep -o '[0-9]*')
-  "$python" - "$out/run/metrics.jsonl" "$recipe" "$np" "$dp" "$pp" "$ep" "$threads" "$params" <<'PY'
+  "$python" - "$out/run-$np-$dp-$pp-$ep/metrics.jsonl" "$recipe" "$np" "$dp" "$pp" "$ep" "$threads" "$params" <<'PY'
 import json, statistics, sys, tomllib
 rows = [json.loads(l) for l in open(sys.argv[1])]
 m = tomllib.load(open(sys.argv[2], "rb"))["model"]

@@ -403,7 +403,6 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     };
     if (!cfg.model.is_v4()) refuse("model.arch = \"" + cfg.model.arch + "\"", "it has no routed experts");
     if (cfg.zero1) refuse("parallel.zero1", "the sharded optimizer assigns whole stacks to owners");
-    if (cfg.routing.anticipatory != "off") refuse("routing.anticipatory", "its routing state names whole tensors");
     if (!cfg.qat.empty() && cfg.qat != "off") refuse("training.qat", "quantisation blocks span the expert stacks");
     if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
     if (cfg.model.n_routed_experts % topo.ep() != 0)
@@ -535,16 +534,23 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     Optimizer::Snapshot opt;
   };
   std::deque<Snapshot> snapshots;  // on_spike: the newest two, oldest first
+  // The hash of the saved tensors as a checkpoint holds them (expert shards gathered: a collective over the ep group).
+  auto saved_hash = [&](const ParamList& tensors) {
+    if (!ep) return hash_values(tensors);
+    std::deque<Param> whole;
+    return hash_values(gather_shards(tensors, *ep, whole));
+  };
   if (v4 && rc.anticipatory != "off" && !resume_from.empty()) {
+    const uint64_t params_hash = saved_hash(saved);
     RoutingState st;
     const fs::path sp = routing_state_path(resume_from);
     if (!load_routing_state(sp, st)) {
       log_info(cat("anticipatory routing: no ", sp.string(), "; the first ", rc.dt,
                    " step(s) route with the current parameters"));
     } else if (st.step != start_step || st.mode != rc.anticipatory || st.dt != rc.dt ||
-               st.params_hash != hash_values(saved)) {
+               st.params_hash != params_hash) {
       log_info(cat("anticipatory routing: ", sp.string(), " (step ", st.step, ", anticipatory = ", st.mode, ", dt = ",
-                   st.dt, st.params_hash != hash_values(saved) ? ", written with other parameters" : "",
+                   st.dt, st.params_hash != params_hash ? ", written with other parameters" : "",
                    ") does not match this run (step ", start_step, ", anticipatory = ", rc.anticipatory, ", dt = ",
                    rc.dt, "), ignored; the first ", rc.dt, " step(s) route with the current parameters"));
     } else {
@@ -817,7 +823,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       if (v4 && rc.anticipatory != "off") {  // written first: a checkpoint file always has its routing state
         RoutingState st;
         st.step = done, st.mode = rc.anticipatory, st.dt = rc.dt, st.ar_until = ar_until;
-        st.params_hash = hash_values(saved);
+        st.params_hash = hash_values(to_save);
         st.last_rollback_to = last_rollback_to, st.forced_fired = forced_fired;
         st.window.assign(detector.history.begin(), detector.history.end());
         st.cache = cache;

@@ -5,7 +5,9 @@
 # moments, Muon momenta, balancing biases): EP2 (2 ranks, 4 experts each), EP4 (4 ranks, 2 experts each) and
 # dp=4 x ep=2 (two expert-data-parallel replicas of EP2). Checkpoints hold the whole expert stacks, so a run
 # stopped at step 10 under EP2 resumes at one process and at dp=4 x ep=2, and the one-process checkpoint resumes
-# under EP4, each ending bitwise on the uninterrupted run. Then the recipe errors.
+# under EP4, each ending bitwise on the uninterrupted run. Anticipatory routing (always, and on_spike with a forced
+# rollback) under EP2 equals one process, routing state files included, and that state resumes at one process.
+# Then the recipe errors.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
@@ -27,8 +29,9 @@ a = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 b = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 steps = int(sys.argv[3])
 errors = []
-if [r["step"] for r in a] != list(range(1, steps + 1)) or [r["step"] for r in b] != list(range(1, steps + 1)):
-    errors.append("steps missing")
+# Steps 1..STEPS, or (a rollback) the same replayed sequence in both, ending at STEPS.
+if [r["step"] for r in a] != [r["step"] for r in b] or a[-1]["step"] != steps or len(a) < steps:
+    errors.append(f"steps differ: {[r['step'] for r in a]} vs {[r['step'] for r in b]}")
 for ra, rb in zip(a, b):
     for key in ("loss", "val_loss", "grad_norm", "mtp_loss", "balance_loss", "expert_load_max_over_mean"):
         if key in ra and ra[key] != rb.get(key):
@@ -76,6 +79,30 @@ resume_case() {
 resume_case ep2-to-1 2 2 2 1 1 1
 resume_case ep2-to-dp4ep2 2 2 2 4 4 2
 resume_case 1-to-ep4 1 1 1 4 4 4
+
+step "anticipatory routing (always, dt = 2) and a forced loss spike (on_spike) under EP2, against one process"
+AR_SETS=(routing.anticipatory=always routing.dt=2)
+SPIKE_SETS=(routing.anticipatory=on_spike routing.force_spike_at=7 routing.snapshot_every=2 routing.ar_steps=2)
+for mode in ar spike; do
+  if [[ $mode == ar ]]; then extra=("${AR_SETS[@]}"); else extra=("${SPIKE_SETS[@]}"); fi
+  "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" "${extra[@]}" job.run_dir="$WORK/$mode-one" \
+    2> "$WORK/$mode-one.log" || { cat "$WORK/$mode-one.log" >&2; fail "$mode: the one-process run failed"; }
+  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" "${extra[@]}" parallel.ep=2 \
+    job.run_dir="$WORK/$mode-ep2" 2> "$WORK/$mode-ep2.log" || { cat "$WORK/$mode-ep2.log" >&2; fail "$mode: EP2 failed"; }
+  compare_metrics "$mode ep2" "$WORK/$mode-one" "$WORK/$mode-ep2"
+  "$PY" "$CKPT_EQUAL" "$WORK/$mode-one/$FINAL" "$WORK/$mode-ep2/$FINAL" || check_failed "$mode: final checkpoint differs"
+  cmp -s "$WORK/$mode-one/${FINAL%.h5}.routing" "$WORK/$mode-ep2/${FINAL%.h5}.routing" \
+    || check_failed "$mode: the routing state files differ"
+done
+grep -q "loss spike at step 7: .*rolling back to step" "$WORK/spike-ep2.log" || check_failed "spike: no rollback under EP2"
+# The routing state written under EP2 (its parameter hash over the whole stacks) is used when resuming at one process.
+mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" "${AR_SETS[@]}" parallel.ep=2 \
+  job.run_dir="$WORK/ar-resume" --stop-after 10 2> "$WORK/ar-resume-a.log" || fail "ar resume: first part failed"
+"$TESSERA" train --resume "$WORK/ar-resume" --set parallel.dp=1 parallel.ep=1 2> "$WORK/ar-resume-b.log" \
+  || { cat "$WORK/ar-resume-b.log" >&2; fail "ar resume: resumed part failed"; }
+grep -q "anticipatory routing: state restored from .*step_00000010.routing" "$WORK/ar-resume-b.log" \
+  || check_failed "ar resume: the EP2 routing state was not restored at one process"
+"$PY" "$CKPT_EQUAL" "$WORK/ar-one/$FINAL" "$WORK/ar-resume/$FINAL" || check_failed "ar resume: final checkpoint differs"
 
 step "recipe errors"
 TINY="$REPO/recipes/models/dense-tiny.toml" write_recipe "$WORK/dense.toml" "$WORK/corpus.txt" "$WORK/unused"
