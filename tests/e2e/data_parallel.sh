@@ -9,39 +9,15 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
-export OMP_WAIT_POLICY=passive OMP_NUM_THREADS=1
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+mpi_env
 MPIRUN=(mpirun --oversubscribe -np 2)
-CKPT_EQUAL="$(dirname "$0")/ckpt_equal.py"
 STEPS=20
 make_corpus "$WORK/corpus.txt" 400
 
 compare_runs() {  # NAME SINGLE_DIR PARALLEL_DIR
-  local name=$1 a=$2 b=$3
-  "$PY" - "$a/metrics.jsonl" "$b/metrics.jsonl" $STEPS <<'PYEOF' || check_failed "$name: metrics differ"
-import json, sys
-a = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-b = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
-steps = int(sys.argv[3])
-errors = []
-if [r["step"] for r in a] != list(range(1, steps + 1)) or [r["step"] for r in b] != list(range(1, steps + 1)):
-    errors.append("steps missing")
-for ra, rb in zip(a, b):
-    for key in ("loss", "val_loss", "grad_norm", "mtp_loss", "balance_loss", "expert_load_max_over_mean"):
-        if key in ra and ra[key] != rb.get(key):
-            errors.append(f"step {ra['step']}: {key} {ra[key]} (one process) vs {rb.get(key)} (data parallel)")
-    if "comm_bytes" not in rb or rb["comm_bytes"] <= 0:
-        errors.append(f"step {rb['step']}: no comm_bytes in the data-parallel run's metrics")
-if a[-1]["loss"] >= a[0]["loss"]:
-    errors.append(f"loss did not fall: {a[0]['loss']} -> {a[-1]['loss']}")
-for e in errors[:10]:
-    print("FAIL:", e)
-print(f"{len(a)} steps: loss {a[0]['loss']:.4f} -> {a[-1]['loss']:.4f}, every logged value identical: {not errors}; "
-      f"the data-parallel run communicates {b[-1].get('comm_bytes', 0)} bytes per step per rank")
-sys.exit(1 if errors else 0)
-PYEOF
+  same_metrics "$1" "$2" "$3" $STEPS all_reduce loss val_loss grad_norm mtp_loss balance_loss expert_load_max_over_mean
   local final=checkpoints/step_$(printf %08d $STEPS).h5
-  "$PY" "$CKPT_EQUAL" "$a/$final" "$b/$final" || check_failed "$name: final checkpoints differ"
+  "$PY" "$CKPT_EQUAL" "$2/$final" "$3/$final" || check_failed "$1: final checkpoints differ"
 }
 
 for model in dense v4; do
@@ -74,21 +50,9 @@ step "dense: a run stopped at step 10 under dp=2 resumes at dp=4 (sharded optimi
 TINY="$REPO/recipes/models/dense-tiny.toml"
 SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=10 eval.every=10
       eval.batches=2 optimizer.name=muon)
-for to in 4 1; do
-  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/resume$to" \
-    parallel.dp=2 --stop-after 10 2> "$WORK/resume$to-a.log" || { cat "$WORK/resume$to-a.log" >&2; fail "dp=2 part failed"; }
-  if [[ $to == 1 ]]; then
-    "$TESSERA" train --resume "$WORK/resume$to" --set parallel.dp=1 2> "$WORK/resume$to-b.log" || true
-  else
-    mpirun --oversubscribe -np $to "$TESSERA" train --resume "$WORK/resume$to" --set parallel.dp=$to parallel.zero1=true \
-      2> "$WORK/resume$to-b.log" || true
-  fi
-  grep -q "resuming from .*step_00000010.h5 at step 10" "$WORK/resume$to-b.log" \
-    || { cat "$WORK/resume$to-b.log" >&2; check_failed "resume at dp=$to: did not resume from step 10"; continue; }
-  final=checkpoints/step_$(printf %08d $STEPS).h5
-  "$PY" "$CKPT_EQUAL" "$WORK/dense-1/$final" "$WORK/resume$to/$final" \
-    || check_failed "resume at dp=$to: final checkpoint differs from the uninterrupted one-process run"
-done
+FINAL="$WORK/dense-1/checkpoints/step_$(printf %08d $STEPS).h5"
+resume_in_layout resume4 "$WORK/dense.toml" "$FINAL" "2 parallel.dp=2" "4 parallel.dp=4 parallel.zero1=true"
+resume_in_layout resume1 "$WORK/dense.toml" "$FINAL" "2 parallel.dp=2" "1 parallel.dp=1"
 
 step "recipe errors under mpirun"
 expect_fail odd_accum "rank" "training.grad_accum (3) must be a multiple of parallel.dp (2)" -- \

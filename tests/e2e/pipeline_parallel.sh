@@ -9,9 +9,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
-export OMP_WAIT_POLICY=passive OMP_NUM_THREADS=1
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
-CKPT_EQUAL="$(dirname "$0")/ckpt_equal.py"
+mpi_env
 STEPS=20
 FINAL=checkpoints/step_$(printf %08d $STEPS).h5
 make_corpus "$WORK/corpus.txt" 400
@@ -19,31 +17,6 @@ TINY="$REPO/recipes/models/dense-tiny.toml"
 write_recipe "$WORK/dense.toml" "$WORK/corpus.txt" "$WORK/unused"
 SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=10 eval.every=10
       eval.batches=2 optimizer.name=muon)
-
-compare_metrics() {  # NAME SINGLE_DIR PARALLEL_DIR
-  "$PY" - "$2/metrics.jsonl" "$3/metrics.jsonl" $STEPS <<'PYEOF' || check_failed "$1: metrics differ"
-import json, sys
-a = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-b = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
-steps = int(sys.argv[3])
-errors = []
-if [r["step"] for r in a] != list(range(1, steps + 1)) or [r["step"] for r in b] != list(range(1, steps + 1)):
-    errors.append("steps missing")
-for ra, rb in zip(a, b):
-    for key in ("loss", "val_loss", "grad_norm"):
-        if key in ra and ra[key] != rb.get(key):
-            errors.append(f"step {ra['step']}: {key} {ra[key]} (one process) vs {rb.get(key)} (pipeline)")
-    if rb.get("comm", {}).get("send", [0, 0])[0] <= 0:
-        errors.append(f"step {rb['step']}: no send in the pipeline run's metrics")
-if a[-1]["loss"] >= a[0]["loss"]:
-    errors.append(f"loss did not fall: {a[0]['loss']} -> {a[-1]['loss']}")
-for e in errors[:10]:
-    print("FAIL:", e)
-print(f"{len(a)} steps: loss {a[0]['loss']:.4f} -> {a[-1]['loss']:.4f}, every logged value identical: {not errors}; "
-      f"{b[-1].get('comm_bytes', 0)} bytes per step on rank 0: {b[-1].get('comm')}")
-sys.exit(1 if errors else 0)
-PYEOF
-}
 
 step "$STEPS steps of 4 micro-batches in one process"
 "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/one" 2> "$WORK/one.log" \
@@ -58,26 +31,13 @@ for layout in "2 1 2 false" "4 2 2 false" "4 2 2 true"; do
     || { cat "$WORK/$name.log" >&2; fail "$name failed"; }
   grep -q "pipeline over $pp stages, 1F1B: stage 0 holds layers \[0, 1) and the embedding" "$WORK/$name.log" \
     || check_failed "$name: no pipeline log line"
-  compare_metrics "$name" "$WORK/one" "$WORK/$name"
+  same_metrics "$name" "$WORK/one" "$WORK/$name" $STEPS send loss val_loss grad_norm
   "$PY" "$CKPT_EQUAL" "$WORK/one/$FINAL" "$WORK/$name/$FINAL" || check_failed "$name: final checkpoint differs"
 done
 
-# resume_case NAME FROM_NP FROM_DP FROM_PP TO_NP TO_DP TO_PP: stop at step 10 in one layout, resume in another.
-resume_case() {
-  local name=$1 fnp=$2 fdp=$3 fpp=$4 tnp=$5 tdp=$6 tpp=$7
-  step "a run stopped at step 10 at dp=$fdp pp=$fpp resumes at dp=$tdp pp=$tpp"
-  mpirun --oversubscribe -np "$fnp" "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/$name" \
-    parallel.dp="$fdp" parallel.pp="$fpp" --stop-after 10 2> "$WORK/$name-a.log" \
-    || { cat "$WORK/$name-a.log" >&2; fail "$name: first part failed"; }
-  mpirun --oversubscribe -np "$tnp" "$TESSERA" train --resume "$WORK/$name" --set parallel.dp="$tdp" \
-    parallel.pp="$tpp" 2> "$WORK/$name-b.log" || { cat "$WORK/$name-b.log" >&2; fail "$name: resumed part failed"; }
-  grep -q "resuming from .*step_00000010.h5 at step 10" "$WORK/$name-b.log" \
-    || { cat "$WORK/$name-b.log" >&2; check_failed "$name: did not resume from step 10"; return; }
-  "$PY" "$CKPT_EQUAL" "$WORK/one/$FINAL" "$WORK/$name/$FINAL" \
-    || check_failed "$name: final checkpoint differs from the uninterrupted one-process run"
-}
-resume_case pp2-to-1 2 1 2 1 1 1
-resume_case 1-to-dp2pp2 1 1 1 4 2 2
+resume_in_layout pp2-to-1 "$WORK/dense.toml" "$WORK/one/$FINAL" "2 parallel.dp=1 parallel.pp=2" "1 parallel.dp=1 parallel.pp=1"
+resume_in_layout 1-to-dp2pp2 "$WORK/dense.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.pp=1" \
+  "4 parallel.dp=2 parallel.pp=2"
 
 step "recipe errors"
 expect_fail too_many_stages "parallel.pp (4) must not exceed model.n_layers (2)" -- \

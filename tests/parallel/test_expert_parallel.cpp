@@ -13,9 +13,9 @@
 #include "tests/unit/v4_test_model.h"
 
 namespace tessera {
+Communicator* g_world = nullptr;
 namespace {
 
-Communicator* g_world = nullptr;
 
 ModelConfig ep_config(int64_t n_hash_layers) {
   ModelConfig c = testing::tiny_v4_config();
@@ -125,20 +125,4 @@ TEST(ExpertParallel, ExpertsMustDivide) {
 }  // namespace
 }  // namespace tessera
 
-int main(int argc, char** argv) {
-  tessera::MpiRuntime mpi(&argc, &argv);
-  ::testing::InitGoogleTest(&argc, argv);
-  std::unique_ptr<tessera::Communicator> world = tessera::make_mpi_world();
-  tessera::g_world = world.get();
-  // Only rank 0 prints the report; every rank runs every test (the collectives need them all).
-  if (world->rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  const int failed = RUN_ALL_TESTS();
-  // A failure on any rank fails the job.
-  tessera::Tensor f = tessera::Tensor::empty({1}, tessera::DType::i32, tessera::Device::cpu);
-  f.data<int32_t>()[0] = failed;
-  world->all_reduce(f, tessera::ReduceOp::max);
-  return f.data<int32_t>()[0];
-}
+#include "tests/parallel/mpi_gtest_main.h"

@@ -15,9 +15,9 @@
 #include "tests/unit/test_util.h"
 
 namespace tessera {
+Communicator* g_world = nullptr;
 namespace {
 
-Communicator* g_world = nullptr;
 
 ModelConfig four_layers() {
   ModelConfig c;
@@ -92,18 +92,4 @@ TEST(PipelineParallel, MoreStagesThanLayersIsAnError) {
 }  // namespace
 }  // namespace tessera
 
-int main(int argc, char** argv) {
-  tessera::MpiRuntime mpi(&argc, &argv);
-  ::testing::InitGoogleTest(&argc, argv);
-  std::unique_ptr<tessera::Communicator> world = tessera::make_mpi_world();
-  tessera::g_world = world.get();
-  if (world->rank() != 0) {  // rank 0 prints the report; every rank runs every test
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  const int failed = RUN_ALL_TESTS();
-  tessera::Tensor f = tessera::Tensor::empty({1}, tessera::DType::i32, tessera::Device::cpu);
-  f.data<int32_t>()[0] = failed;
-  world->all_reduce(f, tessera::ReduceOp::max);  // a failure on any rank fails the job
-  return f.data<int32_t>()[0];
-}
+#include "tests/parallel/mpi_gtest_main.h"
