@@ -19,18 +19,7 @@ Communicator* g_world = nullptr;
 namespace {
 
 
-ModelConfig four_layers() {
-  ModelConfig c;
-  c.vocab_size = 23;
-  c.dim = 16;
-  c.n_layers = 4;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.ffn_dim = 24;
-  c.max_seq_len = 16;
-  c.init_std = 0.3;
-  return c;
-}
+ModelConfig four_layers() { return testing::dense_test_config(23, 16, 4, 24, 16); }
 
 void check_against_one_process(int stages, int64_t M) {
   ASSERT_TRUE(g_world) << "run under mpirun";

@@ -17,18 +17,7 @@ using namespace tessera;
 
 namespace {
 
-ModelConfig small_dense() {
-  ModelConfig c;
-  c.vocab_size = 272;
-  c.dim = 64;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.ffn_dim = 160;
-  c.max_seq_len = 64;
-  c.init_std = 0.05;
-  return c;
-}
+ModelConfig small_dense() { return tessera::testing::dense_test_config(272, 64, 2, 160, 64, 0.05); }
 
 TokenBatch batch_with_docs(uint64_t seed) {
   const int64_t B = 2, T = 48;

@@ -11,18 +11,7 @@ using namespace tessera;
 
 namespace {
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.vocab_size = 11;
-  c.dim = 8;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.ffn_dim = 12;
-  c.max_seq_len = 16;
-  c.init_std = 0.3;  // large enough that every path carries signal
-  return c;
-}
+ModelConfig tiny_config() { return tessera::testing::dense_test_config(11, 8, 2, 12, 16); }
 
 TokenBatch random_batch(int64_t B, int64_t T, int64_t V, uint64_t seed, bool docs) {
   TokenBatch b = tessera::testing::random_token_batch(B, T, V, seed);

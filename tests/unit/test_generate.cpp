@@ -17,18 +17,7 @@ using namespace tessera;
 
 namespace {
 
-ModelConfig dense_config() {
-  ModelConfig c;
-  c.vocab_size = 37;
-  c.dim = 16;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.ffn_dim = 24;
-  c.max_seq_len = 48;
-  c.init_std = 0.3;
-  return c;
-}
+ModelConfig dense_config() { return tessera::testing::dense_test_config(37, 16, 2, 24, 48); }
 
 std::vector<int32_t> random_ids(int64_t n, int64_t V, uint64_t seed) {
   std::vector<int32_t> ids(n);

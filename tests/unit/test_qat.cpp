@@ -20,18 +20,7 @@ using namespace tessera::qat;
 
 namespace {
 
-ModelConfig tiny_dense_config() {
-  ModelConfig c;
-  c.vocab_size = 11;
-  c.dim = 8;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.ffn_dim = 12;
-  c.max_seq_len = 16;
-  c.init_std = 0.3;
-  return c;
-}
+ModelConfig tiny_dense_config() { return tessera::testing::dense_test_config(11, 8, 2, 12, 16); }
 
 std::vector<float> values_of(const Tensor& t) {
   return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
