@@ -1,5 +1,7 @@
 #include "optim/optimizer.h"
 
+#include <map>
+
 #include "core/error.h"
 #include "parallel/communicator.h"
 
@@ -23,77 +25,96 @@ ParamList pick(const ParamList& params, const OptimizerConfig& cfg, bool muon) {
   return muon ? m : a;
 }
 
-// Owner of each parameter: the least-loaded rank so far (by elements; ties to the lowest rank), in order.
-std::vector<int> assign_owners(const ParamList& ps, int ranks) {
-  std::vector<int64_t> load(ranks, 0);
-  std::vector<int> owner;
-  for (const Param* p : ps) {
-    int best = 0;
-    for (int r = 1; r < ranks; ++r)
-      if (load[r] < load[best]) best = r;
-    owner.push_back(best);
-    load[best] += p->value.numel();
-  }
-  return owner;
-}
-
 ParamList concat(const ParamList& a, const ParamList& b) {
   ParamList out = a;
   out.insert(out.end(), b.begin(), b.end());
   return out;
 }
 
-// The entries of `list` (a part of all) whose owner (by position in all) is `rank`.
-ParamList owned(const ParamList& list, const ParamList& all, const std::vector<int>& owner, int rank) {
-  ParamList out;
-  for (Param* p : list)
-    for (size_t i = 0; i < all.size(); ++i)
-      if (all[i] == p && owner[i] == rank) out.push_back(p);
-  return out;
-}
 }  // namespace
 
-Optimizer::Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator* shard_group)
+Optimizer::Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator* shard_group,
+                     Communicator* expert_group)
     : cfg_(cfg),
       group_(shard_group && shard_group->size() > 1 ? shard_group : nullptr),
+      expert_group_(expert_group && expert_group->size() > 1 ? expert_group : nullptr),
       adamw_list_(pick(params, cfg, false)),
       muon_list_(pick(params, cfg, true)),
-      owner_(group_ ? assign_owners(concat(adamw_list_, muon_list_), group_->size())
-                    : std::vector<int>(adamw_list_.size() + muon_list_.size(), 0)),
       all_params_(concat(adamw_list_, muon_list_)),
-      adamw_(owned(adamw_list_, all_params_, owner_, group_ ? group_->rank() : 0), cfg.adamw),
-      muon_(owned(muon_list_, all_params_, owner_, group_ ? group_->rank() : 0), cfg.muon) {}
+      owner_(assign_owners()),
+      adamw_(owned(adamw_list_), cfg.adamw),
+      muon_(owned(muon_list_), cfg.muon) {}
+
+Communicator* Optimizer::group_for(const Param* p) const { return p->sharded() ? expert_group_ : group_; }
+
+// Owner of each parameter within its group: the least-loaded rank so far (by elements; ties to the lowest rank),
+// in parameter order; 0 for a parameter whose state is not sharded.
+std::vector<int> Optimizer::assign_owners() const {
+  std::map<const Communicator*, std::vector<int64_t>> load;
+  std::vector<int> owner;
+  for (const Param* p : all_params_) {
+    const Communicator* g = group_for(p);
+    if (!g) {
+      owner.push_back(0);
+      continue;
+    }
+    std::vector<int64_t>& l = load[g];
+    l.resize(g->size(), 0);
+    int best = 0;
+    for (int r = 1; r < g->size(); ++r)
+      if (l[r] < l[best]) best = r;
+    owner.push_back(best);
+    l[best] += p->value.numel();
+  }
+  return owner;
+}
+
+bool Optimizer::owns(size_t i) const {
+  const Communicator* g = group_for(all_params_[i]);
+  return owner_[i] == (g ? g->rank() : 0);
+}
+
+ParamList Optimizer::owned(const ParamList& list) const {
+  ParamList out;
+  for (Param* p : list)
+    for (size_t i = 0; i < all_params_.size(); ++i)
+      if (all_params_[i] == p && owns(i)) out.push_back(p);
+  return out;
+}
 
 void Optimizer::step(double lr) {
   adamw_.step(lr);
   muon_.step(lr);
-  if (group_) broadcast_updates();
+  if (sharded()) broadcast_updates();
 }
 
-// Every owner's new values to every rank: one flat buffer per owner, in parameter order.
+// Every owner's new values to every rank of its group: one flat buffer per owner, in parameter order.
 void Optimizer::broadcast_updates() {
-  for (int o = 0; o < group_->size(); ++o) {
-    int64_t n = 0;
-    for (size_t i = 0; i < all_params_.size(); ++i)
-      if (owner_[i] == o) n += all_params_[i]->value.numel();
-    if (n == 0) continue;
-    const Param* first = all_params_.front();
-    Tensor flat = Tensor::empty({n}, first->value.dtype(), first->value.device());
-    auto walk = [&](bool pack) {
-      int64_t at = 0;
-      for (size_t i = 0; i < all_params_.size(); ++i) {
-        if (owner_[i] != o) continue;
-        const Tensor& v = all_params_[i]->value;
-        TS_CHECK(v.dtype() == flat.dtype(), "sharded optimizer: parameters of mixed dtypes");
-        Tensor part = flat.slice(at, v.numel());
-        if (pack) part.copy_from(v.reshape({v.numel()}));
-        else v.reshape({v.numel()}).copy_from(part);
-        at += v.numel();
-      }
-    };
-    if (group_->rank() == o) walk(true);
-    group_->broadcast(flat, o);
-    if (group_->rank() != o) walk(false);
+  for (Communicator* g : {group_, expert_group_}) {
+    if (!g) continue;
+    for (int o = 0; o < g->size(); ++o) {
+      std::vector<size_t> mine;  // the parameters of group g that o owns
+      int64_t n = 0;
+      for (size_t i = 0; i < all_params_.size(); ++i)
+        if (group_for(all_params_[i]) == g && owner_[i] == o) mine.push_back(i), n += all_params_[i]->value.numel();
+      if (n == 0) continue;
+      const Param* first = all_params_[mine.front()];
+      Tensor flat = Tensor::empty({n}, first->value.dtype(), first->value.device());
+      auto walk = [&](bool pack) {
+        int64_t at = 0;
+        for (size_t i : mine) {
+          const Tensor& v = all_params_[i]->value;
+          TS_CHECK(v.dtype() == flat.dtype(), "sharded optimizer: parameters of mixed dtypes");
+          Tensor part = flat.slice(at, v.numel());
+          if (pack) part.copy_from(v.reshape({v.numel()}));
+          else v.reshape({v.numel()}).copy_from(part);
+          at += v.numel();
+        }
+      };
+      if (g->rank() == o) walk(true);
+      g->broadcast(flat, o);
+      if (g->rank() != o) walk(false);
+    }
   }
 }
 
@@ -104,34 +125,32 @@ int64_t Optimizer::state_elements() const {
 }
 
 std::vector<Optimizer::State> Optimizer::gather_state() const {
-  if (!group_) return state();
-  // The unsharded list, in state()'s order: (key, owner, shape) per entry.
-  struct Entry {
-    std::string key;
-    int owner;
-    const Param* p;
-  };
-  std::vector<Entry> entries;
+  if (!sharded()) return state();
+  // The unsharded list, in state()'s order: (key, parameter index) per entry.
+  std::vector<std::pair<std::string, size_t>> entries;
   for (size_t i = 0; i < adamw_list_.size(); ++i) {
-    entries.push_back({"adamw/m/" + adamw_list_[i]->name, owner_[i], adamw_list_[i]});
-    entries.push_back({"adamw/v/" + adamw_list_[i]->name, owner_[i], adamw_list_[i]});
+    entries.push_back({"adamw/m/" + adamw_list_[i]->name, i});
+    entries.push_back({"adamw/v/" + adamw_list_[i]->name, i});
   }
   for (size_t i = 0; i < muon_list_.size(); ++i)
-    entries.push_back({"muon/m/" + muon_list_[i]->name, owner_[adamw_list_.size() + i], muon_list_[i]});
+    entries.push_back({"muon/m/" + muon_list_[i]->name, adamw_list_.size() + i});
   std::vector<State> mine = state(), out;
-  const int me = group_->rank();
   size_t next_mine = 0;
-  for (const Entry& e : entries) {
+  // Every rank walks the entries in this one order, so the sends to each group's rank 0 pair up in sequence.
+  for (const auto& [key, i] : entries) {
+    Communicator* g = group_for(all_params_[i]);
+    const int me = g ? g->rank() : 0;
     Tensor t;
-    if (e.owner == me) t = mine.at(next_mine++).tensor;
-    if (e.owner != 0) {  // owners other than rank 0 send their entries to rank 0 (in this fixed order)
-      if (me == e.owner) group_->send(t, 0);
+    if (owner_[i] == me) t = mine.at(next_mine++).tensor;
+    if (g && owner_[i] != 0) {  // owners other than the group's rank 0 send their entries to it
+      if (me == owner_[i]) g->send(t, 0);
       if (me == 0) {
-        t = Tensor::empty(e.p->value.shape(), e.p->value.dtype(), e.p->value.device());
-        group_->recv(t, e.owner);
+        const Tensor& v = all_params_[i]->value;
+        t = Tensor::empty(v.shape(), v.dtype(), v.device());
+        g->recv(t, owner_[i]);
       }
     }
-    if (me == 0) out.push_back({e.key, t});
+    out.push_back({key, me == 0 ? t : Tensor()});
   }
   return out;
 }

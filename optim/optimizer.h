@@ -28,7 +28,10 @@ class Communicator;
 // (one broadcast per owner). Each parameter's update is the same computation as unsharded: bitwise identical.
 class Optimizer {
  public:
-  Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator* shard_group = nullptr);
+  // `expert_group`: under expert parallelism with sharding, the group that shards the state of the expert shards
+  // (Param::sharded): the ranks holding the same experts (the expert-data-parallel group).
+  Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator* shard_group = nullptr,
+            Communicator* expert_group = nullptr);
   // One update of every parameter at learning rate lr (Muon uses the same lr, as V4's Algorithm 1). Sharded: a
   // collective over the group.
   void step(double lr);
@@ -46,10 +49,10 @@ class Optimizer {
     Tensor tensor;
   };
   std::vector<State> state() const;
-  // The whole state in unsharded order, for saving: a collective over the group when sharded, which gives it to
-  // the group's rank 0 (other ranks get an empty list); otherwise state().
+  // The whole state in unsharded order, for saving: a collective over the groups when sharded, which gives each
+  // entry to its group's rank 0 (other ranks get the entry with an undefined tensor); otherwise state().
   std::vector<State> gather_state() const;
-  bool sharded() const { return group_ != nullptr; }
+  bool sharded() const { return group_ != nullptr || expert_group_ != nullptr; }
   // Elements of optimizer state this rank holds (the memory ZeRO-1 saves is the rest).
   int64_t state_elements() const;
 
@@ -64,13 +67,18 @@ class Optimizer {
 
  private:
   OptimizerConfig cfg_;
-  Communicator* group_ = nullptr;
+  Communicator* group_ = nullptr;         // shards the state of replicated parameters
+  Communicator* expert_group_ = nullptr;  // shards the state of expert shards
   ParamList adamw_list_, muon_list_;  // every parameter (the logical groups)
-  std::vector<int> owner_;            // per parameter of adamw_list_ then muon_list_; all 0 unsharded
   ParamList all_params_;              // adamw_list_ then muon_list_
+  std::vector<int> owner_;            // per parameter of all_params_: its owner's rank in group_for(it)
   AdamW adamw_;                       // over the adamw_list_ entries this rank owns
   Muon muon_;                         // likewise for muon_list_
   void broadcast_updates();
+  Communicator* group_for(const Param* p) const;  // nullptr: this rank keeps the parameter's whole state
+  std::vector<int> assign_owners() const;
+  bool owns(size_t i) const;  // of all_params_
+  ParamList owned(const ParamList& list) const;
 };
 
 // Splits params by the rule above.

@@ -402,7 +402,6 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       TS_FAIL(recipe.path(), ": parallel.ep = ", topo.ep(), " does not work with ", key, " yet (", why, ")");
     };
     if (!cfg.model.is_v4()) refuse("model.arch = \"" + cfg.model.arch + "\"", "it has no routed experts");
-    if (cfg.zero1) refuse("parallel.zero1", "the sharded optimizer assigns whole stacks to owners");
     if (!cfg.qat.empty() && cfg.qat != "off") refuse("training.qat", "quantisation blocks span the expert stacks");
     if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
     if (cfg.model.n_routed_experts % topo.ep() != 0)
@@ -456,7 +455,9 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     check_tokenizer(*data.tokenizer, init_meta, from);
     log_info(cat("initial weights from ", from, " (step ", init_meta.step, ")"));
   }
-  Optimizer opt(params, cfg.optimizer, cfg.zero1 ? dp : nullptr);
+  // ZeRO-1: the state of replicated parameters sharded over the data-parallel group, that of expert shards over
+  // the ranks holding the same experts.
+  Optimizer opt(params, cfg.optimizer, cfg.zero1 ? dp : nullptr, cfg.zero1 && ep ? groups->edp.get() : nullptr);
   const qat::Mode qat_mode = qat::parse_mode(cfg.qat);  // QAT (training.qat)
   if (qat_mode != qat::Mode::off) {
     const qat::FakeQuantWeights probe(params, qat_mode);
@@ -810,7 +811,8 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     // Expert parallelism: the checkpoint holds the whole expert stacks, gathered over the ep group (a collective).
     std::deque<Param> gathered;
     const ParamList to_save = save && ep ? gather_shards(saved, *ep, gathered) : saved;
-    if (save && ep) opt_state = gather_state_shards(opt_state, params, *ep);
+    // The optimizer state's expert entries are whole on the ep group holding rank 0 (expert-data-parallel rank 0).
+    if (save && ep && groups->coords.edp == 0) opt_state = gather_state_shards(opt_state, params, *ep);
     // Pipeline parallelism: every stage's tensors go to the first stage of data-parallel replica 0 (rank 0).
     std::deque<Param> received;
     PipelineGathered stages;

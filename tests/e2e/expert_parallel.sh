@@ -3,11 +3,12 @@
 # `mpirun -np N tessera train` with parallel.ep reproduces the single-process run on the same global batch bitwise
 # (per-step losses, held-out losses, gradient norms, balance statistics, and the final checkpoint: weights, AdamW
 # moments, Muon momenta, balancing biases): EP2 (2 ranks, 4 experts each), EP4 (4 ranks, 2 experts each) and
-# dp=4 x ep=2 (two expert-data-parallel replicas of EP2). Checkpoints hold the whole expert stacks, so a run
-# stopped at step 10 under EP2 resumes at one process and at dp=4 x ep=2, and the one-process checkpoint resumes
-# under EP4, each ending bitwise on the uninterrupted run. Anticipatory routing (always, and on_spike with a forced
-# rollback) under EP2 equals one process, routing state files included, and that state resumes at one process.
-# Then the recipe errors.
+# dp=4 x ep=2 (two expert-data-parallel replicas of EP2), also with parallel.zero1 (the replicated parameters'
+# optimizer state sharded over the 4 ranks, the experts' over the 2 ranks holding the same experts). Checkpoints
+# hold the whole expert stacks, so a run stopped at step 10 resumes in another layout (EP2 -> one process,
+# EP2 -> dp=4 x ep=2, one process -> EP4, dp=4 x ep=2 with zero1 -> EP2), each ending bitwise on the uninterrupted
+# run. Anticipatory routing (always, and on_spike with a forced rollback) under EP2 equals one process, routing
+# state files included, and that state resumes at one process. Then the recipe errors.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
@@ -26,12 +27,13 @@ step "$STEPS steps of 4 micro-batches in one process"
 "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" job.run_dir="$WORK/one" 2> "$WORK/one.log" \
   || { cat "$WORK/one.log" >&2; fail "the single-process run failed"; }
 
-for layout in "2 2 2" "4 4 4" "4 4 2"; do
-  read -r np dp ep <<< "$layout"
-  name="dp$dp-ep$ep"
-  step "the same global batch over mpirun -np $np, parallel.dp = $dp, parallel.ep = $ep"
+for layout in "2 2 2 false" "4 4 4 false" "4 4 2 false" "4 4 2 true"; do
+  read -r np dp ep zero1 <<< "$layout"
+  name="dp$dp-ep$ep-zero1-$zero1"
+  step "the same global batch over mpirun -np $np, parallel.dp = $dp, parallel.ep = $ep, parallel.zero1 = $zero1"
   mpirun --oversubscribe -np $np "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" job.run_dir="$WORK/$name" \
-    parallel.dp=$dp parallel.ep=$ep 2> "$WORK/$name.log" || { cat "$WORK/$name.log" >&2; fail "$name failed"; }
+    parallel.dp=$dp parallel.ep=$ep parallel.zero1=$zero1 2> "$WORK/$name.log" \
+    || { cat "$WORK/$name.log" >&2; fail "$name failed"; }
   grep -q "expert parallel over $ep ranks: this rank holds $((8 / ep)) of the 8 routed experts" "$WORK/$name.log" \
     || check_failed "$name: no expert-parallel log line"
   same_metrics "$name" "$WORK/one" "$WORK/$name" $STEPS all_to_all "${KEYS[@]}"
@@ -42,6 +44,8 @@ resume_in_layout ep2-to-1 "$WORK/v4.toml" "$WORK/one/$FINAL" "2 parallel.dp=2 pa
 resume_in_layout ep2-to-dp4ep2 "$WORK/v4.toml" "$WORK/one/$FINAL" "2 parallel.dp=2 parallel.ep=2" \
   "4 parallel.dp=4 parallel.ep=2"
 resume_in_layout 1-to-ep4 "$WORK/v4.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.ep=1" "4 parallel.dp=4 parallel.ep=4"
+resume_in_layout zero1-to-ep2 "$WORK/v4.toml" "$WORK/one/$FINAL" "4 parallel.dp=4 parallel.ep=2 parallel.zero1=true" \
+  "2 parallel.dp=2 parallel.ep=2"
 
 step "anticipatory routing (always, dt = 2) and a forced loss spike (on_spike) under EP2, against one process"
 AR_SETS=(routing.anticipatory=always routing.dt=2)
@@ -71,9 +75,6 @@ step "recipe errors"
 TINY="$REPO/recipes/models/dense-tiny.toml" write_recipe "$WORK/dense.toml" "$WORK/corpus.txt" "$WORK/unused"
 expect_fail dense_ep "parallel.ep = 2 does not work with model.arch = \"dense\" yet (it has no routed experts)" -- \
   mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/dense.toml" --set parallel.ep=2 job.run_dir="$WORK/dense"
-expect_fail zero1_ep "parallel.ep = 2 does not work with parallel.zero1 yet" -- \
-  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/v4.toml" --set parallel.ep=2 parallel.zero1=true \
-  job.run_dir="$WORK/z"
 expect_fail experts_divide "model.n_routed_experts (8) must be a multiple of parallel.ep (3)" -- \
   mpirun --oversubscribe -np 3 "$TESSERA" train "$WORK/v4.toml" --set parallel.ep=3 training.grad_accum=3 \
   job.run_dir="$WORK/three"
