@@ -2,7 +2,8 @@
 # The SFT stage end to end: a tiny model is pretrained; arithmetic prompts become chat conversations
 # (`tessera data prompts --chat`) and a chat dataset with its assistant-only loss mask (`tessera data prepare
 # --format chat`); `stage = "sft"` starts from the pretrained weights (checked: at lr 0 one SFT step leaves them
-# bitwise unchanged), trains on the assistant tokens only, and its loss falls. Recipe errors: sft without
+# bitwise unchanged), trains on the assistant tokens only, and its loss falls; through a 2-stage pipeline it ends
+# on the same checkpoint bitwise. Recipe errors: sft without
 # init.checkpoint, sft on text without a loss mask.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -77,6 +78,13 @@ first, last = rows[0]["loss"], rows[-1]["loss"]
 print(f"SFT loss on assistant tokens: {first:.3f} -> {last:.3f}; held-out {rows[-1].get('val_loss')}")
 sys.exit(0 if last < 0.7 * first else 1)
 PYEOF
+
+step "SFT through a 2-stage pipeline (mpirun -np 2, parallel.pp = 2) equals the one-process SFT bitwise"
+OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -np 2 "$TESSERA" train \
+  "$WORK/sft.toml" --set job.run_dir="$WORK/S-pp2" parallel.dp=1 parallel.pp=2 2> "$WORK/S-pp2.log" \
+  || { cat "$WORK/S-pp2.log" >&2; fail "SFT under parallel.pp = 2 failed"; }
+"$PY" "$CKPT_EQUAL" "$WORK/S/checkpoints/step_00000030.h5" "$WORK/S-pp2/checkpoints/step_00000030.h5" \
+  || check_failed "SFT under parallel.pp = 2 ends elsewhere than in one process"
 
 step "recipe errors"
 expect_fail sft_without_init 'stage = "sft" needs init.checkpoint' -- \
