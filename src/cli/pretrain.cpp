@@ -391,7 +391,6 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       TS_FAIL(recipe.path(), ": parallel.pp = ", topo.pp(), " does not work with ", key, " yet (", why, ")");
     };
     if (cfg.model.is_v4()) refuse("model.arch = \"deepseek_v4\"", "its stages are not built: mHC streams, MTP");
-    if (!cfg.qat.empty() && cfg.qat != "off") refuse("training.qat", "not tested with stages");
     if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
     if (cfg.model.n_layers < topo.pp())
       TS_FAIL(recipe.path(), ": parallel.pp (", topo.pp(), ") must not exceed model.n_layers (", cfg.model.n_layers,
@@ -402,7 +401,6 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       TS_FAIL(recipe.path(), ": parallel.ep = ", topo.ep(), " does not work with ", key, " yet (", why, ")");
     };
     if (!cfg.model.is_v4()) refuse("model.arch = \"" + cfg.model.arch + "\"", "it has no routed experts");
-    if (!cfg.qat.empty() && cfg.qat != "off") refuse("training.qat", "quantisation blocks span the expert stacks");
     if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
     if (cfg.model.n_routed_experts % topo.ep() != 0)
       TS_FAIL(recipe.path(), ": model.n_routed_experts (", cfg.model.n_routed_experts,
@@ -511,8 +509,8 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
                                                         : measure_gemm_peak();
   const int64_t tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len;
   const double flops_per_token = cfg.model.train_flops_per_token(cfg.seq_len);
-  log_info(cat("model: ", count_elements(params), " parameters; ", cfg.steps, " steps of ", tokens_per_step,
-               " tokens; MFU against ", peak / 1e9, " GFLOP/s (",
+  log_info(cat("model: ", count_elements(params), " parameters", pp ? " on this pipeline stage" : "", "; ", cfg.steps,
+               " steps of ", tokens_per_step, " tokens; MFU against ", peak / 1e9, " GFLOP/s (",
                cfg.peak_flops > 0                ? "metrics.peak_flops"
                : cfg.device == Device::cuda ? "H100/H200 dense bf16 peak"
                                                  : "measured fp32 GEMM",

@@ -5,10 +5,11 @@
 # moments, Muon momenta, balancing biases): EP2 (2 ranks, 4 experts each), EP4 (4 ranks, 2 experts each) and
 # dp=4 x ep=2 (two expert-data-parallel replicas of EP2), also with parallel.zero1 (the replicated parameters'
 # optimizer state sharded over the 4 ranks, the experts' over the 2 ranks holding the same experts). Checkpoints
-# hold the whole expert stacks, so a run stopped at step 10 resumes in another layout (EP2 -> one process,
-# EP2 -> dp=4 x ep=2, one process -> EP4, dp=4 x ep=2 with zero1 -> EP2), each ending bitwise on the uninterrupted
-# run. Anticipatory routing (always, and on_spike with a forced rollback) under EP2 equals one process, routing
-# state files included, and that state resumes at one process. Then the recipe errors.
+# hold the whole expert stacks, so a run stopped at step 10 resumes in another layout (EP2 -> one process, one
+# process -> EP4, dp=4 x ep=2 with zero1 -> EP2), each ending bitwise on the uninterrupted run. Then in 12 steps:
+# anticipatory routing (always, and on_spike with a forced rollback) under EP2 equals one process, routing state
+# files included, and that state resumes at one process; so does quantisation-aware training. Then the recipe
+# errors.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
@@ -41,11 +42,15 @@ for layout in "2 2 2 false" "4 4 4 false" "4 4 2 false" "4 4 2 true"; do
 done
 
 resume_in_layout ep2-to-1 "$WORK/v4.toml" "$WORK/one/$FINAL" "2 parallel.dp=2 parallel.ep=2" "1 parallel.dp=1 parallel.ep=1"
-resume_in_layout ep2-to-dp4ep2 "$WORK/v4.toml" "$WORK/one/$FINAL" "2 parallel.dp=2 parallel.ep=2" \
-  "4 parallel.dp=4 parallel.ep=2"
 resume_in_layout 1-to-ep4 "$WORK/v4.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.ep=1" "4 parallel.dp=4 parallel.ep=4"
 resume_in_layout zero1-to-ep2 "$WORK/v4.toml" "$WORK/one/$FINAL" "4 parallel.dp=4 parallel.ep=2 parallel.zero1=true" \
   "2 parallel.dp=2 parallel.ep=2"
+
+# The rest in 12 steps (checkpoints every 6): the test runs on 2 cores.
+STEPS=12
+FINAL=checkpoints/step_$(printf %08d $STEPS).h5
+SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=6 eval.every=6
+      eval.batches=2 optimizer.name=muon)
 
 step "anticipatory routing (always, dt = 2) and a forced loss spike (on_spike) under EP2, against one process"
 AR_SETS=(routing.anticipatory=always routing.dt=2)
@@ -64,12 +69,19 @@ done
 grep -q "loss spike at step 7: .*rolling back to step" "$WORK/spike-ep2.log" || check_failed "spike: no rollback under EP2"
 # The routing state written under EP2 (its parameter hash over the whole stacks) is used when resuming at one process.
 mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" "${AR_SETS[@]}" parallel.ep=2 \
-  job.run_dir="$WORK/ar-resume" --stop-after 10 2> "$WORK/ar-resume-a.log" || fail "ar resume: first part failed"
+  job.run_dir="$WORK/ar-resume" --stop-after 6 2> "$WORK/ar-resume-a.log" || fail "ar resume: first part failed"
 "$TESSERA" train --resume "$WORK/ar-resume" --set parallel.dp=1 parallel.ep=1 2> "$WORK/ar-resume-b.log" \
   || { cat "$WORK/ar-resume-b.log" >&2; fail "ar resume: resumed part failed"; }
-grep -q "anticipatory routing: state restored from .*step_00000010.routing" "$WORK/ar-resume-b.log" \
+grep -q "anticipatory routing: state restored from .*step_00000006.routing" "$WORK/ar-resume-b.log" \
   || check_failed "ar resume: the EP2 routing state was not restored at one process"
 "$PY" "$CKPT_EQUAL" "$WORK/ar-one/$FINAL" "$WORK/ar-resume/$FINAL" || check_failed "ar resume: final checkpoint differs"
+
+step "quantisation-aware training (training.qat = fp4_fp8) under EP2 equals one process: blocks lie within an expert"
+for n in 1 2; do
+  mpirun --oversubscribe -np $n "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" training.qat=fp4_fp8 parallel.dp=$n \
+    parallel.ep=$n job.run_dir="$WORK/qat-$n" 2> "$WORK/qat-$n.log" || { cat "$WORK/qat-$n.log" >&2; fail "qat at $n failed"; }
+done
+"$PY" "$CKPT_EQUAL" "$WORK/qat-1/$FINAL" "$WORK/qat-2/$FINAL" || check_failed "qat: EP2 ends elsewhere than one process"
 
 step "recipe errors"
 TINY="$REPO/recipes/models/dense-tiny.toml" write_recipe "$WORK/dense.toml" "$WORK/corpus.txt" "$WORK/unused"

@@ -5,7 +5,7 @@
 # Muon momenta), alone (PP2, 4 micro-batches through 2 stages) and with data parallelism (dp=2 x pp=2, also with the
 # optimizer state sharded over each stage's data-parallel ranks: parallel.zero1). A run
 # stopped at step 10 under PP2 resumes at one process, and the one-process checkpoint resumes at dp=2 x pp=2, each
-# ending bitwise on the uninterrupted run. Then the recipe errors.
+# ending bitwise on the uninterrupted run; so does quantisation-aware training. Then the recipe errors.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
@@ -38,6 +38,13 @@ done
 resume_in_layout pp2-to-1 "$WORK/dense.toml" "$WORK/one/$FINAL" "2 parallel.dp=1 parallel.pp=2" "1 parallel.dp=1 parallel.pp=1"
 resume_in_layout 1-to-dp2pp2 "$WORK/dense.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.pp=1" \
   "4 parallel.dp=2 parallel.pp=2"
+
+step "quantisation-aware training (training.qat = fp8) at pp=2 equals one process"
+for n in 1 2; do
+  mpirun --oversubscribe -np $n "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" training.qat=fp8 parallel.dp=1 \
+    parallel.pp=$n job.run_dir="$WORK/qat-$n" 2> "$WORK/qat-$n.log" || { cat "$WORK/qat-$n.log" >&2; fail "qat at $n failed"; }
+done
+"$PY" "$CKPT_EQUAL" "$WORK/qat-1/$FINAL" "$WORK/qat-2/$FINAL" || check_failed "qat: PP2 ends elsewhere than one process"
 
 step "recipe errors"
 expect_fail too_many_stages "parallel.pp (4) must not exceed model.n_layers (2)" -- \
