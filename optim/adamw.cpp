@@ -42,12 +42,12 @@ static std::vector<double> matrix_sum_squares(const Tensor& g) {
   return out;
 }
 
-double clip_grad_norm(const ParamList& params, double max_norm, Communicator* shard_group, Communicator* stage_group) {
+double clip_grad_norm(const ParamList& params, double max_norm, Communicator* stage_group) {
   std::vector<double> per_param;  // each parameter's sum of squares, in order
   for (const Param* p : params) {
     std::vector<double> parts = matrix_sum_squares(p->grad);
-    if (p->sharded() && shard_group) {  // every shard's per-matrix sums, in the stack's order
-      TS_CHECK(p->grad.ndim() == 3, "clip_grad_norm: sharded ", p->name, " is not a stack of matrices");
+    if (p->sharded()) {  // every shard's per-matrix sums (or parts of one), in the logical order
+      Communicator* shard_group = p->shard_group;
       Tensor mine = Tensor::empty({int64_t(parts.size())}, DType::f64, Device::cpu);
       Tensor all = Tensor::empty({int64_t(parts.size()) * shard_group->size()}, DType::f64, Device::cpu);
       std::copy(parts.begin(), parts.end(), mine.data<double>());

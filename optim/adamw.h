@@ -49,12 +49,12 @@ struct LrSchedule {
 
 // Global L2 norm of all gradients (summed in a fixed order; a stack of matrices as the sum over its matrices); if
 // max_norm > 0 and the norm exceeds it, scales all gradients by max_norm / norm (as
-// torch.nn.utils.clip_grad_norm_, with its 1e-6). Returns the norm before. `shard_group`: the group sharded
-// parameters are split over (expert parallelism, by whole matrices), a collective over it; the norm is then the
-// whole model's, bitwise what one process computes. `stage_group`: the pipeline group, whose stages hold
-// consecutive runs of the model's parameters (a collective: the norm over all stages, in parameter order).
+// torch.nn.utils.clip_grad_norm_, with its 1e-6). Returns the norm before. A sharded parameter's sums are
+// gathered over its shard_group (a collective): for expert shards, which hold whole matrices, the norm is bitwise
+// what one process computes; a tensor-parallel shard adds its part of the matrix's sum. `stage_group`: the
+// pipeline group, whose stages hold consecutive runs of the model's parameters (a collective: the norm over all
+// stages, in parameter order).
 class Communicator;
-double clip_grad_norm(const ParamList& params, double max_norm, Communicator* shard_group = nullptr,
-                      Communicator* stage_group = nullptr);
+double clip_grad_norm(const ParamList& params, double max_norm, Communicator* stage_group = nullptr);
 
 }  // namespace tessera

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "ops/ops.h"
+#include "parallel/shards.h"
 
 namespace tessera {
 
@@ -99,7 +100,8 @@ Muon::Muon(ParamList params, const MuonConfig& cfg) : params_(std::move(params))
 }
 
 double Muon::update_scale(const Param& p) const {
-  return cfg_.update_rms * std::sqrt(double(std::max(p.value.size(-2), p.value.size(-1))));
+  const Shape s = p.logical_shape();
+  return cfg_.update_rms * std::sqrt(double(std::max(s[s.size() - 2], s.back())));
 }
 
 void Muon::step(double lr) {
@@ -118,7 +120,11 @@ void Muon::step(double lr) {
       ops::axpy(1.0, p->grad, U);
       ops::axpy(cfg_.momentum, M, U);
     }
-    Tensor O = newton_schulz(U, cfg_.ns_schedule, cfg_.bf16_iterations);
+    // A tensor-parallel shard: the whole matrix's update is gathered and orthogonalised (every rank of the shard
+    // group the same), and this rank keeps its slice.
+    Tensor O = p->splits_matrix()
+                   ? p->slice_of(newton_schulz(gather_shard(*p, U), cfg_.ns_schedule, cfg_.bf16_iterations))
+                   : newton_schulz(U, cfg_.ns_schedule, cfg_.bf16_iterations);
     if (cfg_.weight_decay != 0.0) ops::scale(p->value, 1.0 - lr * cfg_.weight_decay);
     ops::axpy(-lr * update_scale(*p), O, p->value);
   }

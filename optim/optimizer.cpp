@@ -45,7 +45,11 @@ Optimizer::Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator*
       adamw_(owned(adamw_list_), cfg.adamw),
       muon_(owned(muon_list_), cfg.muon) {}
 
-Communicator* Optimizer::group_for(const Param* p) const { return p->sharded() ? expert_group_ : group_; }
+// Expert shards are replicated over the ranks holding the same experts; tensor-parallel shards, like whole
+// parameters, over the data-parallel group (each tp rank's group owns the same parameters: equal shard sizes).
+Communicator* Optimizer::group_for(const Param* p) const {
+  return p->sharded() && !p->splits_matrix() ? expert_group_ : group_;
+}
 
 // Owner of each parameter within its group: the least-loaded rank so far (by elements; ties to the lowest rank),
 // in parameter order; 0 for a parameter whose state is not sharded.

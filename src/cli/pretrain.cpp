@@ -21,7 +21,7 @@
 #include "model/v4.h"
 #include "ops/ops.h"
 #include "parallel/data_parallel.h"
-#include "parallel/expert_parallel.h"
+#include "parallel/shards.h"
 #include "parallel/pipeline_parallel.h"
 #include "model/dense.h"
 
@@ -383,9 +383,15 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   // Parallel layout: validated against the world size; data and expert parallelism are what is built so far.
   const int world_size = world ? world->size() : 1;
   const Topology topo = Topology::make(cfg.parallel, world_size);
-  if (topo.tp() > 1)
-    TS_FAIL(recipe.path(), ": [parallel] ", topo.str(), ": tensor parallelism is not built yet; use data, pipeline ",
-            "(dense models) and expert (V4 models) parallelism: parallel.dp, parallel.pp, parallel.ep");
+  if (topo.tp() > 1) {
+    auto refuse = [&](const std::string& key, const std::string& why) {
+      TS_FAIL(recipe.path(), ": parallel.tp = ", topo.tp(), " does not work with ", key, " yet (", why, ")");
+    };
+    if (cfg.model.is_v4())
+      refuse("model.arch = \"deepseek_v4\"", "its compressed attention, indexer and hyper-connections are not split");
+    if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
+    if (cfg.qat != "off") refuse("training.qat", "the 128 x 128 quantisation blocks would cut across the shards");
+  }
   if (topo.pp() > 1) {
     auto refuse = [&](const std::string& key, const std::string& why) {
       TS_FAIL(recipe.path(), ": parallel.pp = ", topo.pp(), " does not work with ", key, " yet (", why, ")");
@@ -410,11 +416,13 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   Communicator* dp = nullptr;  // the data-parallel group, when there is more than one rank
   Communicator* ep = nullptr;  // the expert-parallel group, when parallel.ep > 1
   Communicator* pp = nullptr;  // the pipeline group, when parallel.pp > 1
+  Communicator* tp = nullptr;  // the tensor-parallel group, when parallel.tp > 1
   if (world && world_size > 1) {
     groups = std::make_unique<ProcessGroups>(ProcessGroups::build(topo, *world));
     dp = groups->dp.get();
     if (topo.ep() > 1) ep = groups->ep.get();
     if (topo.pp() > 1) pp = groups->pp.get();
+    if (topo.tp() > 1) tp = groups->tp.get();
     if (cfg.grad_accum % dp->size() != 0)
       TS_FAIL(recipe.path(), ": training.grad_accum (", cfg.grad_accum, ") must be a multiple of parallel.dp (",
               dp->size(), "): each data-parallel rank trains on grad_accum / dp of the step's micro-batches");
@@ -443,6 +451,17 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
                  pp->rank() * cfg.model.n_layers / pp->size(), ", ", (pp->rank() + 1) * cfg.model.n_layers / pp->size(),
                  ")", pp->rank() == 0 ? " and the embedding" : "",
                  pp->rank() == pp->size() - 1 ? " and the head" : ""));
+  }
+  if (tp) {
+    try {
+      dynamic_cast<DenseModel&>(model).set_tensor_parallel(*tp);
+    } catch (const Error& e) {
+      TS_FAIL(recipe.path(), ": ", e.what());
+    }
+    log_info(cat("tensor parallel over ", tp->size(), " ranks: this rank holds ", cfg.model.n_heads / tp->size(),
+                 " of the ", cfg.model.n_heads, " attention heads, ", cfg.model.ffn_dim / tp->size(), " of the ",
+                 cfg.model.ffn_dim, " MLP hidden units and ", cfg.model.vocab_size / tp->size(), " of the ",
+                 cfg.model.vocab_size, " vocabulary rows"));
   }
   ParamList params = model.params(), saved = model.saved_tensors();
   model.init(cfg.seed);
@@ -485,10 +504,11 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   if (dp)
     log_info(cat("data parallel over ", dp->size(), " ranks (", topo.str(), "): ", cfg.grad_accum / dp->size(),
                  " micro-batch(es) of ", cfg.batch_size, " rows per rank and step, gradients summed in buckets"));
-  // Gradients summed over the data-parallel group; under expert parallelism the experts' over the ranks holding
-  // the same experts (the expert-data-parallel group), their sum over the ep group done by the model.
+  // Gradients summed over the data-parallel group (tensor-parallel shards too: a rank's shard is the same part on
+  // every data-parallel rank); under expert parallelism the experts' over the ranks holding the same experts (the
+  // expert-data-parallel group), their sum over the ep group done by the model.
   ParamList dense_params, expert_params;
-  for (Param* p : params) (p->sharded() ? expert_params : dense_params).push_back(p);
+  for (Param* p : params) (p->sharded() && !p->splits_matrix() ? expert_params : dense_params).push_back(p);
   std::unique_ptr<GradientBuckets> grad_buckets =
       dp ? std::make_unique<GradientBuckets>(*dp, dense_params) : nullptr;
   // This rank's collectives over all its groups, for the metrics.
@@ -497,6 +517,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (ep) s += ep->stats();
     if (ep && groups->edp->size() > 1) s += groups->edp->stats();
     if (pp) s += pp->stats();
+    if (tp) s += tp->stats();
     return s;
   };
   std::unique_ptr<GradientBuckets> expert_buckets =
@@ -533,11 +554,10 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     Optimizer::Snapshot opt;
   };
   std::deque<Snapshot> snapshots;  // on_spike: the newest two, oldest first
-  // The hash of the saved tensors as a checkpoint holds them (expert shards gathered: a collective over the ep group).
+  // The hash of the saved tensors as a checkpoint holds them (shards gathered: a collective over their groups).
   auto saved_hash = [&](const ParamList& tensors) {
-    if (!ep) return hash_values(tensors);
     std::deque<Param> whole;
-    return hash_values(gather_shards(tensors, *ep, whole));
+    return hash_values(gather_shards(tensors, whole));
   };
   if (v4 && rc.anticipatory != "off" && !resume_from.empty()) {
     const uint64_t params_hash = saved_hash(saved);
@@ -685,7 +705,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (!std::isfinite(loss) && !back_to)
       TS_FAIL("training loss is ", loss, " at step ", step + 1, "; the last checkpoint in ", cfg.run_dir,
               " is intact (lower optimizer.lr or training.grad_clip?)");
-    const double grad_norm = clip_grad_norm(params, cfg.grad_clip, ep, pp);
+    const double grad_norm = clip_grad_norm(params, cfg.grad_clip, pp);
     std::string moe_metrics, routing_metrics;
     if (v4) {
       // Expert load of this step (max over mean per MoE layer) and the spike instrumentation.
@@ -806,15 +826,18 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     const bool save = (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || last;
     // A sharded optimizer's state is gathered to rank 0 (a collective: every rank takes part).
     std::vector<Optimizer::State> opt_state = save ? opt.gather_state() : std::vector<Optimizer::State>{};
-    // Expert parallelism: the checkpoint holds the whole expert stacks, gathered over the ep group (a collective).
+    // Expert and tensor parallelism: the checkpoint holds the logical tensors, gathered over each shard's group (a
+    // collective).
     std::deque<Param> gathered;
-    const ParamList to_save = save && ep ? gather_shards(saved, *ep, gathered) : saved;
-    // The optimizer state's expert entries are whole on the ep group holding rank 0 (expert-data-parallel rank 0).
-    if (save && ep && groups->coords.edp == 0) opt_state = gather_state_shards(opt_state, params, *ep);
+    const ParamList to_save = save ? gather_shards(saved, gathered) : saved;
+    // The optimizer state's shard entries are gathered where the whole entries are: on expert-data-parallel rank 0
+    // (expert shards), data-parallel rank 0 (tensor-parallel shards).
+    if (save && ((ep && groups->coords.edp == 0) || (tp && groups->coords.dp == 0)))
+      opt_state = gather_state_shards(opt_state, params);
     // Pipeline parallelism: every stage's tensors go to the first stage of data-parallel replica 0 (rank 0).
     std::deque<Param> received;
     PipelineGathered stages;
-    const bool gather_stages = save && pp && groups->coords.dp == 0;
+    const bool gather_stages = save && pp && groups->coords.dp == 0 && groups->coords.tp == 0;
     if (gather_stages) stages = gather_pipeline_stages(to_save, opt_state, *pp, received);
     if (writer && save) {
       CheckpointMeta meta{done, cfg.seed, data.fingerprint, cfg.recipe_toml, cfg.tokenizer_kind,

@@ -179,11 +179,11 @@ void check_format(const io::H5Reader& r, const std::string& path) {
 
 // Weights and moments are finite by construction; a non-finite value means damage the HDF5 checksum missed
 // (Fletcher-32 cannot tell 0x0000 from 0xFFFF).
-// A shard (row_start >= 0) reads its rows of the stored logical tensor.
+// A shard (`shard` non-null) reads its slice of the stored logical tensor.
 void read_finite(const io::H5Reader& r, const std::string& path, const std::string& name, const Tensor& dst,
-                 int64_t row_start = -1) {
+                 const Param* shard = nullptr) {
   Tensor host = dst.device() == Device::cpu ? dst : Tensor::empty(dst.shape(), dst.dtype(), Device::cpu);
-  if (row_start >= 0) r.read_rows(name, row_start, host);
+  if (shard) r.read_slice(name, shard->shard_dim, shard->shard_offset, host);
   else r.read_into(name, host);
   if (dst.device() != Device::cpu) dst.copy_from(host);
   const float* p = host.dtype() == DType::f32 ? host.data<float>() : nullptr;
@@ -252,7 +252,7 @@ CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, 
   if (!diff.empty()) TS_FAIL("checkpoint '", path, "' does not match the model of the recipe:", diff);
   std::map<std::string, const Param*> by_name;
   for (const Param* p : params) {
-    read_finite(r, path, "model/" + p->name, p->value, p->sharded() ? p->shard_offset : -1);
+    read_finite(r, path, "model/" + p->name, p->value, p->sharded() ? p : nullptr);
     by_name[p->name] = p;
   }
   if (opt) {
@@ -267,7 +267,7 @@ CheckpointMeta load_checkpoint(const std::string& path, const ModelConfig& cfg, 
       // Keys are RULE/MOMENT/NAME; a sharded parameter's state is sharded as it is.
       auto p = by_name.find(s.key.substr(s.key.rfind('/') + 1));
       const bool shard = p != by_name.end() && p->second->sharded();
-      read_finite(r, path, "optim/" + s.key, s.tensor, shard ? p->second->shard_offset : -1);
+      read_finite(r, path, "optim/" + s.key, s.tensor, shard ? p->second : nullptr);
     }
     opt->set_steps_taken(r.attr_int("optim.steps"));
   }

@@ -21,7 +21,7 @@ struct CheckpointMeta {
 };
 
 // `params` are every saved tensor: a model's trainable parameters and its buffers (Model::saved_tensors()), whole
-// (shards gathered first: parallel/expert_parallel.h).
+// (shards gathered first: parallel/shards.h).
 // `opt_state`, if given, is written instead of opt->state() (a sharded optimizer's gather_state()).
 void save_checkpoint(const std::string& path, const ModelConfig& cfg, const ParamList& params, const Optimizer* opt,
                      const CheckpointMeta& meta, const std::vector<Optimizer::State>* opt_state = nullptr);

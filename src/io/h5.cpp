@@ -472,31 +472,31 @@ void H5Reader::read_into(const std::string& name, const Tensor& dst) const {
   read_data(dataset.get(), name, i, dst.raw());
 }
 
-void H5Reader::read_rows(const std::string& name, int64_t row_start, const Tensor& dst) const {
-  TS_CHECK(dst.defined() && dst.is_contiguous() && dst.ndim() >= 1, "read_rows '", name,
-           "' needs a contiguous tensor of at least one dimension");
+void H5Reader::read_slice(const std::string& name, int dim, int64_t start, const Tensor& dst) const {
+  TS_CHECK(dst.defined() && dst.is_contiguous() && dim >= 0 && dim < dst.ndim(), "read_slice '", name,
+           "' needs a contiguous tensor with a dimension ", dim);
   if (dst.device() != Device::cpu) {
     Tensor host = Tensor::empty(dst.shape(), dst.dtype(), Device::cpu);
-    read_rows(name, row_start, host);
+    read_slice(name, dim, start, host);
     dst.copy_from(host);
     return;
   }
   Handle dataset(open_dataset(name), H5Dclose);
   Info i = info(dataset.get(), name);
   Shape want = dst.shape();
-  bool fits = i.shape.size() == want.size() && row_start >= 0 && row_start + want[0] <= i.shape[0];
-  for (size_t d = 1; fits && d < want.size(); ++d) fits = i.shape[d] == want[d];
+  bool fits = i.shape.size() == want.size() && start >= 0 && start + want[dim] <= i.shape[dim];
+  for (size_t d = 0; fits && d < want.size(); ++d) fits = int(d) == dim || i.shape[d] == want[d];
+  const std::string what = cat("[", start, ", ", start + want[dim], ") along dimension ", dim);
   if (!fits)
-    TS_FAIL(where(path_), ": tensor '", name, "' has shape ", shape_str(i.shape), "; cannot read rows [", row_start,
-            ", ", row_start + want[0], ") of shape ", shape_str(want));
+    TS_FAIL(where(path_), ": tensor '", name, "' has shape ", shape_str(i.shape), "; cannot read ", what,
+            " into shape ", shape_str(want));
   if (i.dtype != dst.dtype())
     TS_FAIL(where(path_), ": tensor '", name, "' has dtype ", dtype_name(i.dtype), ", expected ",
             dtype_name(dst.dtype()));
   if (dst.numel() == 0) return;
-  std::string context = cat(where(path_), ": cannot read rows [", row_start, ", ", row_start + want[0], ") of '",
-                            name, "'");
+  std::string context = cat(where(path_), ": cannot read ", what, " of '", name, "'");
   std::vector<hsize_t> offset(want.size(), 0), count(want.begin(), want.end());
-  offset[0] = hsize_t(row_start);
+  offset[dim] = hsize_t(start);
   Handle file_space(check_id(H5Dget_space(dataset.get()), context), H5Sclose);
   check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, offset.data(), nullptr, count.data(), nullptr),
         context);

@@ -66,9 +66,9 @@ class H5Reader {
   Tensor read_tensor(const std::string& name) const;
   // Reads into an existing contiguous host tensor of the same shape and dtype.
   void read_into(const std::string& name, const Tensor& dst) const;
-  // Rows [row_start, row_start + dst.size(0)) along dim 0 of a dataset whose other dims equal dst's (a shard of a
-  // logical tensor: expert parallelism).
-  void read_rows(const std::string& name, int64_t row_start, const Tensor& dst) const;
+  // Indices [start, start + dst.size(dim)) along dimension `dim` of a dataset whose other dims equal dst's (a
+  // shard of a logical tensor: expert and tensor parallelism).
+  void read_slice(const std::string& name, int dim, int64_t start, const Tensor& dst) const;
   // Elements [start, start + dst.numel()) of a 1-D dataset.
   void read_range(const std::string& name, int64_t start, const Tensor& dst) const;
 

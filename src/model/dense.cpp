@@ -4,7 +4,9 @@
 #include <utility>
 
 #include "core/rng.h"
+#include "model/vocab_parallel.h"
 #include "ops/ops.h"
+#include "parallel/communicator.h"
 
 namespace tessera {
 
@@ -30,6 +32,39 @@ DenseModel::DenseModel(const ModelConfig& cfg, DType dtype, Device device) : cfg
   norm_ = make_param("norm", ParamKind::vector, {C}, dtype);
   output_ = make_param("output", ParamKind::head, {V, C}, dtype);
   last_layer_ = cfg.n_layers;
+  H_ = cfg.n_heads, KH_ = cfg.n_kv_heads, F_ = cfg.ffn_dim, V_ = cfg.vocab_size;
+}
+
+void DenseModel::set_tensor_parallel(Communicator& group) {
+  TS_CHECK(!tp_, "set_tensor_parallel: already set");
+  TS_CHECK(device_ == Device::cpu, "tensor parallelism runs on host tensors; the model is on ", device_name(device_));
+  const int64_t P = group.size();
+  for (auto [key, n] : {std::pair{"n_heads", cfg_.n_heads}, std::pair{"n_kv_heads", cfg_.n_kv_heads},
+                        std::pair{"ffn_dim", cfg_.ffn_dim}, std::pair{"vocab_size", cfg_.vocab_size}})
+    if (n % P != 0)
+      TS_FAIL("tensor parallelism: model.", key, " (", n, ") must be a multiple of parallel.tp (", P,
+              "): each tp rank holds an equal part");
+  tp_ = &group;
+  H_ = cfg_.n_heads / P, KH_ = cfg_.n_kv_heads / P, F_ = cfg_.ffn_dim / P, V_ = cfg_.vocab_size / P;
+  v0_ = group.rank() * V_;
+  // Megatron's layout: q/k/v, w1/w3 and the vocabulary rows column-parallel (split along dim 0, their outputs),
+  // wo and w2 row-parallel (along dim 1, their inputs), so each attention head and each hidden unit of the MLP
+  // lives on one rank and a layer needs one all-reduce after attention and one after the MLP.
+  auto shard = [&](Param& p, int dim) {
+    if (!p.value.defined()) return;  // another pipeline stage's
+    Shape s = p.value.shape();
+    p.shard_group = &group, p.shard_dim = dim, p.shard_size = s[dim];
+    s[dim] /= P;
+    p.shard_offset = group.rank() * s[dim];
+    p.value = Tensor::zeros(s, p.value.dtype()), p.grad = Tensor::zeros(s, p.value.dtype());
+  };
+  shard(tok_embeddings_, 0);
+  shard(output_, 0);
+  for (Layer& l : layers_) {
+    for (Param* p : {&l.wq, &l.wk, &l.wv, &l.w1, &l.w3}) shard(*p, 0);
+    for (Param* p : {&l.wo, &l.w2}) shard(*p, 1);
+  }
+  B_ = T_ = 0;
 }
 
 void DenseModel::set_pipeline_stage(int stage, int n_stages) {
@@ -73,17 +108,17 @@ void DenseModel::init(uint64_t seed) {
       continue;
     }
     bool residual = p->name.ends_with(".wo") || p->name.ends_with(".w2");
-    Tensor f32 = Tensor::empty(p->value.shape(), DType::f32, Device::cpu);
+    // A shard (tensor parallelism) draws the whole tensor and keeps its part: the values of one process.
+    Tensor f32 = Tensor::empty(p->logical_shape(), DType::f32, Device::cpu);
     Rng{seed, stream_id(p->name.c_str())}.fill_normal(f32.data<float>(), f32.numel(), 0.0,
                                                        residual ? residual_std : cfg_.init_std);
-    p->value.copy_from(f32.to(dtype_));
+    p->value.copy_from(p->slice_of(f32).to(dtype_));
   }
 }
 
 DenseModel::Activations DenseModel::new_activations() const {
   DeviceScope on_device(device_);
-  const int64_t B = B_, T = T_, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, H = cfg_.n_heads, KH = cfg_.n_kv_heads;
-  const int64_t hd = cfg_.attn_head_dim(), V = cfg_.vocab_size;
+  const int64_t B = B_, T = T_, N = B * T, C = cfg_.dim, F = F_, H = H_, KH = KH_, hd = cfg_.attn_head_dim(), V = V_;
   auto buf = [&](const Shape& s) { return Tensor::empty(s, dtype_); };
   Activations a;
   for (int64_t l = first_layer_; l < last_layer_; ++l)
@@ -106,8 +141,7 @@ void DenseModel::ensure_buffers(int64_t B, int64_t T) {
   TS_CHECK(parked_.empty(), "DenseModel: the batch shape changed with micro-batches waiting for their backward");
   B_ = B, T_ = T;
   DeviceScope on_device(device_);
-  const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, H = cfg_.n_heads, KH = cfg_.n_kv_heads;
-  const int64_t hd = cfg_.attn_head_dim();
+  const int64_t N = B * T, C = cfg_.dim, F = F_, H = H_, KH = KH_, hd = cfg_.attn_head_dim();
   auto buf = [&](const Shape& s) { return Tensor::empty(s, dtype_); };
   cur_ = new_activations();
   spare_.clear();
@@ -123,12 +157,13 @@ void DenseModel::run_forward(const TokenBatch& batch, const Tensor& input) {
   TS_CHECK(batch.ids.device() == device_, "run_forward: batch on ", device_name(batch.ids.device()));
   const int64_t B = batch.batch_size(), T = batch.seq_len();
   ensure_buffers(B, T);
-  const int64_t N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
+  const int64_t N = B * T, H = H_, KH = KH_, hd = cfg_.attn_head_dim();
   const double scale = 1.0 / std::sqrt(double(hd));
   std::vector<LayerActs>& acts = cur_.layers;
   const Tensor first_x = acts.empty() ? cur_.x_final : acts[0].x;
-  if (first_stage()) ops::embedding_forward(batch.ids.reshape({N}), tok_embeddings_.value, first_x);
-  else ops::copy(input, first_x);
+  if (!first_stage()) ops::copy(input, first_x);
+  else if (tp_) vocab_parallel_embedding_forward(batch.ids.reshape({N}), tok_embeddings_.value, v0_, first_x, *tp_);
+  else ops::embedding_forward(batch.ids.reshape({N}), tok_embeddings_.value, first_x);
   for (size_t i = 0; i < acts.size(); ++i) {
     Layer& w = layers_[first_layer_ + int64_t(i)];
     LayerActs& a = acts[i];
@@ -140,18 +175,33 @@ void DenseModel::run_forward(const TokenBatch& batch, const Tensor& input) {
     ops::rope_forward(a.q, positions_, cfg_.rope_theta, hd, false, a.q);  // in place
     ops::rope_forward(a.k, positions_, cfg_.rope_theta, hd, false, a.k);
     ops::attention_forward(a.q, a.k, a.v, batch.doc, scale, a.att, a.lse);
-    ops::copy(a.x, a.x2);
-    ops::gemm(a.att.reshape({N, H * hd}), false, w.wo.value, true, a.x2, 1.0, 1.0);  // x2 = x + att wo^T
+    add_row_parallel(a.att.reshape({N, H * hd}), w.wo.value, a.x, a.x2);  // x2 = x + att wo^T
     ops::rmsnorm_forward(a.x2, w.ffn_norm.value, cfg_.norm_eps, a.h2, a.rstd2);
     ops::linear_forward(a.h2, w.w1.value, a.g);
     ops::linear_forward(a.h2, w.w3.value, a.u);
     ops::swiglu_forward(a.g, a.u, a.s);
-    ops::copy(a.x2, out);
-    ops::gemm(a.s, false, w.w2.value, true, out, 1.0, 1.0);  // out = x2 + s w2^T
+    add_row_parallel(a.s, w.w2.value, a.x2, out);  // out = x2 + s w2^T
   }
   if (!last_stage()) return;
   ops::rmsnorm_forward(cur_.x_final, norm_.value, cfg_.norm_eps, cur_.h_final, cur_.rstd_final);
   ops::linear_forward(cur_.h_final, output_.value, cur_.logits);
+}
+
+void DenseModel::add_row_parallel(const Tensor& in, const Tensor& w, const Tensor& residual, const Tensor& out) {
+  if (!tp_) {
+    ops::copy(residual, out);
+    ops::gemm(in, false, w, true, out, 1.0, 1.0);
+    return;
+  }
+  ops::gemm(in, false, w, true, out);  // this rank's part of in w^T
+  tp_->all_reduce(out);
+  ops::axpy(1.0, residual, out);
+}
+
+void DenseModel::cross_entropy(const TokenBatch& batch, double loss_scale, const Tensor& dlogits) {
+  const Tensor targets = batch.targets.reshape({B_ * T_});
+  if (tp_) vocab_parallel_cross_entropy(cur_.logits, targets, v0_, *tp_, cur_.losses, loss_scale, dlogits);
+  else ops::cross_entropy(cur_.logits, targets, cur_.losses, loss_scale, dlogits);
 }
 
 static double sum_losses(const Tensor& device_losses) {
@@ -165,9 +215,10 @@ static double sum_losses(const Tensor& device_losses) {
 double DenseModel::forward(const TokenBatch& host_batch, Tensor* logits) {
   TS_CHECK(n_stages_ == 1, "DenseModel::forward: a pipeline stage runs stage_forward");
   const TokenBatch batch = host_batch.on(device_);
+  TS_CHECK(!logits || !tp_, "DenseModel::forward: under tensor parallelism each rank holds a part of the logits");
   run_forward(batch);
   if (logits) *logits = cur_.logits.clone();
-  ops::cross_entropy(cur_.logits, batch.targets.reshape({B_ * T_}), cur_.losses, 1.0, Tensor());
+  cross_entropy(batch, 1.0, Tensor());
   return sum_losses(cur_.losses);
 }
 
@@ -176,17 +227,17 @@ double DenseModel::forward_backward(const TokenBatch& host_batch, double loss_sc
   const TokenBatch batch = host_batch.on(device_);
   run_forward(batch);
   // The fused cross-entropy overwrites the logits with their gradient.
-  ops::cross_entropy(cur_.logits, batch.targets.reshape({B_ * T_}), cur_.losses, loss_scale, cur_.logits);
+  cross_entropy(batch, loss_scale, cur_.logits);
   const double loss = sum_losses(cur_.losses);
   run_backward(batch, cur_.logits);
   return loss;
 }
 
 double DenseModel::forward_backward_logits(const TokenBatch& host_batch, const LogitsGrad& loss_grad) {
-  TS_CHECK(n_stages_ == 1, "DenseModel::forward_backward_logits: not with pipeline parallelism");
+  TS_CHECK(n_stages_ == 1 && !tp_, "DenseModel::forward_backward_logits: not with pipeline or tensor parallelism");
   const TokenBatch batch = host_batch.on(device_);
   run_forward(batch);
-  ops::cross_entropy(cur_.logits, batch.targets.reshape({B_ * T_}), cur_.losses, 1.0, Tensor());
+  cross_entropy(batch, 1.0, Tensor());
   const double loss = sum_losses(cur_.losses);
   Tensor dlogits = Tensor::empty(cur_.logits.shape(), cur_.logits.dtype(), cur_.logits.device());
   loss_grad(cur_.logits, dlogits);
@@ -201,8 +252,7 @@ double DenseModel::stage_forward(int64_t slot, const TokenBatch& host_batch, con
   double loss = 0;
   if (last_stage()) {
     // With a backward to follow, the fused cross-entropy leaves the logits' gradient in their place.
-    ops::cross_entropy(cur_.logits, batch.targets.reshape({B_ * T_}), cur_.losses, loss_scale,
-                       loss_scale != 0 ? cur_.logits : Tensor());
+    cross_entropy(batch, loss_scale, loss_scale != 0 ? cur_.logits : Tensor());
     loss = sum_losses(cur_.losses);
   } else {
     ops::copy(cur_.x_final, output);
@@ -232,11 +282,12 @@ void DenseModel::stage_backward(int64_t slot, const TokenBatch& host_batch, cons
 }
 
 void DenseModel::run_backward(const TokenBatch& batch, const Tensor& dlogits) {
-  const int64_t B = B_, T = T_, N = B * T, H = cfg_.n_heads, KH = cfg_.n_kv_heads, hd = cfg_.attn_head_dim();
+  const int64_t B = B_, T = T_, N = B * T, H = H_, KH = KH_, hd = cfg_.attn_head_dim();
   const double scale = 1.0 / std::sqrt(double(hd));
 
   if (last_stage()) {
     ops::linear_backward(cur_.h_final, output_.value, dlogits, dh_, output_.grad);
+    if (tp_) tp_->all_reduce(dh_);  // each rank's vocabulary part of d h_final
     ops::rmsnorm_backward(cur_.x_final, norm_.value, cur_.rstd_final, dh_, dx_, norm_.grad);
   } else {
     ops::copy(dlogits, dx_);  // d output, from the next stage
@@ -251,6 +302,7 @@ void DenseModel::run_backward(const TokenBatch& batch, const Tensor& dlogits) {
     ops::linear_backward(a.h2, w.w1.value, dg_, dh_, w.w1.grad);
     ops::gemm(du_, false, w.w3.value, false, dh_, 1.0, 1.0);
     ops::gemm(du_, true, a.h2, false, w.w3.grad, 1.0, 1.0);
+    if (tp_) tp_->all_reduce(dh_);  // each rank's hidden units' part of d h2
     ops::rmsnorm_backward(a.x2, w.ffn_norm.value, a.rstd2, dh_, dtmp_, w.ffn_norm.grad);
     ops::copy(dx_, dx2_);
     ops::axpy(1.0, dtmp_, dx2_);
@@ -265,11 +317,14 @@ void DenseModel::run_backward(const TokenBatch& batch, const Tensor& dlogits) {
     ops::gemm(dk2, true, a.h1, false, w.wk.grad, 1.0, 1.0);
     ops::gemm(dv2, false, w.wv.value, false, dh_, 1.0, 1.0);
     ops::gemm(dv2, true, a.h1, false, w.wv.grad, 1.0, 1.0);
+    if (tp_) tp_->all_reduce(dh_);  // each rank's heads' part of d h1
     ops::rmsnorm_backward(a.x, w.attn_norm.value, a.rstd1, dh_, dtmp_, w.attn_norm.grad);
     ops::copy(dx2_, dx_);
     ops::axpy(1.0, dtmp_, dx_);
   }
-  if (first_stage()) ops::embedding_backward(batch.ids.reshape({N}), dx_, tok_embeddings_.grad);
+  if (!first_stage()) return;
+  if (tp_) vocab_parallel_embedding_backward(batch.ids.reshape({N}), dx_, v0_, tok_embeddings_.grad);
+  else ops::embedding_backward(batch.ids.reshape({N}), dx_, tok_embeddings_.grad);
 }
 
 }  // namespace tessera

@@ -11,6 +11,8 @@
 
 namespace tessera {
 
+class Communicator;
+
 class DenseModel final : public Model {
  public:
   // Parameters, activations and gradients live on `device`.
@@ -32,6 +34,12 @@ class DenseModel final : public Model {
   // `n_stages`: layers [stage * L / n_stages, (stage + 1) * L / n_stages), the embedding on the first stage, the
   // final norm and the head on the last; params() lists only those (call before init or loading weights).
   void set_pipeline_stage(int stage, int n_stages);
+  // Tensor parallelism over `group` (docs/parallelism.md "Tensor parallelism"): rank r keeps heads, MLP hidden
+  // units and vocabulary rows [r X / P, (r + 1) X / P) of each (X = n_heads, n_kv_heads, ffn_dim, vocab_size, all
+  // multiples of P = group.size()) as shards of the logical tensors; norm weights are replicated and their
+  // gradients equal on every rank. Forward and backward are collectives over the group; host tensors only. Call
+  // before init or loading weights (with or without set_pipeline_stage, in either order).
+  void set_tensor_parallel(Communicator& group);
   int pipeline_stage() const { return stage_; }
   int pipeline_stages() const { return n_stages_; }
   // One micro-batch through this stage. `input`: the previous stage's output (N, dim), ignored on the first
@@ -69,6 +77,11 @@ class DenseModel final : public Model {
   // Layers [first_layer_, last_layer_) from `input` (or the embedding on the first stage), then on the last stage
   // the head into cur_.logits.
   void run_forward(const TokenBatch& batch, const Tensor& input = Tensor());
+  // out = residual + in w^T, with `in` and w this rank's part of the inner dimension under tensor parallelism
+  // (row-parallel: the partial products summed over the group).
+  void add_row_parallel(const Tensor& in, const Tensor& w, const Tensor& residual, const Tensor& out);
+  // cur_.losses from cur_.logits and the batch's targets; dlogits (if defined) receives loss_scale x their gradient.
+  void cross_entropy(const TokenBatch& batch, double loss_scale, const Tensor& dlogits);
   // After run_forward on the same batch: dlogits on the last stage, else d output; leaves d input in dx_.
   void run_backward(const TokenBatch& batch, const Tensor& dlogits);
 
@@ -79,6 +92,9 @@ class DenseModel final : public Model {
   std::vector<Layer> layers_;
 
   int stage_ = 0, n_stages_ = 1;
+  Communicator* tp_ = nullptr;
+  int64_t H_ = 0, KH_ = 0, F_ = 0, V_ = 0;  // this rank's heads, kv heads, MLP hidden units, vocabulary rows
+  int64_t v0_ = 0;                          // its first vocabulary row
   int64_t first_layer_ = 0, last_layer_ = 0;  // this stage's layers
 
   // Buffers, (re)allocated when the batch shape changes. cur_ is the micro-batch being computed; a pipeline parks

@@ -19,7 +19,7 @@ struct DenseCache final : DecodeCache {
 
 std::unique_ptr<DecodeCache> DenseModel::new_cache(int64_t batch, int64_t capacity) {
   TS_CHECK(batch > 0 && capacity > 0, "new_cache: batch ", batch, " and capacity ", capacity, " must be positive");
-  TS_CHECK(n_stages_ == 1, "cached decoding with pipeline parallelism is not supported: load the checkpoint in one process");
+  TS_CHECK(n_stages_ == 1 && !tp_, "cached decoding with pipeline or tensor parallelism is not supported: load the checkpoint in one process");
   DeviceScope on_device(device_);
   auto c = std::make_unique<DenseCache>();
   c->batch = batch, c->capacity = capacity;

@@ -7,6 +7,8 @@
 
 namespace tessera {
 
+class Communicator;
+
 // Which optimizer rule applies: matrices inside the network, the embedding, the output head, and vectors
 // (norm weights, biases, gates). The optimizer maps groups to Muon or AdamW and to weight decay.
 enum class ParamKind { matrix, embedding, head, vector };
@@ -17,18 +19,32 @@ struct Param {
   ParamKind kind = ParamKind::matrix;
   Tensor value;
   Tensor grad;
-  // A shard along dim 0 (expert parallelism: a rank's experts of a stack): value holds rows [shard_offset,
-  // shard_offset + value.size(0)) of a logical tensor of shard_rows rows. 0 = not sharded. Checkpoints store the
-  // logical tensor (gathered on save, each rank reading its rows on load).
-  int64_t shard_offset = 0, shard_rows = 0;
-  bool sharded() const { return shard_rows > 0; }
+  // A shard of a logical tensor: value holds indices [shard_offset, shard_offset + value.size(shard_dim)) along
+  // dimension shard_dim of a logical tensor of shard_size there; the ranks of shard_group hold the other shards,
+  // consecutive in rank order. Expert parallelism shards stacks (E, n, m) by whole experts (dim 0); tensor
+  // parallelism splits a matrix (n, m) by rows (column-parallel, dim 0) or columns (row-parallel, dim 1).
+  // Checkpoints store the logical tensor (gathered on save, each rank reading its slice on load).
+  Communicator* shard_group = nullptr;
+  int shard_dim = 0;
+  int64_t shard_offset = 0, shard_size = 0;  // shard_size 0: not sharded
+  bool sharded() const { return shard_size > 0; }
+  // A shard that cuts through matrices (tensor parallelism), so that Muon has to gather it to orthogonalise the
+  // whole matrix; expert shards hold whole matrices.
+  bool splits_matrix() const { return sharded() && shard_dim >= value.ndim() - 2; }
   Shape logical_shape() const;
+  // This shard's part of a logical host tensor (a contiguous host copy); the tensor itself if not sharded.
+  Tensor slice_of(const Tensor& logical) const;
 };
 
 using ParamList = std::vector<Param*>;
 
 // A zero-initialised parameter (value and gradient) of the given shape.
 Param make_param(const std::string& name, ParamKind kind, const Shape& shape, DType dtype);
+
+// Between two contiguous host tensors that agree in every dimension but `dim`: copies `small` into indices
+// [offset, offset + small.size(dim)) along dim of `big` (into_big), or that part of `big` into `small`. What
+// shards are cut from and joined into (parallel/shards.h).
+void copy_along(const Tensor& big, int dim, int64_t offset, const Tensor& small, bool into_big);
 
 int64_t count_elements(const ParamList& params);  // of the logical tensors (shards count whole)
 

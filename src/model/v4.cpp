@@ -514,8 +514,10 @@ struct MoE {
       const DType dt = w->value.dtype();
       w->value = Tensor::zeros(shape, dt);
       w->grad = Tensor::zeros(shape, dt);
+      w->shard_group = &group;
+      w->shard_dim = 0;
       w->shard_offset = first_expert;
-      w->shard_rows = E;
+      w->shard_size = E;
       shape.insert(shape.begin(), P);
       (w == &w1 ? src_w1 : w == &w2 ? src_w2 : src_w3) = Tensor::zeros(shape, dt);
     }
@@ -997,7 +999,7 @@ void V4Model::init(uint64_t seed) {
     Tensor f32 = Tensor::empty(p->logical_shape(), DType::f32, Device::cpu);
     Rng{seed, stream_id(n.c_str())}.fill_normal(f32.data<float>(), f32.numel(), 0.0,
                                                 residual ? residual_std : cfg_.init_std);
-    p->value.copy_from(f32.slice(p->shard_offset, p->value.size(0)).to(dtype_));
+    p->value.copy_from(p->slice_of(f32).to(dtype_));
   }
   // Buffers: no balancing bias yet; the hash table is a fixed function of (layer, token) - k distinct experts by a
   // partial Fisher-Yates shuffle on a Philox stream named after the table (independent of the training seed).

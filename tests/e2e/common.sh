@@ -212,21 +212,30 @@ mpi_env() {
 
 # same_metrics NAME ONE_DIR PARALLEL_DIR STEPS COMM_KIND KEY...: the parallel run logged the same steps as the
 # one-process run (1..STEPS, or the same replayed sequence after a rollback), every KEY bitwise equal where the
-# one-process run has it, and COMM_KIND collectives in every step; the loss fell. A failure is a failed case.
+# one-process run has it (with RTOL set: within RTOL x |one-process value|), and COMM_KIND collectives in every
+# step; the loss fell. A failure is a failed case.
 same_metrics() {
   local name=$1 a=$2 b=$3 steps=$4 kind=$5
   shift 5
-  "$PY" - "$a/metrics.jsonl" "$b/metrics.jsonl" "$steps" "$kind" "$@" <<'PYEOF' || check_failed "$name: metrics differ"
+  "$PY" - "$a/metrics.jsonl" "$b/metrics.jsonl" "$steps" "$kind" "${RTOL:-0}" "$@" <<'PYEOF' || check_failed "$name: metrics differ"
 import json, sys
 a = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 b = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
-steps, kind, keys = int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+steps, kind, rtol, keys = int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), sys.argv[6:]
 errors = []
+worst = 0.0
 if [r["step"] for r in a] != [r["step"] for r in b] or a[-1]["step"] != steps or len(a) < steps:
     errors.append(f"steps differ: {[r['step'] for r in a]} vs {[r['step'] for r in b]}")
 for ra, rb in zip(a, b):
     for key in keys:
-        if key in ra and ra[key] != rb.get(key):
+        if key not in ra:
+            continue
+        if rtol == 0 or not isinstance(rb.get(key), (int, float)):
+            same = ra[key] == rb.get(key)
+        else:
+            rel = abs(ra[key] - rb[key]) / max(abs(ra[key]), 1e-30)
+            worst, same = max(worst, rel), rel <= rtol
+        if not same:
             errors.append(f"step {ra['step']}: {key} {ra[key]} (one process) vs {rb.get(key)} (parallel)")
     if rb.get("comm", {}).get(kind, [0, 0])[0] <= 0:
         errors.append(f"step {rb['step']}: no {kind} in the parallel run's metrics")
@@ -234,7 +243,8 @@ if a[-1]["loss"] >= a[0]["loss"]:
     errors.append(f"loss did not fall: {a[0]['loss']} -> {a[-1]['loss']}")
 for e in errors[:10]:
     print("FAIL:", e)
-print(f"{len(a)} steps: loss {a[0]['loss']:.4f} -> {a[-1]['loss']:.4f}, every logged value identical: {not errors}; "
+same = "identical" if rtol == 0 else f"within {rtol:g} (worst relative difference {worst:.3g})"
+print(f"{len(a)} steps: loss {a[0]['loss']:.4f} -> {a[-1]['loss']:.4f}, every logged value {same}: {not errors}; "
       f"{b[-1].get('comm_bytes', 0)} bytes per step on rank 0: {b[-1].get('comm')}")
 sys.exit(1 if errors else 0)
 PYEOF
@@ -242,7 +252,8 @@ PYEOF
 
 # resume_in_layout NAME RECIPE ONE_FINAL "FROM_NP FROM_SETS..." "TO_NP TO_SETS...": trains RECIPE with
 # "${SETS[@]}" under mpirun -np FROM_NP with FROM_SETS, stopped after step 10, resumes it under -np TO_NP with
-# TO_SETS, and checks that its final checkpoint equals ONE_FINAL (the uninterrupted one-process run's) bitwise.
+# TO_SETS, and checks that its final checkpoint equals ONE_FINAL (the uninterrupted one-process run's) bitwise
+# (with RTOL set: within it).
 resume_in_layout() {
   local name=$1 recipe=$2 one_final=$3
   read -r -a from <<< "$4"
@@ -254,6 +265,6 @@ resume_in_layout() {
     2> "$WORK/$name-b.log" || { cat "$WORK/$name-b.log" >&2; fail "$name: resumed part failed"; }
   grep -q "resuming from .*step_00000010.h5 at step 10" "$WORK/$name-b.log" \
     || { cat "$WORK/$name-b.log" >&2; check_failed "$name: did not resume from step 10"; return 0; }
-  "$PY" "$CKPT_EQUAL" "$one_final" "$WORK/$name/checkpoints/$(basename "$one_final")" \
+  "$PY" "$CKPT_EQUAL" "$one_final" "$WORK/$name/checkpoints/$(basename "$one_final")" ${RTOL:+--rtol $RTOL} \
     || check_failed "$name: final checkpoint differs from the uninterrupted one-process run"
 }

@@ -1,0 +1,153 @@
+// Tensor parallelism on a dense model, under mpirun (-np 4 in ctest): tp groups of 2 and of 4 ranks (and tp 2 x
+// pp 2); every rank also builds the whole model in-process as the reference. Sharded forward and backward must give
+// the single-process loss and, for each rank's part of every parameter, its gradient; Muon on a shard must give
+// the shard of the whole matrix's update; the clipping norm the whole model's. Split sums are summed in another
+// order than one GEMM sums them, so the check is a tolerance far below any real error: a missing all-reduce or
+// a shard at the wrong offset is off by O(1).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <memory>
+
+#include "core/error.h"
+#include "model/dense.h"
+#include "optim/adamw.h"
+#include "optim/muon.h"
+#include "parallel/data_parallel.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/pipeline_parallel.h"
+#include "tests/unit/test_util.h"
+
+namespace tessera {
+Communicator* g_world = nullptr;
+namespace {
+
+ModelConfig config() {
+  ModelConfig c = testing::dense_test_config(24, 16, 4, 24, 16);
+  c.n_kv_heads = 4;  // so that 4 ranks can split them
+  return c;
+}
+
+// max |got - want| over the tensor, relative to max |want|.
+double relative_error(const Tensor& got, const Tensor& want) {
+  std::vector<double> g = testing::values_of(got), w = testing::values_of(want);
+  EXPECT_EQ(g.size(), w.size());
+  double diff = 0, scale = 0;
+  for (size_t k = 0; k < g.size() && k < w.size(); ++k) {
+    diff = std::max(diff, std::abs(g[k] - w[k]));
+    scale = std::max(scale, std::abs(w[k]));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
+// The whole model's gradients of loss/targets over `micro`, and the loss sum.
+double whole_model_gradients(DenseModel& whole, const std::vector<TokenBatch>& micro, double scale) {
+  whole.init(3);
+  double loss = 0;
+  for (const TokenBatch& b : micro) loss += whole.forward_backward(b, scale);
+  return loss;
+}
+
+void expect_shard_gradients(DenseModel& part, DenseModel& whole, const std::string& where) {
+  std::map<std::string, Param*> ref;
+  for (Param* p : whole.params()) ref[p->name] = p;
+  int sharded = 0;
+  for (Param* p : part.params()) {
+    sharded += p->sharded();
+    EXPECT_LT(relative_error(p->grad, p->slice_of(ref.at(p->name)->grad)), 1e-5) << p->name << " " << where;
+  }
+  EXPECT_GT(sharded, 0);
+}
+
+void check_tensor_parallel(int tp_size) {
+  ASSERT_TRUE(g_world) << "run under mpirun";
+  Communicator& world = *g_world;
+  std::unique_ptr<Communicator> tp = world.split(world.rank() / tp_size, world.rank());
+  const ModelConfig cfg = config();
+  std::vector<TokenBatch> micro;
+  int64_t n_targets = 0;
+  for (int64_t m = 0; m < 2; ++m) {
+    micro.push_back(testing::random_token_batch(2, 12, cfg.vocab_size, 40 + uint64_t(m)));
+    n_targets += micro.back().count_targets();
+  }
+  const double scale = 1.0 / double(n_targets);
+  DenseModel whole(cfg);
+  const double whole_loss = whole_model_gradients(whole, micro, scale);
+
+  DenseModel part(cfg);
+  part.set_tensor_parallel(*tp);
+  part.init(3);
+  std::map<std::string, Param*> ref;
+  for (Param* p : whole.params()) ref[p->name] = p;
+  for (Param* p : part.params())  // init draws the whole tensor and keeps this rank's part
+    EXPECT_EQ(relative_error(p->value, p->slice_of(ref.at(p->name)->value)), 0.0) << p->name;
+  double loss = 0;
+  for (const TokenBatch& b : micro) loss += part.forward_backward(b, scale);
+  EXPECT_NEAR(loss, whole_loss, 1e-5 * std::abs(whole_loss));
+  EXPECT_NEAR(part.forward(micro[0]), whole.forward(micro[0]), 1e-5 * std::abs(whole_loss));
+  expect_shard_gradients(part, whole, "at tp " + std::to_string(tp_size));
+
+  // The clipping norm of the shards is the whole model's.
+  const double whole_norm = clip_grad_norm(whole.params(), 0.0), part_norm = clip_grad_norm(part.params(), 0.0);
+  EXPECT_NEAR(part_norm, whole_norm, 1e-6 * whole_norm);
+
+  // Muon on the shards: each rank's part of the whole matrices' update (the gradients set equal first, so that the
+  // comparison is of Muon alone).
+  ParamList whole_matrices, part_matrices;
+  for (Param* p : part.params())
+    if (p->kind == ParamKind::matrix) {
+      p->grad.copy_from(p->slice_of(ref.at(p->name)->grad));
+      part_matrices.push_back(p), whole_matrices.push_back(ref.at(p->name));
+    }
+  Muon whole_muon(whole_matrices, MuonConfig{}), part_muon(part_matrices, MuonConfig{});
+  for (int step = 0; step < 2; ++step) whole_muon.step(0.01), part_muon.step(0.01);
+  for (Param* p : part_matrices)
+    EXPECT_LT(relative_error(p->value, p->slice_of(ref.at(p->name)->value)), 1e-5) << p->name << " after Muon";
+}
+
+TEST(TensorParallel, TwoRanks) { check_tensor_parallel(2); }
+TEST(TensorParallel, FourRanks) { check_tensor_parallel(4); }
+
+// tp 2 x pp 2: rank = tp + 2 pp; each stage's shards against the whole model, through the 1F1B schedule.
+TEST(TensorParallel, WithPipelineStages) {
+  ASSERT_TRUE(g_world && g_world->size() == 4) << "run under mpirun -np 4";
+  Communicator& world = *g_world;
+  std::unique_ptr<Communicator> tp = world.split(world.rank() / 2, world.rank());
+  std::unique_ptr<Communicator> pp = world.split(world.rank() % 2, world.rank());
+  const ModelConfig cfg = config();
+  std::vector<TokenBatch> micro;
+  int64_t n_targets = 0;
+  for (int64_t m = 0; m < 4; ++m) {
+    micro.push_back(testing::random_token_batch(2, 12, cfg.vocab_size, 70 + uint64_t(m)));
+    n_targets += micro.back().count_targets();
+  }
+  const double scale = 1.0 / double(n_targets);
+  DenseModel whole(cfg);
+  const double whole_loss = whole_model_gradients(whole, micro, scale);
+
+  DenseModel stage(cfg);
+  stage.set_pipeline_stage(pp->rank(), pp->size());
+  stage.set_tensor_parallel(*tp);
+  stage.init(3);
+  OneFOneB schedule(stage, *pp, micro, 0, 4, scale);
+  for (int64_t m = 0; m < 4; ++m) schedule.run_through_backward(m);
+  if (pp->rank() == 1) EXPECT_NEAR(schedule.loss_sum(), whole_loss, 1e-5 * std::abs(whole_loss));
+  expect_shard_gradients(stage, whole, "at tp 2 x pp 2, stage " + std::to_string(pp->rank()));
+}
+
+TEST(TensorParallel, IndivisibleHeadsAreAnError) {
+  ASSERT_TRUE(g_world) << "run under mpirun";
+  std::unique_ptr<Communicator> tp = g_world->split(0, g_world->rank());  // all 4 ranks
+  ModelConfig cfg = config();
+  cfg.n_kv_heads = 2;
+  DenseModel m(cfg);
+  EXPECT_NE(testing::error_of([&] { m.set_tensor_parallel(*tp); })
+                .find("model.n_kv_heads (2) must be a multiple of parallel.tp (4)"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace tessera
+
+#include "tests/parallel/mpi_gtest_main.h"
