@@ -3,13 +3,17 @@
 # 4 x 256 tokens) in one process and in each layout given, the cores shared equally among the ranks. Per layout:
 # tokens/s (median after 3 warm-up steps) and the bytes rank 0 hands to each kind of collective in one training
 # step (metrics.jsonl `comm`, a step without held-out evaluation), beside the analytic figures (docs/parallelism.md):
-#   all_reduce = 4 bytes x (rank 0's replicated parameters) [over dp, when dp > 1]
+#   all_reduce = 4 bytes x (rank 0's replicated parameters, its tensor-parallel shards) [over dp, when dp > 1]
 #              + 4 bytes x (its expert parameters) [over the expert-data-parallel group, when it has 2+ ranks]
-#              + 32 (loss sums) + 8 (pipeline loss) + V4: 8 per expert and 16 per MoE layer (loads, maxima);
+#              + 32 (loss sums) + 8 (pipeline loss) + V4: 8 per expert and 16 per MoE layer (loads, maxima)
+#              + tensor parallel, per micro-batch: tokens x dim x 4 bytes for the embedding (first stage), 4 per
+#                layer (2 forward, 2 backward) and 1 for the head's backward (last stage), and 12 x tokens for the
+#                vocab-parallel loss (max, sum of exponentials, target logit);
+#   all_gather (tensor parallel, AdamW) = 8 x tp bytes per split matrix (the clipping norm's partial sums);
 #   send, recv (pipeline, rank 0 = the first stage) = micro-batches per rank x tokens x dim x 4 bytes each way;
 #   all_to_all (expert parallel) = 4 exchanges per MoE layer and micro-batch of tokens x k rows x dim x 4 bytes,
 #              the share (ep-1)/ep of them leaving the rank if routing were uniform (measured: the router's).
-#   bench/parallel_layouts.sh dense|v4 STEPS NP:DP:PP:EP ...   e.g. bench/parallel_layouts.sh dense 12 2:2:1:1 2:1:2:1
+#   bench/parallel_layouts.sh dense|v4 STEPS NP:DP:PP:EP[:TP] ...   e.g. bench/parallel_layouts.sh dense 12 2:2:1:1 2:1:1:1:2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?dense or v4}
@@ -25,20 +29,22 @@ recipe=recipes/models/dense-small.toml
 [ "$model" = v4 ] && recipe=recipes/models/v4-tiny.toml
 cores=$(nproc)
 for layout in 1:1:1:1 "$@"; do
-  IFS=: read -r np dp pp ep <<< "$layout"
+  IFS=: read -r np dp pp ep tp <<< "$layout"
+  tp=${tp:-1}
   threads=$(( cores / np )); [ $threads -ge 1 ] || threads=1
   sets=("data.train=[\"$out/text.txt\"]" training.steps=$steps training.batch_size=4 training.grad_accum=4
         training.seq_len=256 optimizer.lr=1e-3 eval.every=0 metrics.log_every=1 metrics.peak_flops=1e11
-        parallel.dp=$dp parallel.pp=$pp parallel.ep=$ep)
+        parallel.dp=$dp parallel.pp=$pp parallel.ep=$ep parallel.tp=$tp)
   mpirun --oversubscribe -np "$np" --bind-to none -x OMP_NUM_THREADS=$threads -x OMP_WAIT_POLICY=passive \
-    build/bin/tessera train $recipe --run-dir "$out/run-$np-$dp-$pp-$ep" --set "${sets[@]}" >/dev/null 2>"$out/log" \
+    build/bin/tessera train $recipe --run-dir "$out/run-$np-$dp-$pp-$ep-$tp" --set "${sets[@]}" >/dev/null 2>"$out/log" \
     || { tail -5 "$out/log" >&2; exit 1; }
   params=$(grep -o '^model: [0-9]* parameters' "$out/log" | grep -o '[0-9]*')
-  "$python" - "$out/run-$np-$dp-$pp-$ep/metrics.jsonl" "$recipe" "$np" "$dp" "$pp" "$ep" "$threads" "$params" <<'PY'
+  "$python" - "$out/run-$np-$dp-$pp-$ep-$tp/metrics.jsonl" "$recipe" "$np" "$dp" "$pp" "$ep" "$threads" "$params" \
+    "$tp" <<'PY'
 import json, statistics, sys, tomllib
 rows = [json.loads(l) for l in open(sys.argv[1])]
 m = tomllib.load(open(sys.argv[2], "rb"))["model"]
-np_, dp, pp, ep, threads, params = (int(x) for x in sys.argv[3:9])
+np_, dp, pp, ep, threads, params, tp = (int(x) for x in sys.argv[3:10])
 tokens, micro = 4 * 256, 4 // dp  # per micro-batch; micro-batches per rank
 dim, v4 = m["dim"], m["arch"] == "deepseek_v4"
 moe_layers = m["n_layers"] + m.get("mtp_depth", 0) if v4 else 0
@@ -47,8 +53,14 @@ expert = moe_layers * 3 * E * m.get("moe_inter_dim", 0) * dim  # routed-expert p
 replicated = params - expert  # rank 0's: `params` is its stage's count (experts counted whole)
 edp = dp // ep
 reduce_ = 32 + (8 if pp > 1 else 0) + (8 * E * moe_layers + 16 * moe_layers if v4 else 0)
+layers = m["n_layers"] // pp  # rank 0's stage (dense)
+norms = (2 * layers + (1 if pp == 1 else 0)) * dim  # its replicated norm weights; the rest is split over tp
+gather = 0
+if tp > 1:
+    reduce_ += micro * (tokens * dim * 4 * (1 + 4 * layers + (1 if pp == 1 else 0)) + (12 * tokens if pp == 1 else 0))
+    gather = 8 * tp * (7 * layers + 1 + (1 if pp == 1 else 0))
 if ep == 1:
-    reduce_ += 4 * params if dp > 1 else 0
+    reduce_ += 4 * (norms + (params - norms) // tp) if dp > 1 else 0
 else:
     reduce_ += 4 * replicated + (4 * expert // ep if edp > 1 else 0)
 if np_ == 1:
@@ -57,10 +69,10 @@ p2p = micro * tokens * dim * 4 if pp > 1 else 0
 a2a = 4 * tokens * m.get("n_activated_experts", 0) * (ep - 1) // ep * dim * 4 * moe_layers * micro if ep > 1 else 0
 comm = rows[-2].get("comm", {})  # the last step also evaluates
 got = lambda kind: comm.get(kind, [0, 0])[1]
-print(json.dumps({"layout": f"dp={dp} pp={pp} ep={ep}", "ranks_x_threads": f"{np_}x{threads}",
+print(json.dumps({"layout": f"dp={dp} tp={tp} pp={pp} ep={ep}", "ranks_x_threads": f"{np_}x{threads}",
                   "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows[3:])),
                   "all_reduce": [got("all_reduce"), reduce_], "send": [got("send"), p2p], "recv": [got("recv"), p2p],
-                  "all_to_all": [got("all_to_all"), a2a], "all_gather": got("all_gather"),
+                  "all_to_all": [got("all_to_all"), a2a], "all_gather": [got("all_gather"), gather] if tp > 1 else got("all_gather"),
                   "comm_bytes": rows[-2].get("comm_bytes", 0)}))
 PY
 done

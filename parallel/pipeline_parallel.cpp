@@ -1,6 +1,7 @@
 #include "parallel/pipeline_parallel.h"
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <string>
 #include <utility>
@@ -9,6 +10,31 @@
 #include "model/dense.h"
 
 namespace tessera {
+
+std::vector<int64_t> balance_pipeline_stages(const std::vector<double>& cost, int P) {
+  const int64_t L = int64_t(cost.size());
+  TS_CHECK(P >= 1 && P <= L, "pipeline parallelism: parallel.pp (", P, ") must not exceed model.n_layers (", L,
+           "): each stage holds at least one layer");
+  std::vector<double> prefix(L + 1, 0.0);
+  for (int64_t l = 0; l < L; ++l) prefix[l + 1] = prefix[l] + cost[l];
+  // best[k][i]: over the splits of the first i layers into k stages, the smallest (costliest stage, sum of squared
+  // stage costs), compared in that order; from[k][i]: where its last stage starts.
+  using Score = std::pair<double, double>;
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<std::vector<Score>> best(P + 1, std::vector<Score>(L + 1, {inf, inf}));
+  std::vector<std::vector<int64_t>> from(P + 1, std::vector<int64_t>(L + 1, 0));
+  best[0][0] = {0, 0};
+  for (int k = 1; k <= P; ++k)
+    for (int64_t i = k; i <= L; ++i)
+      for (int64_t j = k - 1; j < i; ++j) {
+        const double c = prefix[i] - prefix[j];
+        const Score s{std::max(best[k - 1][j].first, c), best[k - 1][j].second + c * c};
+        if (s < best[k][i]) best[k][i] = s, from[k][i] = j;
+      }
+  std::vector<int64_t> layers(P);
+  for (int64_t k = P, end = L; k >= 1; end = from[k][end], --k) layers[k - 1] = end - from[k][end];
+  return layers;
+}
 
 OneFOneB::OneFOneB(DenseModel& model, Communicator& pp, const std::vector<TokenBatch>& micro, int64_t lo,
                    int64_t hi, double loss_scale)

@@ -16,6 +16,12 @@ namespace tessera {
 
 class DenseModel;
 
+// Layers per stage for P pipeline stages: consecutive runs of at least one layer each, minimising the costliest
+// stage, where cost[l] is layer l's cost with the embedding's added to the first layer and the head's (output
+// projection and loss) to the last (what Megatron's pipeline_model_parallel_layout sets by hand), then the sum of
+// squared stage costs (the most even of the optimal splits). An error if P exceeds the layers.
+std::vector<int64_t> balance_pipeline_stages(const std::vector<double>& cost, int P);
+
 // The 1F1B schedule (PipeDream-flush, as Megatron's non-interleaved schedule) of micro-batches [lo, hi) on this
 // stage: min(P - 1 - stage, n) warm-up forwards, then one forward and one backward in turn, then the remaining
 // backwards; so at most P - stage micro-batches keep activations at once. Activations go to the next stage, their

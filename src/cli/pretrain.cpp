@@ -22,6 +22,7 @@
 #include "ops/ops.h"
 #include "parallel/data_parallel.h"
 #include "parallel/shards.h"
+#include "model/inspect.h"
 #include "parallel/pipeline_parallel.h"
 #include "model/dense.h"
 
@@ -109,6 +110,7 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.parallel.pp = int(r.get_int("parallel.pp", 1, -1, 1 << 20));
   c.parallel.ep = int(r.get_int("parallel.ep", 1, -1, 1 << 20));
   c.zero1 = r.get_bool("parallel.zero1", false);
+  c.pp_layers = r.get_int_list("parallel.pp_layers", {}, 1);
 
   if (c.model.is_v4()) {  // [routing]: anticipatory routing and the loss-spike detector (MoE models only)
     RoutingConfig& a = c.routing;
@@ -136,6 +138,16 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   r.check_no_unknown_keys();
   c.recipe_toml = r.effective_toml();
   return c;
+}
+
+// Per-layer cost of the dense model for balancing pipeline stages: a layer's forward FLOPs per token (at half the
+// sequence: the average context), the output head's added to the last layer (the embedding is a lookup).
+static std::vector<double> dense_layer_costs(const ModelConfig& m, int64_t seq_len) {
+  const double head = 2.0 * double(m.dim) * double(m.vocab_size);
+  const double layer = (count_flops(m, std::max<int64_t>(seq_len / 2, 1), false).total() - head) / double(m.n_layers);
+  std::vector<double> cost(size_t(m.n_layers), layer);
+  cost.back() += head;
+  return cost;
 }
 
 EvalResult evaluate_loss(Model& model, const PackedLoader& loader, const Tokenizer& tok, int64_t batch_size,
@@ -401,6 +413,16 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (cfg.model.n_layers < topo.pp())
       TS_FAIL(recipe.path(), ": parallel.pp (", topo.pp(), ") must not exceed model.n_layers (", cfg.model.n_layers,
               "): each stage holds at least one layer");
+    if (!cfg.pp_layers.empty()) {
+      int64_t total = 0;
+      for (int64_t n : cfg.pp_layers) total += n;
+      if (int64_t(cfg.pp_layers.size()) != topo.pp() || total != cfg.model.n_layers)
+        TS_FAIL(recipe.path(), ": parallel.pp_layers has ", cfg.pp_layers.size(), " stage(s) of ", total,
+                " layers in all; it needs parallel.pp (", topo.pp(), ") entries summing to model.n_layers (",
+                cfg.model.n_layers, ")");
+    }
+  } else if (!cfg.pp_layers.empty()) {
+    TS_FAIL(recipe.path(), ": parallel.pp_layers is set but parallel.pp = 1");
   }
   if (topo.ep() > 1) {
     auto refuse = [&](const std::string& key, const std::string& why) {
@@ -446,10 +468,13 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   }
   DenseModel* stage_model = pp ? dynamic_cast<DenseModel*>(&model) : nullptr;
   if (pp) {
-    stage_model->set_pipeline_stage(pp->rank(), pp->size());
-    log_info(cat("pipeline over ", pp->size(), " stages, 1F1B: stage ", pp->rank(), " holds layers [",
-                 pp->rank() * cfg.model.n_layers / pp->size(), ", ", (pp->rank() + 1) * cfg.model.n_layers / pp->size(),
-                 ")", pp->rank() == 0 ? " and the embedding" : "",
+    const std::vector<int64_t> stage_layers =
+        cfg.pp_layers.empty() ? balance_pipeline_stages(dense_layer_costs(cfg.model, cfg.seq_len), pp->size())
+                              : cfg.pp_layers;
+    stage_model->set_pipeline_stage(pp->rank(), stage_layers);
+    log_info(cat("pipeline over ", pp->size(), " stages, 1F1B", cfg.pp_layers.empty() ? " (balanced by FLOPs)" : "",
+                 ": stage ", pp->rank(), " holds layers [", stage_model->first_layer(), ", ",
+                 stage_model->end_layer(), ")", pp->rank() == 0 ? " and the embedding" : "",
                  pp->rank() == pp->size() - 1 ? " and the head" : ""));
   }
   if (tp) {

@@ -49,6 +49,8 @@ struct PretrainConfig : RunKeys {
   std::string qat = "off";               // training.qat: "off", "fp8" or "fp4_fp8" (model/qat.h; QAT)
   ParallelConfig parallel;                // [parallel]: dp x tp x pp (+ ep) over the MPI world
   bool zero1 = false;                     // parallel.zero1: shard the optimizer state over the dp ranks
+  // parallel.pp_layers: layers per pipeline stage (empty: balanced by FLOPs, parallel/pipeline_parallel.h).
+  std::vector<int64_t> pp_layers;
   RoutingConfig routing;
   OptimizerConfig optimizer;
   LrSchedule schedule;

@@ -68,12 +68,27 @@ void DenseModel::set_tensor_parallel(Communicator& group) {
 }
 
 void DenseModel::set_pipeline_stage(int stage, int n_stages) {
-  TS_CHECK(n_stages >= 1 && stage >= 0 && stage < n_stages, "set_pipeline_stage: stage ", stage, " of ", n_stages);
-  TS_CHECK(n_stages <= cfg_.n_layers, "pipeline parallelism: parallel.pp (", n_stages,
+  TS_CHECK(n_stages >= 1 && n_stages <= cfg_.n_layers, "pipeline parallelism: parallel.pp (", n_stages,
            ") must not exceed model.n_layers (", cfg_.n_layers, "): each stage holds at least one layer");
+  std::vector<int64_t> layers;
+  for (int s = 0; s < n_stages; ++s) layers.push_back((s + 1) * cfg_.n_layers / n_stages - s * cfg_.n_layers / n_stages);
+  set_pipeline_stage(stage, layers);
+}
+
+void DenseModel::set_pipeline_stage(int stage, const std::vector<int64_t>& layers_per_stage) {
+  const int n_stages = int(layers_per_stage.size());
+  TS_CHECK(n_stages >= 1 && stage >= 0 && stage < n_stages, "set_pipeline_stage: stage ", stage, " of ", n_stages);
+  int64_t total = 0;
+  for (int64_t n : layers_per_stage) {
+    TS_CHECK(n >= 1, "pipeline parallelism: every stage holds at least one layer, got ", n);
+    total += n;
+  }
+  TS_CHECK(total == cfg_.n_layers, "pipeline parallelism: the stages hold ", total, " layers, the model has ",
+           cfg_.n_layers);
   stage_ = stage, n_stages_ = n_stages;
-  first_layer_ = stage * cfg_.n_layers / n_stages;
-  last_layer_ = (stage + 1) * cfg_.n_layers / n_stages;
+  first_layer_ = 0;
+  for (int s = 0; s < stage; ++s) first_layer_ += layers_per_stage[s];
+  last_layer_ = first_layer_ + layers_per_stage[stage];
   // What other stages hold is dropped.
   auto drop = [](Param& p) { p.value = p.grad = Tensor(); };
   for (int64_t l = 0; l < cfg_.n_layers; ++l)

@@ -34,6 +34,10 @@ class DenseModel final : public Model {
   // `n_stages`: layers [stage * L / n_stages, (stage + 1) * L / n_stages), the embedding on the first stage, the
   // final norm and the head on the last; params() lists only those (call before init or loading weights).
   void set_pipeline_stage(int stage, int n_stages);
+  // The same with layers_per_stage[s] consecutive layers on stage s (each >= 1, summing to n_layers).
+  void set_pipeline_stage(int stage, const std::vector<int64_t>& layers_per_stage);
+  int64_t first_layer() const { return first_layer_; }
+  int64_t end_layer() const { return last_layer_; }
   // Tensor parallelism over `group` (docs/parallelism.md "Tensor parallelism"): rank r keeps heads, MLP hidden
   // units and vocabulary rows [r X / P, (r + 1) X / P) of each (X = n_heads, n_kv_heads, ffn_dim, vocab_size, all
   // multiples of P = group.size()) as shards of the logical tensors; norm weights are replicated and their

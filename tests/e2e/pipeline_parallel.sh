@@ -29,7 +29,7 @@ for layout in "2 1 2 false" "4 2 2 false" "4 2 2 true"; do
   mpirun --oversubscribe -np $np "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/$name" \
     parallel.dp=$dp parallel.pp=$pp parallel.zero1=$zero1 2> "$WORK/$name.log" \
     || { cat "$WORK/$name.log" >&2; fail "$name failed"; }
-  grep -q "pipeline over $pp stages, 1F1B: stage 0 holds layers \[0, 1) and the embedding" "$WORK/$name.log" \
+  grep -q "pipeline over $pp stages, 1F1B (balanced by FLOPs): stage 0 holds layers \[0, 1) and the embedding" "$WORK/$name.log" \
     || check_failed "$name: no pipeline log line"
   same_metrics "$name" "$WORK/one" "$WORK/$name" $STEPS send loss val_loss grad_norm
   "$PY" "$CKPT_EQUAL" "$WORK/one/$FINAL" "$WORK/$name/$FINAL" || check_failed "$name: final checkpoint differs"
@@ -50,6 +50,9 @@ step "recipe errors"
 expect_fail too_many_stages "parallel.pp (4) must not exceed model.n_layers (2)" -- \
   mpirun --oversubscribe -np 4 "$TESSERA" train "$WORK/dense.toml" --set parallel.dp=1 parallel.pp=4 \
   job.run_dir="$WORK/pp4"
+expect_fail pp_layers_sum "parallel.pp_layers has 2 stage(s) of 3 layers in all; it needs parallel.pp (2) entries summing to model.n_layers (2)" -- \
+  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/dense.toml" --set parallel.dp=1 parallel.pp=2 \
+  "parallel.pp_layers=[2, 1]" job.run_dir="$WORK/pplayers"
 TINY="$REPO/recipes/models/v4-tiny.toml" write_recipe "$WORK/v4.toml" "$WORK/corpus.txt" "$WORK/unused"
 expect_fail v4_pp "parallel.pp = 2 does not work with model.arch = \"deepseek_v4\" yet" -- \
   mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/v4.toml" --set parallel.dp=1 parallel.pp=2 \

@@ -67,6 +67,85 @@ TEST(PipelineParallel, FourStagesSixMicroBatches) { check_against_one_process(4,
 TEST(PipelineParallel, FourStagesTwoMicroBatches) { check_against_one_process(4, 2); }  // all warm-up, no steady
 TEST(PipelineParallel, TwoStagesFourMicroBatches) { check_against_one_process(2, 4); }
 
+// Every split of L layers into P non-empty consecutive stages, by brute force: the smallest costliest stage and,
+// among those, the smallest sum of squared stage costs.
+std::pair<double, double> best_split_by_enumeration(const std::vector<double>& cost, int P) {
+  const int L = int(cost.size());
+  std::pair<double, double> best{1e300, 1e300};
+  for (uint32_t cuts = 0; cuts < (1u << (L - 1)); ++cuts) {  // bit i: a stage ends after layer i
+    if (__builtin_popcount(cuts) != P - 1) continue;
+    double worst = 0, squares = 0, run = 0;
+    for (int l = 0; l < L; ++l) {
+      run += cost[l];
+      if (l == L - 1 || (cuts >> l & 1)) worst = std::max(worst, run), squares += run * run, run = 0;
+    }
+    best = std::min(best, std::pair{worst, squares});
+  }
+  return best;
+}
+
+TEST(PipelineParallel, StagesBalancedByCost) {
+  // Hand-worked: equal layers split equally; a head costing 2.5 layers leaves the last stage one layer.
+  EXPECT_EQ(balance_pipeline_stages({1, 1, 1, 1}, 2), (std::vector<int64_t>{2, 2}));
+  EXPECT_EQ(balance_pipeline_stages({1, 1, 1, 3.5}, 2), (std::vector<int64_t>{3, 1}));
+  EXPECT_EQ(balance_pipeline_stages({1, 1, 1, 1, 1, 1, 1, 2}, 4), (std::vector<int64_t>{2, 2, 2, 2}));
+  EXPECT_EQ(balance_pipeline_stages({1, 1, 1, 1, 1, 1, 2}, 4), (std::vector<int64_t>{2, 2, 2, 1}));
+  EXPECT_EQ(balance_pipeline_stages({5, 1, 1, 1, 1, 1}, 2), (std::vector<int64_t>{1, 5}));
+  // Random costs against enumeration: every stage non-empty, all layers placed, the optimum reached.
+  uint64_t state = 12345;
+  for (int trial = 0; trial < 200; ++trial) {
+    const int L = 1 + int(trial % 10), P = 1 + int(trial / 10 % L);
+    std::vector<double> cost;
+    for (int l = 0; l < L; ++l) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      cost.push_back(double(state >> 40 & 1023) + 1);
+    }
+    const std::vector<int64_t> layers = balance_pipeline_stages(cost, P);
+    ASSERT_EQ(int(layers.size()), P);
+    double worst = 0, squares = 0;
+    int64_t at = 0;
+    for (int64_t n : layers) {
+      ASSERT_GE(n, 1);
+      double run = 0;
+      for (int64_t l = at; l < at + n; ++l) run += cost[l];
+      worst = std::max(worst, run), squares += run * run, at += n;
+    }
+    EXPECT_EQ(at, L);
+    EXPECT_EQ(std::pair(worst, squares), best_split_by_enumeration(cost, P)) << "trial " << trial;
+  }
+  EXPECT_NE(testing::error_of([] { balance_pipeline_stages({1, 1}, 3); })
+                .find("parallel.pp (3) must not exceed model.n_layers (2)"),
+            std::string::npos);
+}
+
+// An uneven split (3 + 1 layers) through 1F1B: bitwise the single process as the equal split.
+TEST(PipelineParallel, UnevenStages) {
+  ASSERT_TRUE(g_world && g_world->size() == 4) << "run under mpirun -np 4";
+  std::unique_ptr<Communicator> pp = g_world->split(g_world->rank() / 2, g_world->rank());
+  const ModelConfig cfg = four_layers();
+  std::vector<TokenBatch> micro;
+  int64_t n_targets = 0;
+  for (int64_t m = 0; m < 3; ++m) {
+    micro.push_back(testing::random_token_batch(2, 12, cfg.vocab_size, 90 + uint64_t(m)));
+    n_targets += micro.back().count_targets();
+  }
+  DenseModel whole(cfg);
+  whole.init(3);
+  GradientStack stack;
+  pairwise_gradients(whole, 0, 3, stack, [&](int64_t m) { whole.forward_backward(micro[m], 1.0 / double(n_targets)); });
+  DenseModel stage(cfg);
+  stage.set_pipeline_stage(pp->rank(), std::vector<int64_t>{3, 1});
+  EXPECT_EQ(stage.end_layer() - stage.first_layer(), pp->rank() == 0 ? 3 : 1);
+  stage.init(3);
+  OneFOneB schedule(stage, *pp, micro, 0, 3, 1.0 / double(n_targets));
+  GradientStack stack2;
+  pairwise_gradients(stage, 0, 3, stack2, [&](int64_t m) { schedule.run_through_backward(m); });
+  std::map<std::string, Param*> ref;
+  for (Param* p : whole.params()) ref[p->name] = p;
+  for (Param* p : stage.params())
+    EXPECT_EQ(testing::values_of(p->grad), testing::values_of(ref.at(p->name)->grad)) << p->name;
+}
+
 TEST(PipelineParallel, MoreStagesThanLayersIsAnError) {
   DenseModel m(four_layers());
   try {

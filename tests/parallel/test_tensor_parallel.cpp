@@ -132,7 +132,9 @@ TEST(TensorParallel, WithPipelineStages) {
   stage.init(3);
   OneFOneB schedule(stage, *pp, micro, 0, 4, scale);
   for (int64_t m = 0; m < 4; ++m) schedule.run_through_backward(m);
-  if (pp->rank() == 1) EXPECT_NEAR(schedule.loss_sum(), whole_loss, 1e-5 * std::abs(whole_loss));
+  if (pp->rank() == 1) {
+    EXPECT_NEAR(schedule.loss_sum(), whole_loss, 1e-5 * std::abs(whole_loss));
+  }
   expect_shard_gradients(stage, whole, "at tp 2 x pp 2, stage " + std::to_string(pp->rank()));
 }
 

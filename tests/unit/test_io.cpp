@@ -123,6 +123,54 @@ TEST(H5, RoundTripsEveryDtypeAndRank) {
   }
 }
 
+// A shard's slice of a stored tensor (expert shards along dim 0, tensor-parallel shards along dim 0 or 1): element
+// (i, j, k) of a (4, 6, 2) tensor holds 100 i + 10 j + k, so every read value says where it came from.
+TEST(H5, ReadsSlicesAlongAnyDimension) {
+  TempPath path(".h5");
+  Tensor t = Tensor::empty({4, 6, 2}, DType::f32);
+  for (int64_t i = 0; i < 4; ++i)
+    for (int64_t j = 0; j < 6; ++j)
+      for (int64_t k = 0; k < 2; ++k) t.data<float>()[(i * 6 + j) * 2 + k] = float(100 * i + 10 * j + k);
+  {
+    H5Writer w(path.str());
+    w.write_tensor("t", t);
+    w.commit();
+  }
+  H5Reader r(path.str());
+  for (int dim = 0; dim < 3; ++dim) {
+    Shape part = t.shape();
+    const int64_t start = dim == 2 ? 1 : 2;
+    part[dim] = dim == 2 ? 1 : 2;
+    Tensor got = Tensor::zeros(part, DType::f32);
+    r.read_slice("t", dim, start, got);
+    Tensor via_copy = Tensor::zeros(part, DType::f32);
+    copy_along(t, dim, start, via_copy, false);  // the same slice cut in memory (Param::slice_of)
+    for (int64_t i = 0; i < part[0]; ++i)
+      for (int64_t j = 0; j < part[1]; ++j)
+        for (int64_t k = 0; k < part[2]; ++k) {
+          const int64_t at = (i * part[1] + j) * part[2] + k;
+          int64_t idx[3] = {i, j, k};
+          idx[dim] += start;
+          const float want = float(100 * idx[0] + 10 * idx[1] + idx[2]);
+          EXPECT_EQ(got.data<float>()[at], want) << "dim " << dim;
+          EXPECT_EQ(via_copy.data<float>()[at], want) << "dim " << dim;
+        }
+    // Writing the slice back into a zero tensor puts it where it came from.
+    Tensor back = Tensor::zeros(t.shape(), DType::f32);
+    copy_along(back, dim, start, got, true);
+    for (int64_t i = 0; i < 4; ++i)
+      for (int64_t j = 0; j < 6; ++j)
+        for (int64_t k = 0; k < 2; ++k) {
+          const int64_t idx[3] = {i, j, k}, at = (i * 6 + j) * 2 + k;
+          const bool inside = idx[dim] >= start && idx[dim] < start + part[dim];
+          EXPECT_EQ(back.data<float>()[at], inside ? t.data<float>()[at] : 0.0f) << "dim " << dim;
+        }
+  }
+  expect_error([&] { r.read_slice("t", 1, 5, Tensor::zeros({4, 2, 2}, DType::f32)); },
+               {path.str(), "'t'", "[5, 7) along dimension 1"});
+  expect_error([&] { r.read_slice("t", 1, 0, Tensor::zeros({3, 2, 2}, DType::f32)); }, {path.str(), "(4, 6, 2)"});
+}
+
 TEST(H5, DottedNamesGroupsAndListing) {
   TempPath path(".h5");
   const std::vector<std::string> names = {"model/layers.1.mlp.w1", "model/layers.0.attn.wq", "model/layers.0.attn.wk",
