@@ -9,7 +9,8 @@
 #              + tensor parallel, per micro-batch: tokens x dim x 4 bytes for the embedding (first stage), 4 per
 #                layer (2 forward, 2 backward) and 1 for the head's backward (last stage), and 12 x tokens for the
 #                vocab-parallel loss (max, sum of exponentials, target logit);
-#   all_gather (tensor parallel, AdamW) = 8 x tp bytes per split matrix (the clipping norm's partial sums);
+#   all_gather (dense, AdamW; the clipping norm's partial sums) = 8 x tp bytes per split matrix + with pp > 1,
+#              8 x pp x (1 + the most parameters a stage holds) for the stages' per-parameter sums;
 #   send, recv (pipeline, rank 0 = the first stage) = micro-batches per rank x tokens x dim x 4 bytes each way;
 #   all_to_all (expert parallel) = 4 exchanges per MoE layer and micro-batch of tokens x k rows x dim x 4 bytes,
 #              the share (ep-1)/ep of them leaving the rank if routing were uniform (measured: the router's).
@@ -58,7 +59,9 @@ norms = (2 * layers + (1 if pp == 1 else 0)) * dim  # its replicated norm weight
 gather = 0
 if tp > 1:
     reduce_ += micro * (tokens * dim * 4 * (1 + 4 * layers + (1 if pp == 1 else 0)) + (12 * tokens if pp == 1 else 0))
-    gather = 8 * tp * (7 * layers + 1 + (1 if pp == 1 else 0))
+    gather += 8 * tp * (7 * layers + 1 + (1 if pp == 1 else 0))
+if pp > 1:
+    gather += 8 * pp * (1 + 9 * layers + 2)  # the last stage holds the most: its layers, the norm and the head
 if ep == 1:
     reduce_ += 4 * (norms + (params - norms) // tp) if dp > 1 else 0
 else:
@@ -72,7 +75,7 @@ got = lambda kind: comm.get(kind, [0, 0])[1]
 print(json.dumps({"layout": f"dp={dp} tp={tp} pp={pp} ep={ep}", "ranks_x_threads": f"{np_}x{threads}",
                   "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows[3:])),
                   "all_reduce": [got("all_reduce"), reduce_], "send": [got("send"), p2p], "recv": [got("recv"), p2p],
-                  "all_to_all": [got("all_to_all"), a2a], "all_gather": [got("all_gather"), gather] if tp > 1 else got("all_gather"),
+                  "all_to_all": [got("all_to_all"), a2a], "all_gather": got("all_gather") if v4 else [got("all_gather"), gather],
                   "comm_bytes": rows[-2].get("comm_bytes", 0)}))
 PY
 done

@@ -7,7 +7,7 @@
 #include <utility>
 
 #include "core/error.h"
-#include "model/dense.h"
+#include "model/model.h"
 
 namespace tessera {
 
@@ -36,9 +36,15 @@ std::vector<int64_t> balance_pipeline_stages(const std::vector<double>& cost, in
   return layers;
 }
 
-OneFOneB::OneFOneB(DenseModel& model, Communicator& pp, const std::vector<TokenBatch>& micro, int64_t lo,
-                   int64_t hi, double loss_scale)
-    : model_(model), pp_(pp), micro_(micro), loss_scale_(loss_scale), stage_(pp.rank()), n_stages_(pp.size()) {
+OneFOneB::OneFOneB(PipelineStageModel& model, Communicator& pp, const std::vector<TokenBatch>& micro, int64_t lo,
+                   int64_t hi, double loss_scale, std::function<void(int64_t)> on_forward)
+    : model_(model),
+      pp_(pp),
+      micro_(micro),
+      loss_scale_(loss_scale),
+      on_forward_(std::move(on_forward)),
+      stage_(pp.rank()),
+      n_stages_(pp.size()) {
   TS_CHECK(model.pipeline_stages() == pp.size() && model.pipeline_stage() == pp.rank(),
            "OneFOneB: the model is stage ", model.pipeline_stage(), " of ", model.pipeline_stages(),
            ", the pp group has this rank at ", pp.rank(), " of ", pp.size());
@@ -55,7 +61,7 @@ OneFOneB::OneFOneB(DenseModel& model, Communicator& pp, const std::vector<TokenB
 }
 
 Tensor OneFOneB::activation() const {
-  return Tensor::empty({micro_.front().ids.numel(), model_.config().dim}, DType::f32);
+  return Tensor::empty({micro_.front().ids.numel(), model_.activation_width()}, DType::f32);
 }
 
 void OneFOneB::run_through_backward(int64_t m) {
@@ -87,6 +93,7 @@ void OneFOneB::forward(int64_t m, bool steady) {
   }
   Tensor out = last ? Tensor() : activation();
   loss_sum_ += model_.stage_forward(m, micro_[m], input, out, loss_scale_);
+  if (on_forward_) on_forward_(m);
   if (last) return;
   if (steady) {  // send on, and receive the gradient for the backward that follows
     dy_ = activation();
@@ -118,9 +125,9 @@ void OneFOneB::backward(int64_t m, bool steady, bool last_steady) {
   }
 }
 
-double pipeline_forward_loss(DenseModel& model, Communicator& pp, const TokenBatch& batch) {
+double pipeline_forward_loss(PipelineStageModel& model, Communicator& pp, const TokenBatch& batch) {
   const int stage = pp.rank(), n = pp.size();
-  const Shape shape{batch.ids.numel(), model.config().dim};
+  const Shape shape{batch.ids.numel(), model.activation_width()};
   Tensor input, out;
   if (stage > 0) {
     input = Tensor::empty(shape, DType::f32);

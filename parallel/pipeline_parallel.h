@@ -1,10 +1,11 @@
 // Pipeline parallelism (docs/parallelism.md "Pipeline parallelism"): the layers split into stages over the pp
-// group (DenseModel::set_pipeline_stage), micro-batches flowing through them in a 1F1B schedule. Every micro-batch's
+// group (PipelineStageModel::set_pipeline_stage), micro-batches flowing through them in a 1F1B schedule. Every micro-batch's
 // forward and backward are the computations of one process, split at a layer boundary, so a stage's parameter
 // gradients are bitwise those of one process when summed in the same micro-batch tree.
 #pragma once
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <vector>
 
 #include "core/batch.h"
@@ -14,7 +15,7 @@
 
 namespace tessera {
 
-class DenseModel;
+class PipelineStageModel;
 
 // Layers per stage for P pipeline stages: consecutive runs of at least one layer each, minimising the costliest
 // stage, where cost[l] is layer l's cost with the embedding's added to the first layer and the head's (output
@@ -29,8 +30,10 @@ std::vector<int64_t> balance_pipeline_stages(const std::vector<double>& cost, in
 class OneFOneB {
  public:
   // `micro` outlives the schedule; loss_scale multiplies each micro-batch's loss (the global normalisation).
-  OneFOneB(DenseModel& model, Communicator& pp, const std::vector<TokenBatch>& micro, int64_t lo, int64_t hi,
-           double loss_scale);
+  // on_forward (if set) is called after each micro-batch's forward on this stage, in micro-batch order (the
+  // trainer reads the model's per-forward statistics there).
+  OneFOneB(PipelineStageModel& model, Communicator& pp, const std::vector<TokenBatch>& micro, int64_t lo, int64_t hi,
+           double loss_scale, std::function<void(int64_t)> on_forward = {});
   // Runs the schedule up to and including the backward of micro-batch m; call with m = lo, lo + 1, ... in order
   // (pairwise_gradients' run: each leaf's gradients are exactly its backward's).
   void run_through_backward(int64_t m);
@@ -46,10 +49,11 @@ class OneFOneB {
   void backward(int64_t m, bool steady, bool last_steady);
   Tensor activation() const;
 
-  DenseModel& model_;
+  PipelineStageModel& model_;
   Communicator& pp_;
   const std::vector<TokenBatch>& micro_;
   double loss_scale_;
+  std::function<void(int64_t)> on_forward_;
   int stage_, n_stages_;
   std::vector<Op> ops_;
   size_t next_ = 0;
@@ -61,7 +65,7 @@ class OneFOneB {
 
 // The held-out loss sum of a forward-only pass of `batch` through the pipeline (every stage calls it): the last
 // stage's loss, given to every stage.
-double pipeline_forward_loss(DenseModel& model, Communicator& pp, const TokenBatch& batch);
+double pipeline_forward_loss(PipelineStageModel& model, Communicator& pp, const TokenBatch& batch);
 
 // What a checkpoint needs from every stage, on the pp group's rank 0 (a collective over the group; the other
 // ranks get empty lists): the parameters and buffers of every stage (`storage` holds those received), then the

@@ -140,13 +140,16 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   return c;
 }
 
-// Per-layer cost of the dense model for balancing pipeline stages: a layer's forward FLOPs per token (at half the
-// sequence: the average context), the output head's added to the last layer (the embedding is a lookup).
-static std::vector<double> dense_layer_costs(const ModelConfig& m, int64_t seq_len) {
+// Per-layer cost for balancing pipeline stages: a layer's forward FLOPs per token (at half the sequence: the
+// average context; V4's layer types averaged), the output head's and V4's MTP module's added to the last layer
+// (the embedding is a lookup).
+static std::vector<double> layer_costs(const ModelConfig& m, int64_t seq_len) {
+  const int64_t context = std::max<int64_t>(seq_len / 2, 1);
   const double head = 2.0 * double(m.dim) * double(m.vocab_size);
-  const double layer = (count_flops(m, std::max<int64_t>(seq_len / 2, 1), false).total() - head) / double(m.n_layers);
-  std::vector<double> cost(size_t(m.n_layers), layer);
-  cost.back() += head;
+  const double main = count_flops(m, context, false).total();
+  const double mtp = count_flops(m, context, true).total() - main;
+  std::vector<double> cost(size_t(m.n_layers), (main - head) / double(m.n_layers));
+  cost.back() += head + mtp;
   return cost;
 }
 
@@ -161,7 +164,7 @@ EvalResult evaluate_loss(Model& model, const PackedLoader& loader, const Tokeniz
   int64_t count = 0, n_bytes = 0;
   for (int64_t i = 0; i < batches; ++i) {
     TokenBatch b = loader.eval_batch(i * bs, bs);
-    total += pp ? pipeline_forward_loss(dynamic_cast<DenseModel&>(model), *pp, b) : model.forward(b);
+    total += pp ? pipeline_forward_loss(dynamic_cast<PipelineStageModel&>(model), *pp, b) : model.forward(b);
     count += b.count_targets();
     const int32_t* t = b.targets.data<int32_t>();
     for (int64_t k = 0; k < b.targets.numel(); ++k)
@@ -408,7 +411,9 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     auto refuse = [&](const std::string& key, const std::string& why) {
       TS_FAIL(recipe.path(), ": parallel.pp = ", topo.pp(), " does not work with ", key, " yet (", why, ")");
     };
-    if (cfg.model.is_v4()) refuse("model.arch = \"deepseek_v4\"", "its stages are not built: mHC streams, MTP");
+    if (cfg.model.is_v4() && cfg.routing.anticipatory != "off")
+      refuse("routing.anticipatory = \"" + cfg.routing.anticipatory + "\"",
+             "the look-ahead routing pass is not pipelined");
     if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
     if (cfg.model.n_layers < topo.pp())
       TS_FAIL(recipe.path(), ": parallel.pp (", topo.pp(), ") must not exceed model.n_layers (", cfg.model.n_layers,
@@ -466,10 +471,10 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     log_info(cat("expert parallel over ", ep->size(), " ranks: this rank holds ", cfg.model.n_routed_experts / ep->size(),
                  " of the ", cfg.model.n_routed_experts, " routed experts of each MoE layer"));
   }
-  DenseModel* stage_model = pp ? dynamic_cast<DenseModel*>(&model) : nullptr;
+  PipelineStageModel* stage_model = pp ? dynamic_cast<PipelineStageModel*>(&model) : nullptr;
   if (pp) {
     const std::vector<int64_t> stage_layers =
-        cfg.pp_layers.empty() ? balance_pipeline_stages(dense_layer_costs(cfg.model, cfg.seq_len), pp->size())
+        cfg.pp_layers.empty() ? balance_pipeline_stages(layer_costs(cfg.model, cfg.seq_len), pp->size())
                               : cfg.pp_layers;
     stage_model->set_pipeline_stage(pp->rank(), stage_layers);
     log_info(cat("pipeline over ", pp->size(), " stages, 1F1B", cfg.pp_layers.empty() ? " (balanced by FLOPs)" : "",
@@ -657,7 +662,23 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     // Pipeline parallelism: the 1F1B schedule of this rank's micro-batches; each leaf of the gradient tree runs it
     // through that micro-batch's backward.
     std::optional<OneFOneB> schedule;
-    if (pp) schedule.emplace(*stage_model, *pp, micro, first, first + per_rank, 1.0 / double(n_targets));
+    // V4's statistics of each micro-batch's forward (under pipeline parallelism this stage's part of them).
+    auto add_v4_stats = [&] {
+      const V4Model::Stats& st = v4->last_stats();
+      mtp_sum += st.mtp_loss_sum;
+      mtp_targets += st.mtp_targets;
+      balance += st.balance_loss / double(micro.size());
+      if (first_stats) swiglu_max = st.swiglu_input_max_abs, logit_max = st.router_logit_max;
+      first_stats = false;
+      for (size_t l = 0; l < swiglu_max.size(); ++l) {
+        swiglu_max[l] = std::max(swiglu_max[l], st.swiglu_input_max_abs[l]);
+        logit_max[l] = std::max(logit_max[l], st.router_logit_max[l]);
+      }
+    };
+    if (pp) schedule.emplace(*stage_model, *pp, micro, first, first + per_rank, 1.0 / double(n_targets),
+                             [&](int64_t) {
+                               if (v4) add_v4_stats();
+                             });
     pairwise_gradients(model, first, first + per_rank, grad_stack, [&](int64_t mi) {
       if (schedule) {
         schedule->run_through_backward(mi);
@@ -669,25 +690,27 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       }
       // n_targets counts every micro-batch of the global batch: exact normalisation on every rank.
       loss_sum += model.forward_backward(micro[mi], 1.0 / double(n_targets));
-      if (v4) {
-        const V4Model::Stats& st = v4->last_stats();
-        mtp_sum += st.mtp_loss_sum;
-        mtp_targets += st.mtp_targets;
-        balance += st.balance_loss / double(micro.size());
-        if (first_stats) swiglu_max = st.swiglu_input_max_abs, logit_max = st.router_logit_max;
-        first_stats = false;
-        for (size_t l = 0; l < swiglu_max.size(); ++l) {
-          swiglu_max[l] = std::max(swiglu_max[l], st.swiglu_input_max_abs[l]);
-          logit_max[l] = std::max(logit_max[l], st.router_logit_max[l]);
-        }
-      }
+      if (v4) add_v4_stats();
     });
     qat_scope.reset();  // QAT: master weights back
-    if (schedule) {  // the losses are the last stage's: every stage gets their sum (the others add zeros: exact)
-      Tensor t = Tensor::empty({1}, DType::f64, Device::cpu);
-      t.data<double>()[0] = schedule->loss_sum();
+    if (schedule) {
+      // The losses are the last stage's: every stage gets their sum (the others add zeros: exact). V4: the MTP's
+      // sums likewise, the balance loss summed over the stages' layers, the per-layer maxima and the expert loads
+      // (each stage's layers, zeros elsewhere) combined.
+      Tensor t = Tensor::empty({4}, DType::f64, Device::cpu);
+      double* sums = t.data<double>();
+      sums[0] = schedule->loss_sum(), sums[1] = mtp_sum, sums[2] = double(mtp_targets), sums[3] = balance;
       pp->all_reduce(t, ReduceOp::sum);
-      loss_sum = t.data<double>()[0];
+      loss_sum = sums[0], mtp_sum = sums[1], mtp_targets = int64_t(sums[2]), balance = sums[3];
+      if (v4) {
+        for (std::vector<double>* v : {&swiglu_max, &logit_max}) {
+          Tensor m = Tensor::empty({int64_t(v->size())}, DType::f64, Device::cpu);
+          std::copy(v->begin(), v->end(), m.data<double>());
+          pp->all_reduce(m, ReduceOp::max);
+          std::copy(m.data<double>(), m.data<double>() + v->size(), v->begin());
+        }
+        all_reduce_expert_load(*v4, *pp);
+      }
     }
     if (v4) v4->clear_routing_override();
     if (dp) {

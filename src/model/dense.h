@@ -13,7 +13,7 @@ namespace tessera {
 
 class Communicator;
 
-class DenseModel final : public Model {
+class DenseModel final : public Model, public PipelineStageModel {
  public:
   // Parameters, activations and gradients live on `device`.
   explicit DenseModel(const ModelConfig& cfg, DType dtype = DType::f32, Device device = Device::cpu);
@@ -30,31 +30,26 @@ class DenseModel final : public Model {
   // Returns the sum of token losses.
   double forward_backward(const TokenBatch& batch, double loss_scale) override;
   double forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) override;
-  // Pipeline parallelism (docs/parallelism.md "Pipeline parallelism"): this model keeps stage `stage` of
-  // `n_stages`: layers [stage * L / n_stages, (stage + 1) * L / n_stages), the embedding on the first stage, the
-  // final norm and the head on the last; params() lists only those (call before init or loading weights).
+  // Pipeline parallelism (PipelineStageModel): the embedding on the first stage, the final norm and the head on the
+  // last; activations of several micro-batches are kept by slot. The stages exchange the residual stream (width dim).
+  // set_pipeline_stage(stage, n_stages): equal layer counts, [stage * L / n_stages, (stage + 1) * L / n_stages).
   void set_pipeline_stage(int stage, int n_stages);
-  // The same with layers_per_stage[s] consecutive layers on stage s (each >= 1, summing to n_layers).
-  void set_pipeline_stage(int stage, const std::vector<int64_t>& layers_per_stage);
-  int64_t first_layer() const { return first_layer_; }
-  int64_t end_layer() const { return last_layer_; }
+  void set_pipeline_stage(int stage, const std::vector<int64_t>& layers_per_stage) override;
+  int pipeline_stage() const override { return stage_; }
+  int pipeline_stages() const override { return n_stages_; }
+  int64_t first_layer() const override { return first_layer_; }
+  int64_t end_layer() const override { return last_layer_; }
+  int64_t activation_width() const override { return cfg_.dim; }
+  double stage_forward(int64_t slot, const TokenBatch& batch, const Tensor& input, const Tensor& output,
+                       double loss_scale) override;
+  void stage_backward(int64_t slot, const TokenBatch& batch, const Tensor& grad_output,
+                      const Tensor& grad_input) override;
   // Tensor parallelism over `group` (docs/parallelism.md "Tensor parallelism"): rank r keeps heads, MLP hidden
   // units and vocabulary rows [r X / P, (r + 1) X / P) of each (X = n_heads, n_kv_heads, ffn_dim, vocab_size, all
   // multiples of P = group.size()) as shards of the logical tensors; norm weights are replicated and their
   // gradients equal on every rank. Forward and backward are collectives over the group; host tensors only. Call
   // before init or loading weights (with or without set_pipeline_stage, in either order).
   void set_tensor_parallel(Communicator& group);
-  int pipeline_stage() const { return stage_; }
-  int pipeline_stages() const { return n_stages_; }
-  // One micro-batch through this stage. `input`: the previous stage's output (N, dim), ignored on the first
-  // stage; `output` (N, dim) receives this stage's, except on the last, which computes the head and the loss
-  // (returned, 0 elsewhere) and, if loss_scale != 0, the gradient of loss_scale * loss for stage_backward.
-  // `slot` names the micro-batch's activations, kept until stage_backward(slot) (several may be in flight).
-  double stage_forward(int64_t slot, const TokenBatch& batch, const Tensor& input, const Tensor& output,
-                       double loss_scale);
-  // The backward of micro-batch `slot`: `grad_output` is d loss / d output (ignored on the last stage);
-  // grad_input (N, dim) receives d loss / d input (ignored on the first). Parameter gradients accumulate.
-  void stage_backward(int64_t slot, const TokenBatch& batch, const Tensor& grad_output, const Tensor& grad_input);
 
   // Cached decoding (dense_decode.cpp): a per-layer K/V cache.
   std::unique_ptr<DecodeCache> new_cache(int64_t batch, int64_t capacity) override;

@@ -2,6 +2,7 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "core/batch.h"
 #include "model/config.h"
@@ -51,6 +52,34 @@ class Model {
   // row's cache (a prompt's prefill, then one token per step). logits_out (B*t, V) f32 host: row b*t + i gets the
   // logits after token i of row b (rows of padding entries are unspecified).
   virtual void decode(const Tensor& ids, DecodeCache& cache, const Tensor& logits_out);
+};
+
+// A model that can run as one stage of a pipeline (docs/parallelism.md "Pipeline parallelism"): it holds
+// consecutive layers [first_layer(), end_layer()), the embedding on the first stage and the head on the last, and
+// runs micro-batches through them for a schedule (parallel/pipeline_parallel.h). Stages exchange (N, width) f32
+// tensors per micro-batch of N tokens: the stage's output forward, its gradient back.
+class PipelineStageModel {
+ public:
+  virtual ~PipelineStageModel() = default;
+  // Keeps stage `stage`, with layers_per_stage[s] consecutive layers on stage s (each >= 1, summing to n_layers);
+  // params() and buffers() list only what the stage holds (call before init or loading weights).
+  virtual void set_pipeline_stage(int stage, const std::vector<int64_t>& layers_per_stage) = 0;
+  virtual int pipeline_stage() const = 0;
+  virtual int pipeline_stages() const = 0;
+  virtual int64_t first_layer() const = 0;
+  virtual int64_t end_layer() const = 0;
+  // Elements per token of the tensors the stages exchange.
+  virtual int64_t activation_width() const = 0;
+  // One micro-batch through this stage. `input`: the previous stage's output, ignored on the first stage; `output`
+  // receives this stage's, except on the last, which computes the head and the loss (returned, 0 elsewhere) and,
+  // if loss_scale != 0, what the backward of loss_scale x (the model's objective) needs. `slot` names the
+  // micro-batch until stage_backward(slot) (several may be in flight).
+  virtual double stage_forward(int64_t slot, const TokenBatch& batch, const Tensor& input, const Tensor& output,
+                               double loss_scale) = 0;
+  // The backward of micro-batch `slot`: `grad_output` is d loss / d output (ignored on the last stage); grad_input
+  // receives d loss / d input (ignored on the first). Parameter gradients accumulate.
+  virtual void stage_backward(int64_t slot, const TokenBatch& batch, const Tensor& grad_output,
+                              const Tensor& grad_input) = 0;
 };
 
 // The model a config describes (arch "dense" or "deepseek_v4"), its tensors on `device`. Host batches are

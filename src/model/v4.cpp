@@ -916,13 +916,19 @@ struct V4Model::Impl {
   Tensor X0, emb, logits, losses, X_final;
   std::vector<Tensor> X_in;  // each layer's input
   Tensor mtp_ids, mtp_targets, e_raw, e_rstd, e_n, xs_rstd, xs, Xm, mtp_logits, mtp_losses, mtp_dlogits;
+  int64_t mtp_target_count = 0;
+  Tensor dlogits;     // the main head's, kept from the forward for the backward
   bool ran = false;  // a forward has run (routing_indices is defined)
+  // Pipeline stage: the layers [first, end) held, and whether this is the first / last stage (the whole model: 0,
+  // n_layers, true, true).
+  int64_t first = 0, end = 0;
+  bool first_stage = true, last_stage = true;
 
-  // Every MoE layer (the MTP block last), and the score-routed ones.
+  // Every MoE layer this stage holds (the MTP block last), and the score-routed ones.
   std::vector<MoE*> moes() {
     std::vector<MoE*> out;
-    for (Block& b : layers) out.push_back(&b.ffn);
-    if (mtp_block) out.push_back(&mtp_block->ffn);
+    for (int64_t l = first; l < end; ++l) out.push_back(&layers[l].ffn);
+    if (mtp_block && last_stage) out.push_back(&mtp_block->ffn);
     return out;
   }
   std::vector<MoE*> routed() {
@@ -954,15 +960,58 @@ V4Model::V4Model(const ModelConfig& cfg, DType dtype, Device device)
     m.mtp_head.emplace("mtp.", c, dtype);
   }
   expert_load_.assign(c.n_layers + (c.mtp_depth == 1 ? 1 : 0), std::vector<int64_t>(c.n_routed_experts, 0));
+  m.end = c.n_layers;
 }
+
+void V4Model::set_pipeline_stage(int stage, const std::vector<int64_t>& layers_per_stage) {
+  const int n_stages = int(layers_per_stage.size());
+  TS_CHECK(n_stages >= 1 && stage >= 0 && stage < n_stages, "set_pipeline_stage: stage ", stage, " of ", n_stages);
+  int64_t total = 0, first = 0;
+  for (int s = 0; s < n_stages; ++s) {
+    TS_CHECK(layers_per_stage[s] >= 1, "pipeline parallelism: every stage holds at least one layer");
+    total += layers_per_stage[s];
+    if (s < stage) first += layers_per_stage[s];
+  }
+  TS_CHECK(total == cfg_.n_layers, "pipeline parallelism: the stages hold ", total, " layers, the model has ",
+           cfg_.n_layers);
+  Impl& m = *impl_;
+  stage_ = stage, n_stages_ = n_stages;
+  m.first = first, m.end = first + layers_per_stage[stage];
+  m.first_stage = stage == 0, m.last_stage = stage == n_stages - 1;
+  // What other stages hold is dropped: layers outside [first, end), the embedding unless first, the head and the
+  // MTP module unless last.
+  auto drop = [](Param* p) { p->value = p->grad = Tensor(); };
+  for (int64_t l = 0; l < cfg_.n_layers; ++l)
+    if (l < m.first || l >= m.end) {
+      for (Param* p : m.layers[l].params()) drop(p);
+      for (Param* p : m.layers[l].ffn.buffers()) drop(p);
+    }
+  if (!m.first_stage) drop(&m.tok_embeddings);
+  if (!m.last_stage) {
+    for (Param* p : m.head->params()) drop(p);
+    drop(&m.output);
+    if (m.mtp_block) {
+      for (Param* p : {&m.e_norm, &m.h_norm, &m.e_proj, &m.h_proj}) drop(p);
+      for (Param* p : m.mtp_block->params()) drop(p);
+      for (Param* p : m.mtp_block->ffn.buffers()) drop(p);
+      for (Param* p : m.mtp_head->params()) drop(p);
+    }
+  }
+}
+
+int64_t V4Model::first_layer() const { return impl_->first; }
+int64_t V4Model::end_layer() const { return impl_->end; }
+int64_t V4Model::activation_width() const { return cfg_.hc_mult * cfg_.dim + (cfg_.mtp_depth == 1 ? cfg_.dim : 0); }
 
 V4Model::~V4Model() = default;
 
 ParamList V4Model::params() {
   Impl& m = *impl_;
-  ParamList ps{&m.tok_embeddings};
-  for (Block& b : m.layers)
-    for (Param* p : b.params()) ps.push_back(p);
+  ParamList ps;
+  if (m.first_stage) ps.push_back(&m.tok_embeddings);
+  for (int64_t l = m.first; l < m.end; ++l)
+    for (Param* p : m.layers[l].params()) ps.push_back(p);
+  if (!m.last_stage) return ps;
   for (Param* p : m.head->params()) ps.push_back(p);
   ps.push_back(&m.output);
   if (m.mtp_block) {
@@ -976,9 +1025,9 @@ ParamList V4Model::params() {
 ParamList V4Model::buffers() {
   Impl& m = *impl_;
   ParamList ps;
-  for (Block& b : m.layers)
-    for (Param* p : b.ffn.buffers()) ps.push_back(p);
-  if (m.mtp_block)
+  for (int64_t l = m.first; l < m.end; ++l)
+    for (Param* p : m.layers[l].ffn.buffers()) ps.push_back(p);
+  if (m.mtp_block && m.last_stage)
     for (Param* p : m.mtp_block->ffn.buffers()) ps.push_back(p);
   return ps;
 }
@@ -1086,8 +1135,8 @@ void V4Model::update_routing_bias(double speed) {
       b.data<double>()[e] += speed * (double(load[e]) < mean ? 1.0 : double(load[e]) > mean ? -1.0 : 0.0);
     ffn.bias.value.copy_from(b.to(ffn.bias.value.dtype()));
   };
-  for (size_t l = 0; l < m.layers.size(); ++l) update(m.layers[l].ffn, expert_load_[l]);
-  if (m.mtp_block) update(m.mtp_block->ffn, expert_load_.back());
+  for (int64_t l = m.first; l < m.end; ++l) update(m.layers[l].ffn, expert_load_[l]);
+  if (m.mtp_block && m.last_stage) update(m.mtp_block->ffn, expert_load_.back());
   reset_expert_load();
 }
 
@@ -1128,7 +1177,8 @@ std::vector<Tensor> V4Model::routing_lookahead(const TokenBatch& batch) {
   for (MoE* f : r) saved_override.push_back(f->override_idx), f->override_idx = Tensor();
   const std::vector<std::vector<int64_t>> saved_load = expert_load_;
   const Stats saved_stats = stats_;
-  run(batch, false, 0.0, nullptr);
+  TS_CHECK(n_stages_ == 1, "routing_lookahead: not with pipeline parallelism");
+  run_forward(batch, false, 0.0, Tensor(), Tensor(), nullptr, nullptr);
   std::vector<Tensor> idx = routing_indices();
   for (size_t i = 0; i < r.size(); ++i) r[i]->override_idx = saved_override[i];
   expert_load_ = saved_load;
@@ -1137,21 +1187,63 @@ std::vector<Tensor> V4Model::routing_lookahead(const TokenBatch& batch) {
 }
 
 double V4Model::forward(const TokenBatch& batch, Tensor* logits) {
-  return run(batch, false, 0.0, logits);
+  TS_CHECK(n_stages_ == 1, "V4Model::forward: a pipeline stage runs stage_forward");
+  return run_forward(batch, false, 0.0, Tensor(), Tensor(), logits, nullptr);
 }
 
 double V4Model::forward_backward(const TokenBatch& batch, double loss_scale) {
-  return run(batch, true, loss_scale, nullptr);
+  TS_CHECK(n_stages_ == 1, "V4Model::forward_backward: a pipeline stage runs stage_forward / stage_backward");
+  const double loss = run_forward(batch, true, loss_scale, Tensor(), Tensor(), nullptr, nullptr);
+  run_backward(Tensor(), Tensor());
+  return loss;
 }
 
 double V4Model::forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) {
+  TS_CHECK(n_stages_ == 1, "V4Model::forward_backward_logits: not with pipeline parallelism");
   // loss_scale 0: the auxiliary losses (MTP, balance, indexer KL) get no gradient; the caller's loss replaces the
   // cross-entropy's gradient.
-  return run(batch, true, 0.0, nullptr, &loss_grad);
+  const double loss = run_forward(batch, true, 0.0, Tensor(), Tensor(), nullptr, &loss_grad);
+  run_backward(Tensor(), Tensor());
+  return loss;
 }
 
-double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scale, Tensor* logits_out,
-                    const LogitsGrad* loss_grad) {
+double V4Model::stage_forward(int64_t slot, const TokenBatch& batch, const Tensor& input, const Tensor& output,
+                              double loss_scale) {
+  const double loss = run_forward(batch, loss_scale != 0, loss_scale, input, output, nullptr, nullptr);
+  if (loss_scale == 0) return loss;  // no backward: nothing to keep
+  TS_CHECK(!parked_.count(slot), "stage_forward: slot ", slot, " is already waiting for its backward");
+  // The forward state of the layers is this micro-batch's until the next forward; for a backward after that, the
+  // forward is run again from the kept input (recomputation: deterministic, so the same values).
+  parked_[slot] = Parked{input.defined() ? input.clone() : Tensor(), loss_scale};
+  live_slot_ = slot;
+  return loss;
+}
+
+void V4Model::stage_backward(int64_t slot, const TokenBatch& batch, const Tensor& grad_output,
+                             const Tensor& grad_input) {
+  auto it = parked_.find(slot);
+  TS_CHECK(it != parked_.end(), "stage_backward: no forward of slot ", slot, " waits for its backward");
+  if (live_slot_ != slot) {  // recompute: the loads and statistics were counted by the first forward
+    const std::vector<std::vector<int64_t>> loads = expert_load_;
+    const Stats stats = stats_;
+    run_forward(batch, true, it->second.loss_scale, it->second.input, Tensor(), nullptr, nullptr);
+    expert_load_ = loads;
+    stats_ = stats;
+  }
+  parked_.erase(it);
+  live_slot_ = -1;
+  run_backward(grad_output, grad_input);
+}
+
+// The stage boundary tensor (N, width) as its parts: the n residual streams (N, n, d), then with MTP the raw
+// embedding rows of the next tokens (N, d), which the MTP module on the last stage reads.
+static std::pair<Tensor, Tensor> boundary_parts(const Tensor& t, int64_t N, int64_t n, int64_t d, bool mtp) {
+  Tensor flat = t.reshape({t.numel()});
+  return {flat.slice(0, N * n * d).reshape({N, n, d}), mtp ? flat.slice(N * n * d, N * d).reshape({N, d}) : Tensor()};
+}
+
+double V4Model::run_forward(const TokenBatch& any_batch, bool backward, double loss_scale, const Tensor& input,
+                            const Tensor& output, Tensor* logits_out, const LogitsGrad* loss_grad) {
   DeviceScope on_model_device(device_);  // every tensor of the pass is allocated on the model's device
   Impl& m = *impl_;
   const ModelConfig& c = cfg_;
@@ -1192,46 +1284,79 @@ double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scal
   const int64_t n_targets = host_batch.count_targets();
   ctx.aux_scale = loss_scale * double(n_targets);
 
-  // Embedding, copied into the n streams.
-  m.emb = Tensor::empty({N, d}, dt);
-  ops::embedding_forward(batch.ids.reshape({N}), m.tok_embeddings.value, m.emb);
-  m.X0 = Tensor::empty({N, n, d}, dt);
-  ops::hc_expand_forward(ctx.k.zeros_nd, m.emb, ctx.k.ones, ctx.k.zeros_nn, m.X0);
-  stats_ = Stats{};
-  Tensor X = m.X0;
-  m.X_in.clear();
-  for (size_t l = 0; l < m.layers.size(); ++l) {
-    m.X_in.push_back(X);
-    X = m.layers[l].forward(ctx, X, expert_load_[l]);
-  }
-  m.X_final = X;
-  m.logits = m.head->forward(X, m.output);
-  m.losses = Tensor::empty({N}, dt);
-  Tensor targets = batch.targets.reshape({N});
-  // With backward, one fused call gives the losses and their gradient (the logits are not needed afterwards).
-  Tensor dlogits = backward ? Tensor::empty(m.logits.shape(), dt) : Tensor();
-  ops::cross_entropy(m.logits, targets, m.losses, loss_scale, loss_grad ? Tensor() : dlogits);
-  if (loss_grad) (*loss_grad)(m.logits, dlogits);
-  stats_.main_loss_sum = sum_of(m.losses);
-  stats_.main_targets = n_targets;
-  if (logits_out) *logits_out = m.logits.clone();
-
-  // MTP: position t reads token t+1 and predicts target t+1.
-  if (m.mtp_block) {
+  // MTP: position t reads token t+1 and predicts target t+1 (the ids and targets on every stage; the embedding
+  // rows on the first, relayed to the last).
+  const bool mtp = bool(m.mtp_block);
+  if (mtp) {
     m.mtp_ids = Tensor::zeros({N}, DType::i32, Device::cpu);
     m.mtp_targets = Tensor::empty({N}, DType::i32, Device::cpu);
     const int32_t *ids = host_batch.ids.data<int32_t>(), *tg = host_batch.targets.data<int32_t>();
     const int32_t* doc = host_batch.doc.defined() ? host_batch.doc.data<int32_t>() : nullptr;
+    m.mtp_target_count = 0;
     for (int64_t i = 0; i < N; ++i) {
       bool next = i % T + 1 < T && (!doc || doc[i + 1] == doc[i]);
       m.mtp_ids.data<int32_t>()[i] = i % T + 1 < T ? ids[i + 1] : 0;
       m.mtp_targets.data<int32_t>()[i] = next && tg[i + 1] >= 0 ? tg[i + 1] : -1;
-      stats_.mtp_targets += next && tg[i + 1] >= 0;
+      m.mtp_target_count += next && tg[i + 1] >= 0;
     }
     m.mtp_ids = on_device(m.mtp_ids, device_);
     m.mtp_targets = on_device(m.mtp_targets, device_);
-    m.e_raw = Tensor::empty({N, d}, dt);
-    ops::embedding_forward(m.mtp_ids, m.tok_embeddings.value, m.e_raw);
+  }
+  stats_ = Stats{};
+  Tensor X;
+  if (m.first_stage) {  // the embedding, copied into the n streams
+    m.emb = Tensor::empty({N, d}, dt);
+    ops::embedding_forward(batch.ids.reshape({N}), m.tok_embeddings.value, m.emb);
+    m.X0 = Tensor::empty({N, n, d}, dt);
+    ops::hc_expand_forward(ctx.k.zeros_nd, m.emb, ctx.k.ones, ctx.k.zeros_nn, m.X0);
+    X = m.X0;
+    if (mtp) {
+      m.e_raw = Tensor::empty({N, d}, dt);
+      ops::embedding_forward(m.mtp_ids, m.tok_embeddings.value, m.e_raw);
+    }
+  } else {
+    auto [x_in, e_in] = boundary_parts(input, N, n, d, mtp);
+    X = x_in.clone();
+    if (mtp) m.e_raw = e_in.clone();
+  }
+  m.X_in.clear();
+  for (int64_t l = m.first; l < m.end; ++l) {
+    m.X_in.push_back(X);
+    X = m.layers[l].forward(ctx, X, expert_load_[l]);
+  }
+  m.X_final = X;
+  // Per MoE layer; those of other pipeline stages -inf (the trainer takes the maximum over the stages).
+  const int64_t n_moe = int64_t(expert_load_.size());
+  stats_.swiglu_input_max_abs.assign(n_moe, -std::numeric_limits<double>::infinity());
+  stats_.router_logit_max.assign(n_moe, -std::numeric_limits<double>::infinity());
+  auto record = [&](int64_t i, const MoE& f) {
+    stats_.swiglu_input_max_abs[i] = f.preact_max_abs, stats_.router_logit_max[i] = f.logit_max;
+  };
+  for (int64_t l = m.first; l < m.end; ++l) record(l, m.layers[l].ffn);
+  stats_.balance_loss = ctx.balance_loss;
+  stats_.indexer_kl_sum = ctx.indexer_kl_sum;
+  m.ran = true;
+  if (!m.last_stage) {
+    if (output.defined()) {
+      auto [x_out, e_out] = boundary_parts(output, N, n, d, mtp);
+      ops::copy(X, x_out);
+      if (mtp) ops::copy(m.e_raw, e_out);
+    }
+    return 0.0;
+  }
+  m.logits = m.head->forward(X, m.output);
+  m.losses = Tensor::empty({N}, dt);
+  Tensor targets = batch.targets.reshape({N});
+  // With backward, one fused call gives the losses and their gradient (the logits are not needed afterwards).
+  m.dlogits = backward ? Tensor::empty(m.logits.shape(), dt) : Tensor();
+  ops::cross_entropy(m.logits, targets, m.losses, loss_scale, loss_grad ? Tensor() : m.dlogits);
+  if (loss_grad) (*loss_grad)(m.logits, m.dlogits);
+  stats_.main_loss_sum = sum_of(m.losses);
+  stats_.main_targets = n_targets;
+  if (logits_out) *logits_out = m.logits.clone();
+
+  if (mtp) {
+    stats_.mtp_targets = m.mtp_target_count;
     m.e_n = Block::norm(m.e_raw, m.e_norm, c.norm_eps, m.e_rstd);
     Tensor ep = linear(m.e_n, m.e_proj);
     m.xs = Block::norm(X.reshape({N * n, d}), m.h_norm, c.norm_eps, m.xs_rstd);
@@ -1249,12 +1374,8 @@ double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scal
     m.mtp_dlogits = backward ? Tensor::empty(m.mtp_logits.shape(), dt) : Tensor();
     ops::cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, loss_scale * c.mtp_loss_weight, m.mtp_dlogits);
     stats_.mtp_loss_sum = sum_of(m.mtp_losses);
+    record(n_moe - 1, m.mtp_block->ffn);
   }
-  for (MoE* f : m.moes()) {
-    stats_.swiglu_input_max_abs.push_back(f->preact_max_abs);
-    stats_.router_logit_max.push_back(f->logit_max);
-  }
-  m.ran = true;
   stats_.balance_loss = ctx.balance_loss;
   stats_.indexer_kl_sum = ctx.indexer_kl_sum;
   stats_.objective = (n_targets > 0 ? (stats_.main_loss_sum + c.mtp_loss_weight * stats_.mtp_loss_sum +
@@ -1262,14 +1383,29 @@ double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scal
                                           double(n_targets)
                                     : 0.0) +
                      stats_.balance_loss;
-  if (!backward) return stats_.main_loss_sum;
+  return stats_.main_loss_sum;
+}
 
-  // ---------------------------------------------------------------- backward
+void V4Model::run_backward(const Tensor& grad_output, const Tensor& grad_input) {
+  DeviceScope on_model_device(device_);
+  Impl& m = *impl_;
+  Context& ctx = m.ctx;
+  const ModelConfig& c = cfg_;
+  const int64_t N = ctx.N, n = c.hc_mult, d = c.dim;
+  const DType dt = dtype_;
+  const bool mtp = bool(m.mtp_block);
+  TS_CHECK(ctx.backward, "V4Model: a backward without a training forward");
   Tensor dX = Tensor::zeros({N, n, d}, dt);
-  Tensor demb = Tensor::zeros({N, d}, dt);  // d loss / d embedding rows of the input tokens
-  Tensor dXf = m.head->backward(dlogits, m.output);
+  Tensor de;  // d loss / d the MTP's embedding rows (MTP only)
+  if (!m.last_stage) {
+    auto [dx_out, de_out] = boundary_parts(grad_output, N, n, d, mtp);
+    ops::copy(dx_out, dX);
+    de = de_out;
+  } else {
+  const Tensor& X = m.X_final;
+  Tensor dXf = m.head->backward(m.dlogits, m.output);
   ops::axpy(1.0, dXf, dX);
-  if (m.mtp_block) {
+  if (mtp) {
     const Tensor& dml = m.mtp_dlogits;
     Tensor dXo = m.mtp_head->backward(dml, m.output);
     Tensor dXm = m.mtp_block->backward(ctx, dXo);
@@ -1278,19 +1414,28 @@ double V4Model::run(const TokenBatch& any_batch, bool backward, double loss_scal
     ops::hc_collapse_forward(dXm, ctx.k.ones, dep);  // sum over streams
     Tensor den = Tensor::empty({N, d}, dt);
     ops::linear_backward(m.e_n, m.e_proj.value, dep, den, m.e_proj.grad);
-    Tensor de = Tensor::empty({N, d}, dt);
+    de = Tensor::empty({N, d}, dt);
     ops::rmsnorm_backward(m.e_raw, m.e_norm.value, m.e_rstd, den, de, m.e_norm.grad);
-    ops::embedding_backward(m.mtp_ids, de, m.tok_embeddings.grad);
     Tensor dxs = Tensor::empty({N * n, d}, dt);
     ops::linear_backward(m.xs, m.h_proj.value, dXm.reshape({N * n, d}), dxs, m.h_proj.grad);
     Tensor dxm = Tensor::empty({N * n, d}, dt);
     ops::rmsnorm_backward(X.reshape({N * n, d}), m.h_norm.value, m.xs_rstd, dxs, dxm, m.h_norm.grad);
     ops::axpy(1.0, dxm.reshape({N, n, d}), dX);
   }
-  for (int64_t l = int64_t(m.layers.size()) - 1; l >= 0; --l) dX = m.layers[l].backward(ctx, dX);
-  ops::hc_collapse_forward(dX, ctx.k.ones, demb);  // the n copies of the embedding
-  ops::embedding_backward(batch.ids.reshape({N}), demb, m.tok_embeddings.grad);
-  return stats_.main_loss_sum;
+  }
+  for (int64_t l = m.end - 1; l >= m.first; --l) dX = m.layers[l].backward(ctx, dX);
+  if (!m.first_stage) {
+    auto [dx_in, de_in] = boundary_parts(grad_input, N, n, d, mtp);
+    ops::copy(dX, dx_in);
+    if (mtp) ops::copy(de, de_in);
+    return;
+  }
+  // The embedding's gradient: the MTP's rows first, then the input tokens' (the n copies of the embedding), the
+  // order of one process.
+  if (mtp) ops::embedding_backward(m.mtp_ids, de, m.tok_embeddings.grad);
+  Tensor demb = Tensor::empty({N, d}, dt);
+  ops::hc_collapse_forward(dX, ctx.k.ones, demb);
+  ops::embedding_backward(ctx.batch.ids.reshape({N}), demb, m.tok_embeddings.grad);
 }
 
 // ------------------------------------------------------------------------------------------------ anticipatory routing

@@ -32,7 +32,7 @@ BlockLayout make_block_layout(const Tensor& doc, int64_t B, int64_t T, int64_t m
 // compress_rope_theta with YaRN when yarn_factor > 1 (no attention factor on cos/sin, as the official code).
 Tensor v4_inv_freq(const ModelConfig& c, bool compressed);
 
-class V4Model final : public Model {
+class V4Model final : public Model, public PipelineStageModel {
  public:
   // Parameters, buffers, activations and gradients live on `device`; host batches are copied there by the forward.
   explicit V4Model(const ModelConfig& cfg, DType dtype = DType::f32, Device device = Device::cpu);
@@ -52,6 +52,21 @@ class V4Model final : public Model {
   // apart and keeps a weight gradient per source (gradient_accumulators), which finish_gradients sums in the
   // data-parallel tree: the result of one process (docs/parallelism.md "Expert parallelism").
   void set_expert_parallel(Communicator& group);
+  // Pipeline parallelism (PipelineStageModel; docs/parallelism.md "Pipeline parallelism"): the embedding on the first
+  // stage, the head and the MTP module on the last. The stages exchange the n residual streams and, with MTP, the
+  // embedding rows of the next tokens (width hc_mult * dim + dim), whose gradient comes back to the embedding. A
+  // stage keeps only the input of a micro-batch waiting for its backward and recomputes its forward there when
+  // another forward ran in between (deterministic: the same values); the recomputation counts no expert load.
+  void set_pipeline_stage(int stage, const std::vector<int64_t>& layers_per_stage) override;
+  int pipeline_stage() const override { return stage_; }
+  int pipeline_stages() const override { return n_stages_; }
+  int64_t first_layer() const override;
+  int64_t end_layer() const override;
+  int64_t activation_width() const override;
+  double stage_forward(int64_t slot, const TokenBatch& batch, const Tensor& input, const Tensor& output,
+                       double loss_scale) override;
+  void stage_backward(int64_t slot, const TokenBatch& batch, const Tensor& grad_output,
+                      const Tensor& grad_input) override;
   Communicator* expert_parallel() const { return ep_; }
   std::vector<Tensor> gradient_accumulators() override;
   void finish_gradients() override;
@@ -103,8 +118,14 @@ class V4Model final : public Model {
   struct Impl;
 
  private:
-  double run(const TokenBatch& batch, bool backward, double loss_scale, Tensor* logits,
-             const LogitsGrad* loss_grad = nullptr);
+  // This stage's forward (the whole model without pipeline parallelism): from the embedding or `input`, into
+  // `output` or, on the last stage, the head and the losses (returned: the main loss sum). `backward`: keep what
+  // run_backward needs. loss_grad replaces the cross-entropy's gradient (forward_backward_logits).
+  double run_forward(const TokenBatch& batch, bool backward, double loss_scale, const Tensor& input,
+                     const Tensor& output, Tensor* logits, const LogitsGrad* loss_grad);
+  // The backward of the last run_forward: from its losses on the last stage, else from grad_output; into the
+  // embedding on the first stage, else grad_input.
+  void run_backward(const Tensor& grad_output, const Tensor& grad_input);
 
   ModelConfig cfg_;
   DType dtype_;
@@ -113,6 +134,13 @@ class V4Model final : public Model {
   Stats stats_;
   std::vector<std::vector<int64_t>> expert_load_;
   Communicator* ep_ = nullptr;
+  int stage_ = 0, n_stages_ = 1;
+  struct Parked {
+    Tensor input;  // the stage's input (undefined on the first stage)
+    double loss_scale = 0;
+  };
+  std::map<int64_t, Parked> parked_;  // micro-batches waiting for their backward, by slot
+  int64_t live_slot_ = -1;            // the slot whose forward state the layers hold
 };
 
 // The look-ahead cache of anticipatory routing: for a future step, one set of routing indices per micro-batch,
