@@ -5,14 +5,16 @@
 # step (metrics.jsonl `comm`, a step without held-out evaluation), beside the analytic figures (docs/parallelism.md):
 #   all_reduce = 4 bytes x (rank 0's replicated parameters, its tensor-parallel shards) [over dp, when dp > 1]
 #              + 4 bytes x (its expert parameters) [over the expert-data-parallel group, when it has 2+ ranks]
-#              + 32 (loss sums) + 8 (pipeline loss) + V4: 8 per expert and 16 per MoE layer (loads, maxima)
+#              + 32 (loss sums) + V4: 8 per expert and 16 per MoE layer (loads, maxima), [once more over pp]
 #              + tensor parallel, per micro-batch: tokens x dim x 4 bytes for the embedding (first stage), 4 per
 #                layer (2 forward, 2 backward) and 1 for the head's backward (last stage), and 12 x tokens for the
 #                vocab-parallel loss (max, sum of exponentials, target logit);
 #   all_gather (dense, AdamW; the clipping norm's partial sums) = 8 x tp bytes per split matrix + with pp > 1,
 #              8 x pp x (1 + the most parameters a stage holds) for the stages' per-parameter sums;
-#   send, recv (pipeline, rank 0 = the first stage) = micro-batches per rank x tokens x dim x 4 bytes each way;
-#   all_to_all (expert parallel) = 4 exchanges per MoE layer and micro-batch of tokens x k rows x dim x 4 bytes,
+#   send, recv (pipeline, rank 0 = the first stage) = micro-batches per rank x tokens x width x 4 bytes each way,
+#              width = dim (dense), hc_mult x dim + dim (V4: the mHC streams and the MTP's embedding rows);
+#   all_to_all (expert parallel) = 4 exchanges per MoE layer and micro-batch (6 on a pipeline stage that recomputes
+#              its forward before the backward: every stage but the last) of tokens x k rows x dim x 4 bytes,
 #              the share (ep-1)/ep of them leaving the rank if routing were uniform (measured: the router's).
 #   bench/parallel_layouts.sh dense|v4 STEPS NP:DP:PP:EP[:TP] ...   e.g. bench/parallel_layouts.sh dense 12 2:2:1:1 2:1:1:1:2
 set -euo pipefail
@@ -40,36 +42,41 @@ for layout in 1:1:1:1 "$@"; do
     build/bin/tessera train $recipe --run-dir "$out/run-$np-$dp-$pp-$ep-$tp" --set "${sets[@]}" >/dev/null 2>"$out/log" \
     || { tail -5 "$out/log" >&2; exit 1; }
   params=$(grep -o '^model: [0-9]* parameters' "$out/log" | grep -o '[0-9]*')
+  stage0=$(grep -o 'stage 0 holds layers \[0, [0-9]*)' "$out/log" | grep -o '[0-9]*)' | tr -d ')' || true)
   "$python" - "$out/run-$np-$dp-$pp-$ep-$tp/metrics.jsonl" "$recipe" "$np" "$dp" "$pp" "$ep" "$threads" "$params" \
-    "$tp" <<'PY'
+    "$tp" "${stage0:-0}" <<'PY'
 import json, statistics, sys, tomllib
 rows = [json.loads(l) for l in open(sys.argv[1])]
 m = tomllib.load(open(sys.argv[2], "rb"))["model"]
-np_, dp, pp, ep, threads, params, tp = (int(x) for x in sys.argv[3:10])
+np_, dp, pp, ep, threads, params, tp, layers = (int(x) for x in sys.argv[3:11])
+layers = layers or m["n_layers"]  # rank 0's stage: its layers (all of them without pp)
 tokens, micro = 4 * 256, 4 // dp  # per micro-batch; micro-batches per rank
 dim, v4 = m["dim"], m["arch"] == "deepseek_v4"
-moe_layers = m["n_layers"] + m.get("mtp_depth", 0) if v4 else 0
+mtp = m.get("mtp_depth", 0) if v4 else 0
+n_moe = m["n_layers"] + mtp if v4 else 0  # every MoE layer (the per-layer statistics cover all of them)
+stage_moe = layers + (mtp if pp == 1 else 0) if v4 else 0  # rank 0's MoE layers (the MTP block is on the last stage)
 E = m.get("n_routed_experts", 0)
-expert = moe_layers * 3 * E * m.get("moe_inter_dim", 0) * dim  # routed-expert parameters of the whole model
-replicated = params - expert  # rank 0's: `params` is its stage's count (experts counted whole)
+expert = stage_moe * 3 * E * m.get("moe_inter_dim", 0) * dim  # rank 0's routed-expert parameters (whole stacks)
+replicated = params - expert  # `params` is rank 0's stage's count (experts counted whole)
 edp = dp // ep
-reduce_ = 32 + (8 if pp > 1 else 0) + (8 * E * moe_layers + 16 * moe_layers if v4 else 0)
-layers = m["n_layers"] // pp  # rank 0's stage (dense)
-norms = (2 * layers + (1 if pp == 1 else 0)) * dim  # its replicated norm weights; the rest is split over tp
+stats = 32 + (8 * E * n_moe + 16 * n_moe if v4 else 0)  # loss sums, and V4's expert loads and per-layer maxima
+reduce_ = stats + (stats if pp > 1 else 0)  # over dp, and over the pipeline
+norms = (2 * layers + (1 if pp == 1 else 0)) * dim  # dense: rank 0's replicated norm weights; the rest split over tp
 gather = 0
 if tp > 1:
     reduce_ += micro * (tokens * dim * 4 * (1 + 4 * layers + (1 if pp == 1 else 0)) + (12 * tokens if pp == 1 else 0))
     gather += 8 * tp * (7 * layers + 1 + (1 if pp == 1 else 0))
 if pp > 1:
-    gather += 8 * pp * (1 + 9 * layers + 2)  # the last stage holds the most: its layers, the norm and the head
+    gather += 8 * pp * (1 + 9 * layers + 2)  # dense, equal stages: the last holds the most (its layers, norm, head)
 if ep == 1:
     reduce_ += 4 * (norms + (params - norms) // tp) if dp > 1 else 0
 else:
     reduce_ += 4 * replicated + (4 * expert // ep if edp > 1 else 0)
 if np_ == 1:
     reduce_ = 0
-p2p = micro * tokens * dim * 4 if pp > 1 else 0
-a2a = 4 * tokens * m.get("n_activated_experts", 0) * (ep - 1) // ep * dim * 4 * moe_layers * micro if ep > 1 else 0
+width = m.get("hc_mult", 1) * dim + (dim if mtp else 0) if v4 else dim  # what stages exchange per token
+p2p = micro * tokens * width * 4 if pp > 1 else 0
+a2a = (4 + (2 if pp > 1 else 0)) * tokens * m.get("n_activated_experts", 0) * (ep - 1) // ep * dim * 4 * stage_moe * micro if ep > 1 else 0
 comm = rows[-2].get("comm", {})  # the last step also evaluates
 got = lambda kind: comm.get(kind, [0, 0])[1]
 print(json.dumps({"layout": f"dp={dp} tp={tp} pp={pp} ep={ep}", "ranks_x_threads": f"{np_}x{threads}",

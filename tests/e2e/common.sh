@@ -210,6 +210,32 @@ mpi_env() {
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
 }
 
+# layout_test_start MODEL: the start of every layout test: the tiny MODEL (recipes/models/MODEL.toml) on a small
+# corpus as $WORK/model.toml, SETS = 20 steps of 4 micro-batches with Muon (checkpoints and held-out evaluation
+# every 10), FINAL = the final checkpoint's path in a run directory, and the single-process run in $WORK/one.
+layout_test_start() {
+  STEPS=20
+  FINAL=checkpoints/step_$(printf %08d $STEPS).h5
+  make_corpus "$WORK/corpus.txt" 400
+  TINY="$REPO/recipes/models/$1.toml" write_recipe "$WORK/model.toml" "$WORK/corpus.txt" "$WORK/unused"
+  SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=10 eval.every=10
+        eval.batches=2 optimizer.name=muon)
+  step "$STEPS steps of 4 micro-batches in one process"
+  "$TESSERA" train "$WORK/model.toml" "${SETS[@]}" job.run_dir="$WORK/one" 2> "$WORK/one.log" \
+    || { cat "$WORK/one.log" >&2; fail "the single-process run failed"; }
+}
+
+# train_in_layout NAME NP LOG_LINE SETTING...: trains $WORK/model.toml with "${SETS[@]}" and the SETTINGs under
+# mpirun -np NP into $WORK/NAME; its log must hold LOG_LINE (a grep pattern; a missing one is a failed case).
+train_in_layout() {
+  local name=$1 np=$2 line=$3
+  shift 3
+  step "the same global batch over mpirun -np $np: $*"
+  mpirun --oversubscribe -np "$np" "$TESSERA" train "$WORK/model.toml" "${SETS[@]}" job.run_dir="$WORK/$name" "$@" \
+    2> "$WORK/$name.log" || { cat "$WORK/$name.log" >&2; fail "$name failed"; }
+  grep -q -- "$line" "$WORK/$name.log" || check_failed "$name: the log has no line '$line'"
+}
+
 # same_metrics NAME ONE_DIR PARALLEL_DIR STEPS COMM_KIND KEY...: the parallel run logged the same steps as the
 # one-process run (1..STEPS, or the same replayed sequence after a rollback), every KEY bitwise equal where the
 # one-process run has it (with RTOL set: within RTOL x |one-process value|), and COMM_KIND collectives in every

@@ -14,36 +14,21 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
 mpi_env
-STEPS=20
-FINAL=checkpoints/step_$(printf %08d $STEPS).h5
-make_corpus "$WORK/corpus.txt" 400
-TINY="$REPO/recipes/models/v4-tiny.toml"
-write_recipe "$WORK/v4.toml" "$WORK/corpus.txt" "$WORK/unused"
-SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=10 eval.every=10
-      eval.batches=2 optimizer.name=muon)
-
+layout_test_start v4-tiny
 KEYS=(loss val_loss grad_norm mtp_loss balance_loss expert_load_max_over_mean)
-
-step "$STEPS steps of 4 micro-batches in one process"
-"$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" job.run_dir="$WORK/one" 2> "$WORK/one.log" \
-  || { cat "$WORK/one.log" >&2; fail "the single-process run failed"; }
 
 for layout in "2 2 2 false" "4 4 4 false" "4 4 2 false" "4 4 2 true"; do
   read -r np dp ep zero1 <<< "$layout"
   name="dp$dp-ep$ep-zero1-$zero1"
-  step "the same global batch over mpirun -np $np, parallel.dp = $dp, parallel.ep = $ep, parallel.zero1 = $zero1"
-  mpirun --oversubscribe -np $np "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" job.run_dir="$WORK/$name" \
-    parallel.dp=$dp parallel.ep=$ep parallel.zero1=$zero1 2> "$WORK/$name.log" \
-    || { cat "$WORK/$name.log" >&2; fail "$name failed"; }
-  grep -q "expert parallel over $ep ranks: this rank holds $((8 / ep)) of the 8 routed experts" "$WORK/$name.log" \
-    || check_failed "$name: no expert-parallel log line"
+  train_in_layout "$name" $np "expert parallel over $ep ranks: this rank holds $((8 / ep)) of the 8 routed experts" \
+    parallel.dp=$dp parallel.ep=$ep parallel.zero1=$zero1
   same_metrics "$name" "$WORK/one" "$WORK/$name" $STEPS all_to_all "${KEYS[@]}"
   "$PY" "$CKPT_EQUAL" "$WORK/one/$FINAL" "$WORK/$name/$FINAL" || check_failed "$name: final checkpoint differs"
 done
 
-resume_in_layout ep2-to-1 "$WORK/v4.toml" "$WORK/one/$FINAL" "2 parallel.dp=2 parallel.ep=2" "1 parallel.dp=1 parallel.ep=1"
-resume_in_layout 1-to-ep4 "$WORK/v4.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.ep=1" "4 parallel.dp=4 parallel.ep=4"
-resume_in_layout zero1-to-ep2 "$WORK/v4.toml" "$WORK/one/$FINAL" "4 parallel.dp=4 parallel.ep=2 parallel.zero1=true" \
+resume_in_layout ep2-to-1 "$WORK/model.toml" "$WORK/one/$FINAL" "2 parallel.dp=2 parallel.ep=2" "1 parallel.dp=1 parallel.ep=1"
+resume_in_layout 1-to-ep4 "$WORK/model.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.ep=1" "4 parallel.dp=4 parallel.ep=4"
+resume_in_layout zero1-to-ep2 "$WORK/model.toml" "$WORK/one/$FINAL" "4 parallel.dp=4 parallel.ep=2 parallel.zero1=true" \
   "2 parallel.dp=2 parallel.ep=2"
 
 # The rest in 12 steps (checkpoints every 6): the test runs on 2 cores.
@@ -57,9 +42,9 @@ AR_SETS=(routing.anticipatory=always routing.dt=2)
 SPIKE_SETS=(routing.anticipatory=on_spike routing.force_spike_at=7 routing.snapshot_every=2 routing.ar_steps=2)
 for mode in ar spike; do
   if [[ $mode == ar ]]; then extra=("${AR_SETS[@]}"); else extra=("${SPIKE_SETS[@]}"); fi
-  "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" "${extra[@]}" job.run_dir="$WORK/$mode-one" \
+  "$TESSERA" train "$WORK/model.toml" "${SETS[@]}" "${extra[@]}" job.run_dir="$WORK/$mode-one" \
     2> "$WORK/$mode-one.log" || { cat "$WORK/$mode-one.log" >&2; fail "$mode: the one-process run failed"; }
-  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" "${extra[@]}" parallel.ep=2 \
+  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/model.toml" "${SETS[@]}" "${extra[@]}" parallel.ep=2 \
     job.run_dir="$WORK/$mode-ep2" 2> "$WORK/$mode-ep2.log" || { cat "$WORK/$mode-ep2.log" >&2; fail "$mode: EP2 failed"; }
   same_metrics "$mode ep2" "$WORK/$mode-one" "$WORK/$mode-ep2" $STEPS all_to_all "${KEYS[@]}"
   "$PY" "$CKPT_EQUAL" "$WORK/$mode-one/$FINAL" "$WORK/$mode-ep2/$FINAL" || check_failed "$mode: final checkpoint differs"
@@ -68,7 +53,7 @@ for mode in ar spike; do
 done
 grep -q "loss spike at step 7: .*rolling back to step" "$WORK/spike-ep2.log" || check_failed "spike: no rollback under EP2"
 # The routing state written under EP2 (its parameter hash over the whole stacks) is used when resuming at one process.
-mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" "${AR_SETS[@]}" parallel.ep=2 \
+mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/model.toml" "${SETS[@]}" "${AR_SETS[@]}" parallel.ep=2 \
   job.run_dir="$WORK/ar-resume" --stop-after 6 2> "$WORK/ar-resume-a.log" || fail "ar resume: first part failed"
 "$TESSERA" train --resume "$WORK/ar-resume" --set parallel.dp=1 parallel.ep=1 2> "$WORK/ar-resume-b.log" \
   || { cat "$WORK/ar-resume-b.log" >&2; fail "ar resume: resumed part failed"; }
@@ -78,7 +63,7 @@ grep -q "anticipatory routing: state restored from .*step_00000006.routing" "$WO
 
 step "quantisation-aware training (training.qat = fp4_fp8) under EP2 equals one process: blocks lie within an expert"
 for n in 1 2; do
-  mpirun --oversubscribe -np $n "$TESSERA" train "$WORK/v4.toml" "${SETS[@]}" training.qat=fp4_fp8 parallel.dp=$n \
+  mpirun --oversubscribe -np $n "$TESSERA" train "$WORK/model.toml" "${SETS[@]}" training.qat=fp4_fp8 parallel.dp=$n \
     parallel.ep=$n job.run_dir="$WORK/qat-$n" 2> "$WORK/qat-$n.log" || { cat "$WORK/qat-$n.log" >&2; fail "qat at $n failed"; }
 done
 "$PY" "$CKPT_EQUAL" "$WORK/qat-1/$FINAL" "$WORK/qat-2/$FINAL" || check_failed "qat: EP2 ends elsewhere than one process"
@@ -88,6 +73,6 @@ TINY="$REPO/recipes/models/dense-tiny.toml" write_recipe "$WORK/dense.toml" "$WO
 expect_fail dense_ep "parallel.ep = 2 does not work with model.arch = \"dense\" yet (it has no routed experts)" -- \
   mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/dense.toml" --set parallel.ep=2 job.run_dir="$WORK/dense"
 expect_fail experts_divide "model.n_routed_experts (8) must be a multiple of parallel.ep (3)" -- \
-  mpirun --oversubscribe -np 3 "$TESSERA" train "$WORK/v4.toml" --set parallel.ep=3 training.grad_accum=3 \
+  mpirun --oversubscribe -np 3 "$TESSERA" train "$WORK/model.toml" --set parallel.ep=3 training.grad_accum=3 \
   job.run_dir="$WORK/three"
 finish

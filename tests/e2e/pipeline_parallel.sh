@@ -10,47 +10,33 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
 mpi_env
-STEPS=20
-FINAL=checkpoints/step_$(printf %08d $STEPS).h5
-make_corpus "$WORK/corpus.txt" 400
-TINY="$REPO/recipes/models/dense-tiny.toml"
-write_recipe "$WORK/dense.toml" "$WORK/corpus.txt" "$WORK/unused"
-SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=10 eval.every=10
-      eval.batches=2 optimizer.name=muon)
-
-step "$STEPS steps of 4 micro-batches in one process"
-"$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/one" 2> "$WORK/one.log" \
-  || { cat "$WORK/one.log" >&2; fail "the single-process run failed"; }
+layout_test_start dense-tiny
 
 for layout in "2 1 2 false" "4 2 2 false" "4 2 2 true"; do
   read -r np dp pp zero1 <<< "$layout"
   name="dp$dp-pp$pp-zero1-$zero1"
-  step "the same global batch over mpirun -np $np, parallel.dp = $dp, parallel.pp = $pp, parallel.zero1 = $zero1"
-  mpirun --oversubscribe -np $np "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/$name" \
-    parallel.dp=$dp parallel.pp=$pp parallel.zero1=$zero1 2> "$WORK/$name.log" \
-    || { cat "$WORK/$name.log" >&2; fail "$name failed"; }
-  grep -q "pipeline over $pp stages, 1F1B (balanced by FLOPs): stage 0 holds layers \[0, 1) and the embedding" "$WORK/$name.log" \
-    || check_failed "$name: no pipeline log line"
+  train_in_layout "$name" $np "pipeline over $pp stages, 1F1B (balanced by FLOPs): stage 0 holds layers \[0, 1) and the embedding" \
+    parallel.dp=$dp parallel.pp=$pp parallel.zero1=$zero1
   same_metrics "$name" "$WORK/one" "$WORK/$name" $STEPS send loss val_loss grad_norm
   "$PY" "$CKPT_EQUAL" "$WORK/one/$FINAL" "$WORK/$name/$FINAL" || check_failed "$name: final checkpoint differs"
 done
 
-resume_in_layout pp2-to-1 "$WORK/dense.toml" "$WORK/one/$FINAL" "2 parallel.dp=1 parallel.pp=2" "1 parallel.dp=1 parallel.pp=1"
-resume_in_layout 1-to-dp2pp2 "$WORK/dense.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.pp=1" \
+resume_in_layout pp2-to-1 "$WORK/model.toml" "$WORK/one/$FINAL" "2 parallel.dp=1 parallel.pp=2" "1 parallel.dp=1 parallel.pp=1"
+resume_in_layout 1-to-dp2pp2 "$WORK/model.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.pp=1" \
   "4 parallel.dp=2 parallel.pp=2"
 
 step "quantisation-aware training (training.qat = fp8) at pp=2 equals one process"
 for n in 1 2; do
-  mpirun --oversubscribe -np $n "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" training.qat=fp8 parallel.dp=1 \
+  mpirun --oversubscribe -np $n "$TESSERA" train "$WORK/model.toml" "${SETS[@]}" training.qat=fp8 parallel.dp=1 \
     parallel.pp=$n job.run_dir="$WORK/qat-$n" 2> "$WORK/qat-$n.log" || { cat "$WORK/qat-$n.log" >&2; fail "qat at $n failed"; }
 done
 "$PY" "$CKPT_EQUAL" "$WORK/qat-1/$FINAL" "$WORK/qat-2/$FINAL" || check_failed "qat: PP2 ends elsewhere than one process"
 
 step "recipe errors"
 expect_fail too_many_stages "parallel.pp (4) must not exceed model.n_layers (2)" -- \
-  mpirun --oversubscribe -np 4 "$TESSERA" train "$WORK/dense.toml" --set parallel.dp=1 parallel.pp=4 \
+  mpirun --oversubscribe -np 4 "$TESSERA" train "$WORK/model.toml" --set parallel.dp=1 parallel.pp=4 \
   job.run_dir="$WORK/pp4"
 expect_fail pp_layers_sum "parallel.pp_layers has 2 stage(s) of 3 layers in all; it needs parallel.pp (2) entries summing to model.n_layers (2)" -- \
-  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/dense.toml" --set parallel.dp=1 parallel.pp=2 \
+  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/model.toml" --set parallel.dp=1 parallel.pp=2 \
   "parallel.pp_layers=[2, 1]" job.run_dir="$WORK/pplayers"
 finish

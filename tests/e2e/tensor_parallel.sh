@@ -10,42 +10,28 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
 mpi_env
-STEPS=20
 RTOL=1e-4
-FINAL=checkpoints/step_$(printf %08d $STEPS).h5
-make_corpus "$WORK/corpus.txt" 400
-TINY="$REPO/recipes/models/dense-tiny.toml"
-write_recipe "$WORK/dense.toml" "$WORK/corpus.txt" "$WORK/unused"
-SETS=(--set "training.steps=$STEPS" training.batch_size=2 training.grad_accum=4 checkpoint.every=10 eval.every=10
-      eval.batches=2 optimizer.name=muon)
-
-step "$STEPS steps of 4 micro-batches in one process"
-"$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/one" 2> "$WORK/one.log" \
-  || { cat "$WORK/one.log" >&2; fail "the single-process run failed"; }
+layout_test_start dense-tiny
 
 for layout in "2 1 2 1 false" "4 1 2 2 false" "8 2 2 2 false" "4 2 2 1 true"; do
   read -r np dp tp pp zero1 <<< "$layout"
   name="dp$dp-tp$tp-pp$pp-zero1-$zero1"
-  step "the same global batch over mpirun -np $np: parallel.dp = $dp, tp = $tp, pp = $pp, zero1 = $zero1"
-  mpirun --oversubscribe -np $np "$TESSERA" train "$WORK/dense.toml" "${SETS[@]}" job.run_dir="$WORK/$name" \
-    parallel.dp=$dp parallel.tp=$tp parallel.pp=$pp parallel.zero1=$zero1 2> "$WORK/$name.log" \
-    || { cat "$WORK/$name.log" >&2; fail "$name failed"; }
-  grep -q "tensor parallel over 2 ranks: this rank holds 2 of the 4 attention heads, 96 of the 192 MLP hidden units" \
-    "$WORK/$name.log" || check_failed "$name: no tensor-parallel log line"
+  train_in_layout "$name" $np "tensor parallel over 2 ranks: this rank holds 2 of the 4 attention heads, 96 of the 192 MLP hidden units" \
+    parallel.dp=$dp parallel.tp=$tp parallel.pp=$pp parallel.zero1=$zero1
   same_metrics "$name" "$WORK/one" "$WORK/$name" $STEPS all_reduce loss val_loss grad_norm
   "$PY" "$CKPT_EQUAL" "$WORK/one/$FINAL" "$WORK/$name/$FINAL" --rtol $RTOL || check_failed "$name: final checkpoint differs"
 done
 
-resume_in_layout tp2pp2-to-1 "$WORK/dense.toml" "$WORK/one/$FINAL" "4 parallel.dp=1 parallel.tp=2 parallel.pp=2" \
+resume_in_layout tp2pp2-to-1 "$WORK/model.toml" "$WORK/one/$FINAL" "4 parallel.dp=1 parallel.tp=2 parallel.pp=2" \
   "1 parallel.dp=1 parallel.tp=1 parallel.pp=1"
-resume_in_layout 1-to-dp2tp2 "$WORK/dense.toml" "$WORK/one/$FINAL" "1 parallel.dp=1" "4 parallel.dp=2 parallel.tp=2"
+resume_in_layout 1-to-dp2tp2 "$WORK/model.toml" "$WORK/one/$FINAL" "1 parallel.dp=1" "4 parallel.dp=2 parallel.tp=2"
 
 step "recipe errors"
-expect_fail indivisible_kv_heads "dense.toml: tensor parallelism: model.n_kv_heads (2) must be a multiple of parallel.tp (4)" -- \
-  mpirun --oversubscribe -np 4 "$TESSERA" train "$WORK/dense.toml" --set parallel.dp=1 parallel.tp=4 \
+expect_fail indivisible_kv_heads "model.toml: tensor parallelism: model.n_kv_heads (2) must be a multiple of parallel.tp (4)" -- \
+  mpirun --oversubscribe -np 4 "$TESSERA" train "$WORK/model.toml" --set parallel.dp=1 parallel.tp=4 \
   job.run_dir="$WORK/tp4"
 expect_fail tp_qat "parallel.tp = 2 does not work with training.qat yet" -- \
-  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/dense.toml" --set parallel.dp=1 parallel.tp=2 \
+  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/model.toml" --set parallel.dp=1 parallel.tp=2 \
   training.qat=fp8 job.run_dir="$WORK/tpqat"
 TINY="$REPO/recipes/models/v4-tiny.toml" write_recipe "$WORK/v4.toml" "$WORK/corpus.txt" "$WORK/unused"
 expect_fail v4_tp "parallel.tp = 2 does not work with model.arch = \"deepseek_v4\" yet" -- \

@@ -23,6 +23,22 @@ namespace {
 
 ModelConfig four_layers() { return testing::dense_test_config(23, 16, 4, 24, 16); }
 
+// Every gradient of the stage's parameters bitwise equal to the whole model's of the same name; the stage holds
+// fewer parameters than the whole model.
+void expect_stage_gradients(Model& stage, Model& whole, int rank) {
+  std::map<std::string, Param*> ref;
+  for (Param* p : whole.params()) ref[p->name] = p;
+  ParamList mine = stage.params();
+  EXPECT_LT(mine.size(), ref.size());
+  for (Param* p : mine) {
+    std::vector<double> got = testing::values_of(p->grad), want = testing::values_of(ref.at(p->name)->grad);
+    ASSERT_EQ(got.size(), want.size()) << p->name;
+    int64_t diff = 0;
+    for (size_t k = 0; k < got.size(); ++k) diff += got[k] != want[k];
+    EXPECT_EQ(diff, 0) << p->name << " on stage " << rank << ": " << diff << " elements differ";
+  }
+}
+
 void check_against_one_process(int stages, int64_t M) {
   ASSERT_TRUE(g_world) << "run under mpirun";
   Communicator& world = *g_world;
@@ -51,17 +67,7 @@ void check_against_one_process(int stages, int64_t M) {
   if (pp->rank() == pp->size() - 1) EXPECT_EQ(schedule.loss_sum(), whole_loss);
   else EXPECT_EQ(schedule.loss_sum(), 0.0);
 
-  std::map<std::string, Param*> ref;
-  for (Param* p : whole.params()) ref[p->name] = p;
-  ParamList mine = stage.params();
-  EXPECT_LT(mine.size(), ref.size());
-  for (Param* p : mine) {
-    std::vector<double> got = testing::values_of(p->grad), want = testing::values_of(ref.at(p->name)->grad);
-    ASSERT_EQ(got.size(), want.size()) << p->name;
-    int64_t diff = 0;
-    for (size_t k = 0; k < got.size(); ++k) diff += got[k] != want[k];
-    EXPECT_EQ(diff, 0) << p->name << " on stage " << pp->rank() << ": " << diff << " elements differ";
-  }
+  expect_stage_gradients(stage, whole, pp->rank());
   EXPECT_EQ(pipeline_forward_loss(stage, *pp, micro[0]), whole.forward(micro[0]));
 }
 
@@ -142,10 +148,7 @@ TEST(PipelineParallel, UnevenStages) {
   OneFOneB schedule(stage, *pp, micro, 0, 3, 1.0 / double(n_targets));
   GradientStack stack2;
   pairwise_gradients(stage, 0, 3, stack2, [&](int64_t m) { schedule.run_through_backward(m); });
-  std::map<std::string, Param*> ref;
-  for (Param* p : whole.params()) ref[p->name] = p;
-  for (Param* p : stage.params())
-    EXPECT_EQ(testing::values_of(p->grad), testing::values_of(ref.at(p->name)->grad)) << p->name;
+  expect_stage_gradients(stage, whole, pp->rank());
 }
 
 // The tiny V4 model (4 layers of every attention type, hash and score-routed MoE, mHC, MTP) through 1F1B: the
@@ -183,17 +186,7 @@ void check_v4_against_one_process(int stages, int64_t M) {
   const bool last = pp->rank() == pp->size() - 1;
   EXPECT_EQ(schedule.loss_sum(), last ? whole_loss : 0.0);
   EXPECT_EQ(mtp, last ? whole_mtp : 0.0);
-  std::map<std::string, Param*> ref;
-  for (Param* p : whole.params()) ref[p->name] = p;
-  ParamList mine = stage.params();
-  EXPECT_LT(mine.size(), ref.size());
-  for (Param* p : mine) {
-    std::vector<double> got = testing::values_of(p->grad), want = testing::values_of(ref.at(p->name)->grad);
-    ASSERT_EQ(got.size(), want.size()) << p->name;
-    int64_t diff = 0;
-    for (size_t k = 0; k < got.size(); ++k) diff += got[k] != want[k];
-    EXPECT_EQ(diff, 0) << p->name << " on stage " << pp->rank() << ": " << diff << " elements differ";
-  }
+  expect_stage_gradients(stage, whole, pp->rank());
   for (int64_t l = stage.first_layer(); l < stage.end_layer(); ++l)
     EXPECT_EQ(stage.expert_load()[l], whole.expert_load()[l]) << "layer " << l;
   if (last) {
