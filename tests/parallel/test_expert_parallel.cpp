@@ -55,12 +55,10 @@ void check_against_one_process(int ep_size, int64_t n_hash_layers, bool pin_rout
   std::unique_ptr<Communicator> ep = world.split(world.rank() / ep_size, world.rank());
   const ModelConfig cfg = ep_config(n_hash_layers);
   const int64_t M = 4, per_rank = M / ep_size, first = ep->rank() * per_rank;
-  std::vector<TokenBatch> micro;
   int64_t n_targets = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    micro.push_back(testing::tiny_v4_batch(cfg.vocab_size, 100 + uint64_t(m)));
-    n_targets += micro.back().count_targets();
-  }
+  const std::vector<TokenBatch> micro =
+      testing::micro_batches(
+          M, [&](int64_t m) { return testing::tiny_v4_batch(cfg.vocab_size, 100 + uint64_t(m)); }, n_targets);
   const int64_t N = micro[0].ids.numel();
   const double scale = 1.0 / double(n_targets);
 

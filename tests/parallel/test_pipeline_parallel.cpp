@@ -44,12 +44,10 @@ void check_against_one_process(int stages, int64_t M) {
   Communicator& world = *g_world;
   std::unique_ptr<Communicator> pp = world.split(world.rank() / stages, world.rank());
   const ModelConfig cfg = four_layers();
-  std::vector<TokenBatch> micro;
   int64_t n_targets = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    micro.push_back(testing::random_token_batch(2, 12, cfg.vocab_size, 40 + uint64_t(m)));
-    n_targets += micro.back().count_targets();
-  }
+  const std::vector<TokenBatch> micro =
+      testing::micro_batches(
+          M, [&](int64_t m) { return testing::random_token_batch(2, 12, cfg.vocab_size, 40 + uint64_t(m)); }, n_targets);
   const double scale = 1.0 / double(n_targets);
 
   DenseModel whole(cfg);
@@ -131,12 +129,10 @@ TEST(PipelineParallel, UnevenStages) {
   ASSERT_TRUE(g_world && g_world->size() == 4) << "run under mpirun -np 4";
   std::unique_ptr<Communicator> pp = g_world->split(g_world->rank() / 2, g_world->rank());
   const ModelConfig cfg = four_layers();
-  std::vector<TokenBatch> micro;
   int64_t n_targets = 0;
-  for (int64_t m = 0; m < 3; ++m) {
-    micro.push_back(testing::random_token_batch(2, 12, cfg.vocab_size, 90 + uint64_t(m)));
-    n_targets += micro.back().count_targets();
-  }
+  const std::vector<TokenBatch> micro =
+      testing::micro_batches(
+          3, [&](int64_t m) { return testing::random_token_batch(2, 12, cfg.vocab_size, 90 + uint64_t(m)); }, n_targets);
   DenseModel whole(cfg);
   whole.init(3);
   GradientStack stack;
@@ -159,12 +155,10 @@ void check_v4_against_one_process(int stages, int64_t M) {
   ASSERT_TRUE(g_world) << "run under mpirun";
   std::unique_ptr<Communicator> pp = g_world->split(g_world->rank() / stages, g_world->rank());
   const ModelConfig cfg = testing::tiny_v4_config();
-  std::vector<TokenBatch> micro;
   int64_t n_targets = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    micro.push_back(testing::tiny_v4_batch(cfg.vocab_size, 100 + uint64_t(m)));
-    n_targets += micro.back().count_targets();
-  }
+  const std::vector<TokenBatch> micro =
+      testing::micro_batches(
+          M, [&](int64_t m) { return testing::tiny_v4_batch(cfg.vocab_size, 100 + uint64_t(m)); }, n_targets);
   const double scale = 1.0 / double(n_targets);
   V4Model whole(cfg);
   testing::randomize_v4(whole, 7);

@@ -65,12 +65,10 @@ void check_tensor_parallel(int tp_size) {
   Communicator& world = *g_world;
   std::unique_ptr<Communicator> tp = world.split(world.rank() / tp_size, world.rank());
   const ModelConfig cfg = config();
-  std::vector<TokenBatch> micro;
   int64_t n_targets = 0;
-  for (int64_t m = 0; m < 2; ++m) {
-    micro.push_back(testing::random_token_batch(2, 12, cfg.vocab_size, 40 + uint64_t(m)));
-    n_targets += micro.back().count_targets();
-  }
+  const std::vector<TokenBatch> micro =
+      testing::micro_batches(
+          2, [&](int64_t m) { return testing::random_token_batch(2, 12, cfg.vocab_size, 40 + uint64_t(m)); }, n_targets);
   const double scale = 1.0 / double(n_targets);
   DenseModel whole(cfg);
   const double whole_loss = whole_model_gradients(whole, micro, scale);
@@ -116,12 +114,10 @@ TEST(TensorParallel, WithPipelineStages) {
   std::unique_ptr<Communicator> tp = world.split(world.rank() / 2, world.rank());
   std::unique_ptr<Communicator> pp = world.split(world.rank() % 2, world.rank());
   const ModelConfig cfg = config();
-  std::vector<TokenBatch> micro;
   int64_t n_targets = 0;
-  for (int64_t m = 0; m < 4; ++m) {
-    micro.push_back(testing::random_token_batch(2, 12, cfg.vocab_size, 70 + uint64_t(m)));
-    n_targets += micro.back().count_targets();
-  }
+  const std::vector<TokenBatch> micro =
+      testing::micro_batches(
+          4, [&](int64_t m) { return testing::random_token_batch(2, 12, cfg.vocab_size, 70 + uint64_t(m)); }, n_targets);
   const double scale = 1.0 / double(n_targets);
   DenseModel whole(cfg);
   const double whole_loss = whole_model_gradients(whole, micro, scale);

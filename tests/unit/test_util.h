@@ -79,6 +79,19 @@ inline Tensor tensor_of(const std::vector<double>& v, const Shape& shape, DType 
   return t;
 }
 
+// M micro-batches, micro-batch m made by make(m), and the number of targets they hold together (the global
+// normalisation of a step's loss).
+template <class Make>
+std::vector<TokenBatch> micro_batches(int64_t M, Make make, int64_t& n_targets) {
+  std::vector<TokenBatch> micro;
+  n_targets = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    micro.push_back(make(m));
+    n_targets += micro.back().count_targets();
+  }
+  return micro;
+}
+
 inline std::vector<double> values_of(const Tensor& t) {
   std::vector<double> v(size_t(t.numel()));
   for (size_t i = 0; i < v.size(); ++i)
