@@ -11,12 +11,13 @@
 #                vocab-parallel loss (max, sum of exponentials, target logit);
 #   all_gather (dense, AdamW; the clipping norm's partial sums) = 8 x tp bytes per split matrix + with pp > 1,
 #              8 x pp x (1 + the most parameters a stage holds) for the stages' per-parameter sums;
-#   send, recv (pipeline, rank 0 = the first stage) = micro-batches per rank x tokens x width x 4 bytes each way,
+#   send, recv (pipeline, rank 0 = the first stage) = (2 vpp - 1) x micro-batches per rank x tokens x width x 4
+#              bytes each way (interleaved: every chunk's output, every chunk's gradient but the first's),
 #              width = dim (dense), hc_mult x dim + dim (V4: the mHC streams and the MTP's embedding rows);
 #   all_to_all (expert parallel) = 4 exchanges per MoE layer and micro-batch (6 on a pipeline stage that recomputes
 #              its forward before the backward: every stage but the last) of tokens x k rows x dim x 4 bytes,
 #              the share (ep-1)/ep of them leaving the rank if routing were uniform (measured: the router's).
-#   bench/parallel_layouts.sh dense|v4 STEPS NP:DP:PP:EP[:TP] ...   e.g. bench/parallel_layouts.sh dense 12 2:2:1:1 2:1:1:1:2
+#   bench/parallel_layouts.sh dense|v4 STEPS NP:DP:PP:EP[:TP[:VPP]] ...   e.g. bench/parallel_layouts.sh dense 12 2:2:1:1 2:1:1:1:2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?dense or v4}
@@ -32,23 +33,23 @@ recipe=recipes/models/dense-small.toml
 [ "$model" = v4 ] && recipe=recipes/models/v4-tiny.toml
 cores=$(nproc)
 for layout in 1:1:1:1 "$@"; do
-  IFS=: read -r np dp pp ep tp <<< "$layout"
-  tp=${tp:-1}
+  IFS=: read -r np dp pp ep tp vpp <<< "$layout"
+  tp=${tp:-1} vpp=${vpp:-1}
   threads=$(( cores / np )); [ $threads -ge 1 ] || threads=1
   sets=("data.train=[\"$out/text.txt\"]" training.steps=$steps training.batch_size=4 training.grad_accum=4
         training.seq_len=256 optimizer.lr=1e-3 eval.every=0 metrics.log_every=1 metrics.peak_flops=1e11
-        parallel.dp=$dp parallel.pp=$pp parallel.ep=$ep parallel.tp=$tp)
+        parallel.dp=$dp parallel.pp=$pp parallel.ep=$ep parallel.tp=$tp parallel.vpp=$vpp)
   mpirun --oversubscribe -np "$np" --bind-to none -x OMP_NUM_THREADS=$threads -x OMP_WAIT_POLICY=passive \
-    build/bin/tessera train $recipe --run-dir "$out/run-$np-$dp-$pp-$ep-$tp" --set "${sets[@]}" >/dev/null 2>"$out/log" \
+    build/bin/tessera train $recipe --run-dir "$out/run-$np-$dp-$pp-$ep-$tp-$vpp" --set "${sets[@]}" >/dev/null 2>"$out/log" \
     || { tail -5 "$out/log" >&2; exit 1; }
   params=$(grep -o '^model: [0-9]* parameters' "$out/log" | grep -o '[0-9]*')
   stage0=$(grep -o 'stage 0 holds layers \[0, [0-9]*)' "$out/log" | grep -o '[0-9]*)' | tr -d ')' || true)
-  "$python" - "$out/run-$np-$dp-$pp-$ep-$tp/metrics.jsonl" "$recipe" "$np" "$dp" "$pp" "$ep" "$threads" "$params" \
-    "$tp" "${stage0:-0}" <<'PY'
+  "$python" - "$out/run-$np-$dp-$pp-$ep-$tp-$vpp/metrics.jsonl" "$recipe" "$np" "$dp" "$pp" "$ep" "$threads" \
+    "$params" "$tp" "${stage0:-0}" "$vpp" <<'PY'
 import json, statistics, sys, tomllib
 rows = [json.loads(l) for l in open(sys.argv[1])]
 m = tomllib.load(open(sys.argv[2], "rb"))["model"]
-np_, dp, pp, ep, threads, params, tp, layers = (int(x) for x in sys.argv[3:11])
+np_, dp, pp, ep, threads, params, tp, layers, vpp = (int(x) for x in sys.argv[3:12])
 layers = layers or m["n_layers"]  # rank 0's stage: its layers (all of them without pp)
 tokens, micro = 4 * 256, 4 // dp  # per micro-batch; micro-batches per rank
 dim, v4 = m["dim"], m["arch"] == "deepseek_v4"
@@ -66,8 +67,9 @@ gather = 0
 if tp > 1:
     reduce_ += micro * (tokens * dim * 4 * (1 + 4 * layers + (1 if pp == 1 else 0)) + (12 * tokens if pp == 1 else 0))
     gather += 8 * tp * (7 * layers + 1 + (1 if pp == 1 else 0))
-if pp > 1:
-    gather += 8 * pp * (1 + 9 * layers + 2)  # dense, equal stages: the last holds the most (its layers, norm, head)
+if pp > 1:  # dense, equal (virtual) stages of lv layers; per chunk the most a rank holds: + embedding or norm and head
+    lv = m["n_layers"] // (pp * vpp)
+    gather += sum(8 * pp * (1 + 9 * lv + (2 if c == vpp - 1 else 1 if c == 0 else 0)) for c in range(vpp))
 if ep == 1:
     reduce_ += 4 * (norms + (params - norms) // tp) if dp > 1 else 0
 else:
@@ -75,11 +77,11 @@ else:
 if np_ == 1:
     reduce_ = 0
 width = m.get("hc_mult", 1) * dim + (dim if mtp else 0) if v4 else dim  # what stages exchange per token
-p2p = micro * tokens * width * 4 if pp > 1 else 0
+p2p = (2 * vpp - 1) * micro * tokens * width * 4 if pp > 1 else 0  # each chunk's output; gradients of all but v = 0
 a2a = (4 + (2 if pp > 1 else 0)) * tokens * m.get("n_activated_experts", 0) * (ep - 1) // ep * dim * 4 * stage_moe * micro if ep > 1 else 0
 comm = rows[-2].get("comm", {})  # the last step also evaluates
 got = lambda kind: comm.get(kind, [0, 0])[1]
-print(json.dumps({"layout": f"dp={dp} tp={tp} pp={pp} ep={ep}", "ranks_x_threads": f"{np_}x{threads}",
+print(json.dumps({"layout": f"dp={dp} tp={tp} pp={pp} ep={ep} vpp={vpp}", "ranks_x_threads": f"{np_}x{threads}",
                   "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows[3:])),
                   "all_reduce": [got("all_reduce"), reduce_], "send": [got("send"), p2p], "recv": [got("recv"), p2p],
                   "all_to_all": [got("all_to_all"), a2a], "all_gather": got("all_gather") if v4 else [got("all_gather"), gather],

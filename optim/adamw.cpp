@@ -42,7 +42,8 @@ static std::vector<double> matrix_sum_squares(const Tensor& g) {
   return out;
 }
 
-double clip_grad_norm(const ParamList& params, double max_norm, Communicator* stage_group) {
+double clip_grad_norm(const ParamList& params, double max_norm, Communicator* stage_group,
+                      const std::vector<size_t>& chunk_sizes) {
   std::vector<double> per_param;  // each parameter's sum of squares, in order
   for (const Param* p : params) {
     std::vector<double> parts = matrix_sum_squares(p->grad);
@@ -59,17 +60,22 @@ double clip_grad_norm(const ParamList& params, double max_norm, Communicator* st
     per_param.push_back(s);
   }
   if (stage_group && stage_group->size() > 1) {  // every stage's sums, stage by stage (the parameter order)
-    Tensor n = Tensor::empty({1}, DType::i64, Device::cpu), counts = Tensor::empty({stage_group->size()}, DType::i64, Device::cpu);
-    n.data<int64_t>()[0] = int64_t(per_param.size());
-    stage_group->all_gather(n, counts);
-    const int64_t* c = counts.data<int64_t>();
-    const int64_t most = *std::max_element(c, c + stage_group->size());
-    Tensor mine = Tensor::zeros({most}, DType::f64, Device::cpu), all = Tensor::empty({most * stage_group->size()}, DType::f64, Device::cpu);
-    std::copy(per_param.begin(), per_param.end(), mine.data<double>());
-    stage_group->all_gather(mine, all);
+    const std::vector<double> mine_all = std::move(per_param);
     per_param.clear();
-    for (int r = 0; r < stage_group->size(); ++r)
-      per_param.insert(per_param.end(), all.data<double>() + r * most, all.data<double>() + r * most + c[r]);
+    size_t at = 0;
+    for (size_t chunk : chunk_sizes.empty() ? std::vector<size_t>{mine_all.size()} : chunk_sizes) {
+      Tensor n = Tensor::empty({1}, DType::i64, Device::cpu), counts = Tensor::empty({stage_group->size()}, DType::i64, Device::cpu);
+      n.data<int64_t>()[0] = int64_t(chunk);
+      stage_group->all_gather(n, counts);
+      const int64_t* c = counts.data<int64_t>();
+      const int64_t most = *std::max_element(c, c + stage_group->size());
+      Tensor mine = Tensor::zeros({most}, DType::f64, Device::cpu), all = Tensor::empty({most * stage_group->size()}, DType::f64, Device::cpu);
+      std::copy(mine_all.begin() + at, mine_all.begin() + at + chunk, mine.data<double>());
+      at += chunk;
+      stage_group->all_gather(mine, all);
+      for (int r = 0; r < stage_group->size(); ++r)
+        per_param.insert(per_param.end(), all.data<double>() + r * most, all.data<double>() + r * most + c[r]);
+    }
   }
   double ss = 0;
   for (double x : per_param) ss += x;

@@ -53,8 +53,10 @@ struct LrSchedule {
 // gathered over its shard_group (a collective): for expert shards, which hold whole matrices, the norm is bitwise
 // what one process computes; a tensor-parallel shard adds its part of the matrix's sum. `stage_group`: the
 // pipeline group, whose stages hold consecutive runs of the model's parameters (a collective: the norm over all
-// stages, in parameter order).
+// stages, in parameter order). chunk_sizes: with an interleaved pipeline, params is the rank's chunks one after the
+// other (these many parameters each), and chunk c of every rank comes before chunk c + 1 of any.
 class Communicator;
-double clip_grad_norm(const ParamList& params, double max_norm, Communicator* stage_group = nullptr);
+double clip_grad_norm(const ParamList& params, double max_norm, Communicator* stage_group = nullptr,
+                      const std::vector<size_t>& chunk_sizes = {});
 
 }  // namespace tessera

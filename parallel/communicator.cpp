@@ -11,6 +11,14 @@ const char* reduce_op_name(ReduceOp op) {
   return "?";
 }
 
+void Communicator::isend(const Tensor&, int, int) {
+  TS_FAIL("the ", backend(), " communicator has no non-blocking sends (isend); an interleaved pipeline needs MPI");
+}
+void Communicator::recv_on(const Tensor&, int, int) {
+  TS_FAIL("the ", backend(), " communicator has no channel receives (recv_on); an interleaved pipeline needs MPI");
+}
+void Communicator::wait_sends() {}
+
 namespace comm_checks {
 
 std::string tensor_error(const Tensor& t, const char* name, Device device, const char* backend) {

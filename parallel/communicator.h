@@ -76,6 +76,13 @@ class Communicator {
   // Sends `out` to dst and receives `in` from src at once (counted as one send and one recv): two ranks that each
   // send to the other cannot deadlock, as two blocking sends can (a pipeline's forward and backward exchanges).
   virtual void send_recv(const Tensor& out, int dst, const Tensor& in, int src) = 0;
+  // Non-blocking sends on numbered channels (an interleaved pipeline schedule, whose waits are only on receives):
+  // isend returns at once and `t` must stay unchanged until wait_sends(); recv_on receives the next message of
+  // `channel` from `peer` (one channel's messages between two ranks arrive in the order sent). Counted as send and
+  // recv. The defaults fail: MPI implements them.
+  virtual void isend(const Tensor& t, int peer, int channel);
+  virtual void recv_on(const Tensor& t, int peer, int channel);
+  virtual void wait_sends();
   // In place: t = t of rank root.
   virtual void broadcast(const Tensor& t, int root) = 0;
   virtual void barrier() = 0;

@@ -219,21 +219,32 @@ class MpiCommunicator final : public Communicator {
           "send", "MPI_Send");
   }
 
-  void recv(const Tensor& t, int peer) override {
+  void recv(const Tensor& t, int peer) override { recv_tagged(t, peer, kTag, "recv"); }
+
+  void isend(const Tensor& t, int peer, int channel) override {
     std::string err = p2p_error(t, peer);
-    if (!err.empty()) fail("recv", err);
-    stats_.recv.calls++;
-    stats_.recv.bytes += t.nbytes();
-    MPI_Status status;
-    MPI_Datatype type = mpi_type(t.dtype());
-    int rc = MPI_Recv(t.numel() ? t.raw() : nullptr, static_cast<int>(t.numel()), type, peer, kTag, comm_, &status);
-    if (rc == MPI_ERR_TRUNCATE || (rc == MPI_ERR_IN_STATUS && status.MPI_ERROR == MPI_ERR_TRUNCATE))
-      fail("recv", cat("rank ", peer, " sent more than the ", t.numel(), " elements of ", t.str()));
-    check(rc, "recv", "MPI_Recv");
-    int got = 0;
-    check(MPI_Get_count(&status, type, &got), "recv", "MPI_Get_count");
-    if (got != t.numel())
-      fail("recv", cat("rank ", peer, " sent ", got, " elements (or another dtype), expected ", t.str()));
+    if (err.empty() && (channel < 0 || channel > 1000)) err = cat("channel ", channel, " out of range [0, 1000]");
+    if (!err.empty()) fail("isend", err);
+    stats_.send.calls++;
+    stats_.send.bytes += t.nbytes();
+    MPI_Request request;
+    check(MPI_Isend(t.numel() ? t.raw() : nullptr, static_cast<int>(t.numel()), mpi_type(t.dtype()), peer,
+                    kTag + 1 + channel, comm_, &request),
+          "isend", "MPI_Isend");
+    pending_.push_back(request);
+    pending_tensors_.push_back(t);  // keeps the buffer alive until wait_sends
+  }
+
+  void recv_on(const Tensor& t, int peer, int channel) override {
+    if (channel < 0 || channel > 1000) fail("recv_on", cat("channel ", channel, " out of range [0, 1000]"));
+    recv_tagged(t, peer, kTag + 1 + channel, "recv_on");
+  }
+
+  void wait_sends() override {
+    if (pending_.empty()) return;
+    check(MPI_Waitall(int(pending_.size()), pending_.data(), MPI_STATUSES_IGNORE), "wait_sends", "MPI_Waitall");
+    pending_.clear();
+    pending_tensors_.clear();
   }
 
   void send_recv(const Tensor& out, int dst, const Tensor& in, int src) override {
@@ -283,7 +294,24 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
-  static constexpr int kTag = 4242;
+  static constexpr int kTag = 4242;  // recv/send; channel c of isend/recv_on is kTag + 1 + c
+
+  void recv_tagged(const Tensor& t, int peer, int tag, const char* op) {
+    std::string err = p2p_error(t, peer);
+    if (!err.empty()) fail(op, err);
+    stats_.recv.calls++;
+    stats_.recv.bytes += t.nbytes();
+    MPI_Status status;
+    MPI_Datatype type = mpi_type(t.dtype());
+    int rc = MPI_Recv(t.numel() ? t.raw() : nullptr, static_cast<int>(t.numel()), type, peer, tag, comm_, &status);
+    if (rc == MPI_ERR_TRUNCATE || (rc == MPI_ERR_IN_STATUS && status.MPI_ERROR == MPI_ERR_TRUNCATE))
+      fail(op, cat("rank ", peer, " sent more than the ", t.numel(), " elements of ", t.str()));
+    check(rc, op, "MPI_Recv");
+    int got = 0;
+    check(MPI_Get_count(&status, type, &got), op, "MPI_Get_count");
+    if (got != t.numel())
+      fail(op, cat("rank ", peer, " sent ", got, " elements (or another dtype), expected ", t.str()));
+  }
 
   [[noreturn]] void fail(const char* op, const std::string& why) const {
     throw Error(cat("MPI ", op, " on rank ", rank_, " of ", size_, ": ", why));
@@ -319,6 +347,8 @@ class MpiCommunicator final : public Communicator {
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
+  std::vector<MPI_Request> pending_;     // isends not yet waited for
+  std::vector<Tensor> pending_tensors_;  // their buffers
 };
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "model/model.h"
+#include "ops/ops.h"
 
 namespace tessera {
 
@@ -226,6 +227,203 @@ PipelineGathered gather_pipeline_stages(const ParamList& saved, const std::vecto
     }
   }
   return out;
+}
+
+}  // namespace tessera
+
+namespace tessera {
+
+// ---- interleaved 1F1B
+
+PairwiseAccumulator::PairwiseAccumulator(std::vector<Tensor> grads, int64_t lo, int64_t hi) : grads_(std::move(grads)) {
+  TS_CHECK(hi > lo, "PairwiseAccumulator: empty range [", lo, ", ", hi, ")");
+  plan(lo, hi, 0);
+}
+
+// The steps of pairwise_gradients' recursion: a node sums its left subtree, saves it, sums its right subtree into
+// the gradients and adds the saved left.
+void PairwiseAccumulator::plan(int64_t lo, int64_t hi, size_t depth) {
+  if (hi - lo == 1) {
+    ops_.push_back({Op::leaf, lo});
+    return;
+  }
+  const int64_t mid = (lo + hi) / 2;
+  plan(lo, mid, depth + 1);
+  ops_.push_back({Op::save, int64_t(depth)});
+  plan(mid, hi, depth + 1);
+  ops_.push_back({Op::add, int64_t(depth)});
+}
+
+void PairwiseAccumulator::begin_leaf(int64_t m) {
+  TS_CHECK(next_ < ops_.size() && ops_[next_].kind == Op::leaf && ops_[next_].arg == m, "PairwiseAccumulator: ",
+           "micro-batch ", m, " is not the next leaf");
+  ++next_;
+  for (const Tensor& g : grads_) ops::zero(g);
+}
+
+void PairwiseAccumulator::end_leaf() {
+  while (next_ < ops_.size() && ops_[next_].kind != Op::leaf) {
+    const Op op = ops_[next_++];
+    if (saved_.size() <= size_t(op.arg)) saved_.resize(size_t(op.arg) + 1);
+    std::vector<Tensor>& left = saved_[size_t(op.arg)];
+    if (op.kind == Op::save) {
+      if (left.size() != grads_.size()) {
+        left.clear();
+        for (const Tensor& g : grads_) left.push_back(Tensor::empty(g.shape(), g.dtype(), g.device()));
+      }
+      for (size_t i = 0; i < grads_.size(); ++i) ops::copy(grads_[i], left[i]);
+    } else {
+      for (size_t i = 0; i < grads_.size(); ++i) ops::axpy(1.0, left[i], grads_[i]);  // right + left
+    }
+  }
+}
+
+InterleavedStages::InterleavedStages(std::vector<std::unique_ptr<Model>> chunks) : chunks_(std::move(chunks)) {
+  TS_CHECK(!chunks_.empty(), "InterleavedStages: no chunks");
+  for (const auto& c : chunks_)
+    TS_CHECK(dynamic_cast<PipelineStageModel*>(c.get()), "InterleavedStages: a chunk is not a pipeline stage model");
+}
+
+ParamList InterleavedStages::params() {
+  ParamList out;
+  for (auto& c : chunks_)
+    for (Param* p : c->params()) out.push_back(p);
+  return out;
+}
+
+ParamList InterleavedStages::buffers() {
+  ParamList out;
+  for (auto& c : chunks_)
+    for (Param* p : c->buffers()) out.push_back(p);
+  return out;
+}
+
+void InterleavedStages::init(uint64_t seed) {
+  for (auto& c : chunks_) c->init(seed);
+}
+
+std::vector<Tensor> InterleavedStages::gradient_accumulators() {
+  std::vector<Tensor> out;
+  for (auto& c : chunks_)
+    for (const Tensor& t : c->gradient_accumulators()) out.push_back(t);
+  return out;
+}
+
+void InterleavedStages::finish_gradients() {
+  for (auto& c : chunks_) c->finish_gradients();
+}
+
+std::vector<size_t> InterleavedStages::chunk_sizes() {
+  std::vector<size_t> out;
+  for (auto& c : chunks_) out.push_back(c->params().size());
+  return out;
+}
+
+double InterleavedStages::forward(const TokenBatch&, Tensor*) {
+  TS_FAIL("InterleavedStages: a forward runs through the pipeline (interleaved_forward_loss)");
+}
+double InterleavedStages::forward_backward(const TokenBatch&, double) {
+  TS_FAIL("InterleavedStages: training runs the interleaved schedule (InterleavedOneFOneB)");
+}
+double InterleavedStages::forward_backward_logits(const TokenBatch&, const LogitsGrad&) {
+  TS_FAIL("InterleavedStages: not with a loss on the logits");
+}
+
+namespace {
+constexpr int kForwardChannel = 0, kBackwardChannel = 1;
+}  // namespace
+
+InterleavedOneFOneB::InterleavedOneFOneB(InterleavedStages& model, Communicator& pp, const std::vector<TokenBatch>& micro,
+                                         int64_t lo, int64_t hi, double loss_scale)
+    : model_(model),
+      pp_(pp),
+      micro_(micro),
+      lo_(lo),
+      n_(hi - lo),
+      loss_scale_(loss_scale),
+      rank_(pp.rank()),
+      P_(pp.size()),
+      V_(int(model.n_chunks())) {
+  TS_CHECK(lo < hi && hi <= int64_t(micro.size()), "InterleavedOneFOneB: micro-batches [", lo, ", ", hi, ")");
+  TS_CHECK(n_ % P_ == 0, "interleaved 1F1B: the micro-batches per data-parallel rank (", n_,
+           ") must be a multiple of parallel.pp (", P_, ")");
+  for (int c = 0; c < V_; ++c) {
+    PipelineStageModel& s = model.stage(size_t(c));
+    TS_CHECK(s.pipeline_stage() == c * P_ + rank_ && s.pipeline_stages() == P_ * V_, "InterleavedOneFOneB: chunk ",
+             c, " is virtual stage ", s.pipeline_stage(), " of ", s.pipeline_stages(), ", expected ", c * P_ + rank_,
+             " of ", P_ * V_);
+    trees_.emplace_back(model.chunk(size_t(c)).gradient_accumulators(), lo, hi);
+  }
+}
+
+Tensor InterleavedOneFOneB::activation() const {
+  return Tensor::empty({micro_.front().ids.numel(), model_.stage(0).activation_width()}, DType::f32);
+}
+
+void InterleavedOneFOneB::run() {
+  const int64_t total = n_ * V_;
+  const int64_t warmup = std::min<int64_t>(int64_t(P_ - 1 - rank_) * 2 + int64_t(V_ - 1) * P_, total);
+  for (int64_t k = 0; k < warmup; ++k) forward(k);
+  for (int64_t i = 0; i < total - warmup; ++i) {
+    forward(warmup + i);
+    backward(i);
+  }
+  for (int64_t k = total - warmup; k < total; ++k) backward(k);
+  pp_.wait_sends();
+  model_.finish_gradients();
+}
+
+void InterleavedOneFOneB::forward(int64_t k) {
+  const int c = int((k / P_) % V_);
+  const int64_t m = lo_ + (k / (int64_t(P_) * V_)) * P_ + k % P_;
+  const int v = c * P_ + rank_;
+  const bool first = v == 0, last = v == P_ * V_ - 1;
+  Tensor input;
+  if (!first) {
+    input = activation();
+    pp_.recv_on(input, (rank_ - 1 + P_) % P_, kForwardChannel);
+  }
+  Tensor out = last ? Tensor() : activation();
+  loss_sum_ += model_.stage(size_t(c)).stage_forward(m, micro_[size_t(m)], input, out, loss_scale_);
+  if (!last) pp_.isend(out, (rank_ + 1) % P_, kForwardChannel);
+}
+
+void InterleavedOneFOneB::backward(int64_t k) {
+  const int c = V_ - 1 - int((k / P_) % V_);
+  const int64_t m = lo_ + (k / (int64_t(P_) * V_)) * P_ + k % P_;
+  const int v = c * P_ + rank_;
+  const bool first = v == 0, last = v == P_ * V_ - 1;
+  Tensor dy;
+  if (!last) {
+    dy = activation();
+    pp_.recv_on(dy, (rank_ + 1) % P_, kBackwardChannel);
+  }
+  Tensor dx = first ? Tensor() : activation();
+  trees_[size_t(c)].begin_leaf(m);
+  model_.stage(size_t(c)).stage_backward(m, micro_[size_t(m)], dy, dx);
+  trees_[size_t(c)].end_leaf();
+  if (!first) pp_.isend(dx, (rank_ - 1 + P_) % P_, kBackwardChannel);
+}
+
+double interleaved_forward_loss(InterleavedStages& model, Communicator& pp, const TokenBatch& batch) {
+  const int rank = pp.rank(), P = pp.size(), V = int(model.n_chunks());
+  const Shape shape{batch.ids.numel(), model.stage(0).activation_width()};
+  double loss = 0;
+  for (int c = 0; c < V; ++c) {  // the virtual stages in order: each rank's chunk c waits for the previous rank's
+    const int v = c * P + rank;
+    Tensor input, out;
+    if (v > 0) {
+      input = Tensor::empty(shape, DType::f32);
+      pp.recv(input, (rank - 1 + P) % P);
+    }
+    if (v < P * V - 1) out = Tensor::empty(shape, DType::f32);
+    loss += model.stage(size_t(c)).stage_forward(-1, batch, input, out, 0.0);
+    if (v < P * V - 1) pp.send(out, (rank + 1) % P);
+  }
+  Tensor t = Tensor::empty({1}, DType::f64, Device::cpu);
+  t.data<double>()[0] = loss;  // the last virtual stage's, zeros elsewhere: exact
+  pp.all_reduce(t, ReduceOp::sum);
+  return t.data<double>()[0];
 }
 
 }  // namespace tessera

@@ -6,9 +6,11 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "core/batch.h"
+#include "model/model.h"
 #include "model/param.h"
 #include "optim/optimizer.h"
 #include "parallel/communicator.h"
@@ -62,6 +64,87 @@ class OneFOneB {
   Tensor dy_;      // the next backward's output gradient, received with the forward's send
   double loss_sum_ = 0;
 };
+
+// The pairwise sum over micro-batches [lo, hi) of some gradients (the tree of pairwise_gradients,
+// parallel/data_parallel.h), with the leaves arriving one at a time in order from outside: begin_leaf zeroes the
+// gradients, the caller accumulates one micro-batch into them, end_leaf folds it into the tree. After the last
+// leaf the gradients hold the sum, bitwise what pairwise_gradients leaves.
+class PairwiseAccumulator {
+ public:
+  PairwiseAccumulator(std::vector<Tensor> grads, int64_t lo, int64_t hi);
+  void begin_leaf(int64_t m);
+  void end_leaf();
+
+ private:
+  struct Op {
+    enum Kind { leaf, save, add } kind;
+    int64_t arg;  // leaf: its micro-batch; save/add: the tree depth
+  };
+  void plan(int64_t lo, int64_t hi, size_t depth);
+  std::vector<Tensor> grads_;
+  std::vector<std::vector<Tensor>> saved_;  // per depth: the left subtree's sum
+  std::vector<Op> ops_;
+  size_t next_ = 0;
+};
+
+// A rank's V model chunks of an interleaved pipeline (virtual stages): chunk c is virtual stage c P + rank of
+// P V, a model of its own (set_pipeline_stage on it). As one Model: the chunks' parameters in chunk order.
+class InterleavedStages final : public Model {
+ public:
+  explicit InterleavedStages(std::vector<std::unique_ptr<Model>> chunks);
+  const ModelConfig& config() const override { return chunks_.front()->config(); }
+  ParamList params() override;
+  ParamList buffers() override;
+  void init(uint64_t seed) override;
+  std::vector<Tensor> gradient_accumulators() override;
+  void finish_gradients() override;
+  double forward(const TokenBatch&, Tensor*) override;
+  double forward_backward(const TokenBatch&, double) override;
+  double forward_backward_logits(const TokenBatch&, const LogitsGrad&) override;
+  Model& chunk(size_t c) { return *chunks_[c]; }
+  PipelineStageModel& stage(size_t c) { return dynamic_cast<PipelineStageModel&>(*chunks_[c]); }
+  size_t n_chunks() const { return chunks_.size(); }
+  // The number of parameters of each chunk, in order (the clipping norm sums them virtual stage by virtual stage).
+  std::vector<size_t> chunk_sizes();
+
+ private:
+  std::vector<std::unique_ptr<Model>> chunks_;
+};
+
+// The interleaved 1F1B schedule (Megatron's interleaved schedule) of micro-batches [lo, hi) over the P ranks of
+// `pp`, each holding V chunks: forward k runs chunk (k / P) % V of micro-batch lo + (k / (P V)) P + k % P,
+// backward k the chunk V - 1 - (k / P) % V of the same micro-batch; (P - 1 - rank) 2 + (V - 1) P warm-up forwards,
+// then one forward and one backward in turn, then the remaining backwards. The pipeline bubble shrinks by V against
+// 1F1B for V times the point-to-point traffic. Activations go on from the last rank to the first between chunks.
+// Sends are non-blocking (Communicator::isend), so only receives wait. Each chunk's gradients are summed over the
+// micro-batches in the single-process pairwise tree (PairwiseAccumulator): bitwise the one-process gradients.
+// hi - lo must be a multiple of P.
+class InterleavedOneFOneB {
+ public:
+  InterleavedOneFOneB(InterleavedStages& model, Communicator& pp, const std::vector<TokenBatch>& micro, int64_t lo,
+                      int64_t hi, double loss_scale);
+  // Runs every forward and backward; leaves each chunk's summed gradients in its parameters.
+  void run();
+  double loss_sum() const { return loss_sum_; }  // on the rank holding the last virtual stage; 0 elsewhere
+
+ private:
+  void forward(int64_t k);
+  void backward(int64_t k);
+  Tensor activation() const;
+
+  InterleavedStages& model_;
+  Communicator& pp_;
+  const std::vector<TokenBatch>& micro_;
+  int64_t lo_, n_;
+  double loss_scale_;
+  int rank_, P_, V_;
+  std::vector<PairwiseAccumulator> trees_;  // per chunk
+  double loss_sum_ = 0;
+};
+
+// The held-out loss sum of `batch` through an interleaved pipeline: the virtual stages in order, the last one's
+// loss given to every rank.
+double interleaved_forward_loss(InterleavedStages& model, Communicator& pp, const TokenBatch& batch);
 
 // The held-out loss sum of a forward-only pass of `batch` through the pipeline (every stage calls it): the last
 // stage's loss, given to every stage.

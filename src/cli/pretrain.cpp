@@ -111,6 +111,7 @@ PretrainConfig pretrain_config_from_recipe(Recipe& r) {
   c.parallel.ep = int(r.get_int("parallel.ep", 1, -1, 1 << 20));
   c.zero1 = r.get_bool("parallel.zero1", false);
   c.pp_layers = r.get_int_list("parallel.pp_layers", {}, 1);
+  c.vpp = int(r.get_int("parallel.vpp", 1, 1, 64));
 
   if (c.model.is_v4()) {  // [routing]: anticipatory routing and the loss-spike detector (MoE models only)
     RoutingConfig& a = c.routing;
@@ -164,7 +165,9 @@ EvalResult evaluate_loss(Model& model, const PackedLoader& loader, const Tokeniz
   int64_t count = 0, n_bytes = 0;
   for (int64_t i = 0; i < batches; ++i) {
     TokenBatch b = loader.eval_batch(i * bs, bs);
-    total += pp ? pipeline_forward_loss(dynamic_cast<PipelineStageModel&>(model), *pp, b) : model.forward(b);
+    if (!pp) total += model.forward(b);
+    else if (auto* chunks = dynamic_cast<InterleavedStages*>(&model)) total += interleaved_forward_loss(*chunks, *pp, b);
+    else total += pipeline_forward_loss(dynamic_cast<PipelineStageModel&>(model), *pp, b);
     count += b.count_targets();
     const int32_t* t = b.targets.data<int32_t>();
     for (int64_t k = 0; k < b.targets.numel(); ++k)
@@ -418,16 +421,22 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (cfg.model.n_layers < topo.pp())
       TS_FAIL(recipe.path(), ": parallel.pp (", topo.pp(), ") must not exceed model.n_layers (", cfg.model.n_layers,
               "): each stage holds at least one layer");
+    if (cfg.vpp > 1 && cfg.model.is_v4())
+      TS_FAIL(recipe.path(), ": parallel.vpp = ", cfg.vpp, " does not work with model.arch = \"deepseek_v4\" yet (the ",
+              "trainer keeps V4's statistics and routing for one model, not per chunk)");
+    if (cfg.model.n_layers < topo.pp() * cfg.vpp)
+      TS_FAIL(recipe.path(), ": parallel.pp x parallel.vpp (", topo.pp(), " x ", cfg.vpp,
+              ") must not exceed model.n_layers (", cfg.model.n_layers, "): each virtual stage holds at least one layer");
     if (!cfg.pp_layers.empty()) {
       int64_t total = 0;
       for (int64_t n : cfg.pp_layers) total += n;
-      if (int64_t(cfg.pp_layers.size()) != topo.pp() || total != cfg.model.n_layers)
+      if (int64_t(cfg.pp_layers.size()) != topo.pp() * cfg.vpp || total != cfg.model.n_layers)
         TS_FAIL(recipe.path(), ": parallel.pp_layers has ", cfg.pp_layers.size(), " stage(s) of ", total,
-                " layers in all; it needs parallel.pp (", topo.pp(), ") entries summing to model.n_layers (",
-                cfg.model.n_layers, ")");
+                " layers in all; it needs ", cfg.vpp > 1 ? "parallel.pp x parallel.vpp" : "parallel.pp", " (",
+                topo.pp() * cfg.vpp, ") entries summing to model.n_layers (", cfg.model.n_layers, ")");
     }
-  } else if (!cfg.pp_layers.empty()) {
-    TS_FAIL(recipe.path(), ": parallel.pp_layers is set but parallel.pp = 1");
+  } else if (!cfg.pp_layers.empty() || cfg.vpp > 1) {
+    TS_FAIL(recipe.path(), ": parallel.", cfg.vpp > 1 ? "vpp" : "pp_layers", " is set but parallel.pp = 1");
   }
   if (topo.ep() > 1) {
     auto refuse = [&](const std::string& key, const std::string& why) {
@@ -453,6 +462,10 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (cfg.grad_accum % dp->size() != 0)
       TS_FAIL(recipe.path(), ": training.grad_accum (", cfg.grad_accum, ") must be a multiple of parallel.dp (",
               dp->size(), "): each data-parallel rank trains on grad_accum / dp of the step's micro-batches");
+    if (cfg.vpp > 1 && (cfg.grad_accum / dp->size()) % topo.pp() != 0)
+      TS_FAIL(recipe.path(), ": training.grad_accum / parallel.dp (", cfg.grad_accum / dp->size(),
+              " micro-batches per pipeline) must be a multiple of parallel.pp (", topo.pp(),
+              ") for the interleaved schedule (parallel.vpp = ", cfg.vpp, ")");
   }
   const bool writer = !world || world->rank() == 0;  // only rank 0 writes the run directory
 
@@ -462,7 +475,34 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   PackedLoader train_loader(data.train(), cfg.seq_len, cfg.seed, cfg.document_mask);
   PackedLoader val_loader(data.val(), cfg.seq_len, cfg.seed, cfg.document_mask);
 
-  std::unique_ptr<Model> model_ptr = make_model(cfg.model, DType::f32, cfg.device);
+  // The model: the whole of it, one pipeline stage, or with parallel.vpp > 1 this rank's chunks of an interleaved
+  // pipeline (virtual stages c pp + rank, c < vpp).
+  std::unique_ptr<Model> model_ptr;
+  InterleavedStages* interleaved = nullptr;
+  const int virtual_stages = pp ? pp->size() * cfg.vpp : 1;
+  const std::vector<int64_t> stage_layers =
+      !pp                      ? std::vector<int64_t>{}
+      : cfg.pp_layers.empty() ? balance_pipeline_stages(layer_costs(cfg.model, cfg.seq_len), virtual_stages)
+                              : cfg.pp_layers;
+  if (pp && cfg.vpp > 1) {
+    std::vector<std::unique_ptr<Model>> chunks;
+    std::string held;
+    for (int c = 0; c < cfg.vpp; ++c) {
+      std::unique_ptr<Model> chunk = make_model(cfg.model, DType::f32, cfg.device);
+      auto& stage = dynamic_cast<PipelineStageModel&>(*chunk);
+      stage.set_pipeline_stage(c * pp->size() + pp->rank(), stage_layers);
+      held += cat(c ? " " : "", "[", stage.first_layer(), ", ", stage.end_layer(), ")");
+      chunks.push_back(std::move(chunk));
+    }
+    auto stages = std::make_unique<InterleavedStages>(std::move(chunks));
+    interleaved = stages.get();
+    model_ptr = std::move(stages);
+    log_info(cat("pipeline over ", pp->size(), " stages x ", cfg.vpp, " virtual stages, interleaved 1F1B",
+                 cfg.pp_layers.empty() ? " (balanced by FLOPs)" : "", ": rank ", pp->rank(), " holds layers ", held,
+                 pp->rank() == 0 ? " and the embedding" : "", pp->rank() == pp->size() - 1 ? " and the head" : ""));
+  } else {
+    model_ptr = make_model(cfg.model, DType::f32, cfg.device);
+  }
   backend_for(cfg.device).set_matmul_precision(cfg.bf16_matmuls ? MatmulPrecision::bf16 : MatmulPrecision::fp32);
   Model& model = *model_ptr;
   V4Model* v4 = dynamic_cast<V4Model*>(&model);
@@ -471,11 +511,8 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     log_info(cat("expert parallel over ", ep->size(), " ranks: this rank holds ", cfg.model.n_routed_experts / ep->size(),
                  " of the ", cfg.model.n_routed_experts, " routed experts of each MoE layer"));
   }
-  PipelineStageModel* stage_model = pp ? dynamic_cast<PipelineStageModel*>(&model) : nullptr;
-  if (pp) {
-    const std::vector<int64_t> stage_layers =
-        cfg.pp_layers.empty() ? balance_pipeline_stages(layer_costs(cfg.model, cfg.seq_len), pp->size())
-                              : cfg.pp_layers;
+  PipelineStageModel* stage_model = pp && !interleaved ? dynamic_cast<PipelineStageModel*>(&model) : nullptr;
+  if (stage_model) {
     stage_model->set_pipeline_stage(pp->rank(), stage_layers);
     log_info(cat("pipeline over ", pp->size(), " stages, 1F1B", cfg.pp_layers.empty() ? " (balanced by FLOPs)" : "",
                  ": stage ", pp->rank(), " holds layers [", stage_model->first_layer(), ", ",
@@ -484,7 +521,9 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   }
   if (tp) {
     try {
-      dynamic_cast<DenseModel&>(model).set_tensor_parallel(*tp);
+      if (!interleaved) dynamic_cast<DenseModel&>(model).set_tensor_parallel(*tp);
+      for (size_t c = 0; interleaved && c < interleaved->n_chunks(); ++c)
+        dynamic_cast<DenseModel&>(interleaved->chunk(c)).set_tensor_parallel(*tp);
     } catch (const Error& e) {
       TS_FAIL(recipe.path(), ": ", e.what());
     }
@@ -675,11 +714,17 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
         logit_max[l] = std::max(logit_max[l], st.router_logit_max[l]);
       }
     };
-    if (pp) schedule.emplace(*stage_model, *pp, micro, first, first + per_rank, 1.0 / double(n_targets),
+    if (stage_model) schedule.emplace(*stage_model, *pp, micro, first, first + per_rank, 1.0 / double(n_targets),
                              [&](int64_t) {
                                if (v4) add_v4_stats();
                              });
-    pairwise_gradients(model, first, first + per_rank, grad_stack, [&](int64_t mi) {
+    // The interleaved schedule sums each chunk's gradients in the pairwise tree itself.
+    std::optional<InterleavedOneFOneB> interleaved_schedule;
+    if (interleaved) {
+      interleaved_schedule.emplace(*interleaved, *pp, micro, first, first + per_rank, 1.0 / double(n_targets));
+      interleaved_schedule->run();
+    }
+    if (!interleaved) pairwise_gradients(model, first, first + per_rank, grad_stack, [&](int64_t mi) {
       if (schedule) {
         schedule->run_through_backward(mi);
         return;
@@ -693,13 +738,13 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       if (v4) add_v4_stats();
     });
     qat_scope.reset();  // QAT: master weights back
-    if (schedule) {
+    if (pp) {
       // The losses are the last stage's: every stage gets their sum (the others add zeros: exact). V4: the MTP's
       // sums likewise, the balance loss summed over the stages' layers, the per-layer maxima and the expert loads
       // (each stage's layers, zeros elsewhere) combined.
       Tensor t = Tensor::empty({4}, DType::f64, Device::cpu);
       double* sums = t.data<double>();
-      sums[0] = schedule->loss_sum(), sums[1] = mtp_sum, sums[2] = double(mtp_targets), sums[3] = balance;
+      sums[0] = schedule ? schedule->loss_sum() : interleaved_schedule->loss_sum(), sums[1] = mtp_sum, sums[2] = double(mtp_targets), sums[3] = balance;
       pp->all_reduce(t, ReduceOp::sum);
       loss_sum = sums[0], mtp_sum = sums[1], mtp_targets = int64_t(sums[2]), balance = sums[3];
       if (v4) {
@@ -753,7 +798,8 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (!std::isfinite(loss) && !back_to)
       TS_FAIL("training loss is ", loss, " at step ", step + 1, "; the last checkpoint in ", cfg.run_dir,
               " is intact (lower optimizer.lr or training.grad_clip?)");
-    const double grad_norm = clip_grad_norm(params, cfg.grad_clip, pp);
+    const double grad_norm =
+        clip_grad_norm(params, cfg.grad_clip, pp, interleaved ? interleaved->chunk_sizes() : std::vector<size_t>{});
     std::string moe_metrics, routing_metrics;
     if (v4) {
       // Expert load of this step (max over mean per MoE layer) and the spike instrumentation.

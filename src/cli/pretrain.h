@@ -49,8 +49,10 @@ struct PretrainConfig : RunKeys {
   std::string qat = "off";               // training.qat: "off", "fp8" or "fp4_fp8" (model/qat.h; QAT)
   ParallelConfig parallel;                // [parallel]: dp x tp x pp (+ ep) over the MPI world
   bool zero1 = false;                     // parallel.zero1: shard the optimizer state over the dp ranks
-  // parallel.pp_layers: layers per pipeline stage (empty: balanced by FLOPs, parallel/pipeline_parallel.h).
+  // parallel.pp_layers: layers per pipeline stage, or per virtual stage with vpp > 1 (empty: balanced by FLOPs,
+  // parallel/pipeline_parallel.h).
   std::vector<int64_t> pp_layers;
+  int vpp = 1;  // parallel.vpp: virtual pipeline stages per rank (> 1: the interleaved 1F1B schedule)
   RoutingConfig routing;
   OptimizerConfig optimizer;
   LrSchedule schedule;

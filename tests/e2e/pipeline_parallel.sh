@@ -5,7 +5,9 @@
 # Muon momenta), alone (PP2, 4 micro-batches through 2 stages) and with data parallelism (dp=2 x pp=2, also with the
 # optimizer state sharded over each stage's data-parallel ranks: parallel.zero1). A run
 # stopped at step 10 under PP2 resumes at one process, and the one-process checkpoint resumes at dp=2 x pp=2, each
-# ending bitwise on the uninterrupted run; so does quantisation-aware training. Then the recipe errors.
+# ending bitwise on the uninterrupted run; so does quantisation-aware training. The interleaved schedule
+# (parallel.vpp = 2, a 4-layer model in 4 virtual stages) equals one process bitwise alone and with dp = 2 and
+# zero1, and its checkpoint resumes under plain 1F1B. Then the recipe errors.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 require_h5py
@@ -24,6 +26,26 @@ done
 resume_in_layout pp2-to-1 "$WORK/model.toml" "$WORK/one/$FINAL" "2 parallel.dp=1 parallel.pp=2" "1 parallel.dp=1 parallel.pp=1"
 resume_in_layout 1-to-dp2pp2 "$WORK/model.toml" "$WORK/one/$FINAL" "1 parallel.dp=1 parallel.pp=1" \
   "4 parallel.dp=2 parallel.pp=2"
+
+# Interleaved 1F1B (parallel.vpp = 2) needs 4 layers for 2 x 2 virtual stages: a 4-layer one-process run first.
+SETS+=(model.n_layers=4)
+step "a 4-layer model in one process, for the interleaved schedule"
+"$TESSERA" train "$WORK/model.toml" "${SETS[@]}" job.run_dir="$WORK/one4" 2> "$WORK/one4.log" \
+  || { cat "$WORK/one4.log" >&2; fail "the 4-layer single-process run failed"; }
+for layout in "2 1 false" "4 2 true"; do
+  read -r np dp zero1 <<< "$layout"
+  name="vpp2-dp$dp-zero1-$zero1"
+  train_in_layout "$name" $np "pipeline over 2 stages x 2 virtual stages, interleaved 1F1B (balanced by FLOPs): rank 0 holds layers \[0, 1) \[2, 3) and the embedding" \
+    parallel.dp=$dp parallel.pp=2 parallel.vpp=2 parallel.zero1=$zero1
+  same_metrics "$name" "$WORK/one4" "$WORK/$name" $STEPS send loss val_loss grad_norm
+  "$PY" "$CKPT_EQUAL" "$WORK/one4/$FINAL" "$WORK/$name/$FINAL" || check_failed "$name: final checkpoint differs"
+done
+resume_in_layout vpp2-to-pp2 "$WORK/model.toml" "$WORK/one4/$FINAL" "2 parallel.dp=1 parallel.pp=2 parallel.vpp=2" \
+  "2 parallel.dp=1 parallel.pp=2 parallel.vpp=1"
+expect_fail vpp_micro_batches "training.grad_accum / parallel.dp (3 micro-batches per pipeline) must be a multiple of parallel.pp (2)" -- \
+  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/model.toml" "${SETS[@]}" parallel.dp=1 parallel.pp=2 \
+  parallel.vpp=2 training.grad_accum=3 job.run_dir="$WORK/vpp3"
+SETS=("${SETS[@]:0:${#SETS[@]}-1}")  # back to the 2-layer model
 
 step "quantisation-aware training (training.qat = fp8) at pp=2 equals one process"
 for n in 1 2; do

@@ -60,6 +60,33 @@ void check_partition(const Topology& t, const char* what, int size, Groups (Topo
   }
 }
 
+// Non-blocking sends on channels (MPI): every rank first sends 4 MB to the next rank on channel 1 and then on
+// channel 0 (two blocking sends of that size facing each other round the ring would not complete), then receives
+// channel 0 before channel 1 (the channels are independent), then waits for its sends.
+TEST(Collectives, NonBlockingSendsOnChannels) {
+  COMM_OR_SKIP();
+  if (N < 2) GTEST_SKIP() << "isend needs two ranks";
+  const int next = (R + 1) % N, prev = (R + N - 1) % N;
+  const int64_t n = 1 << 20;
+  auto f = [](int from, int channel, int64_t i) { return float(from * 7 + channel * 1000 + i % 1000); };
+  Tensor a = filled({n}, DType::f32, [&](int64_t i) { return double(f(R, 1, i)); });
+  Tensor b = filled({n}, DType::f32, [&](int64_t i) { return double(f(R, 0, i)); });
+  comm.reset_stats();
+  comm.isend(a, next, 1);
+  comm.isend(b, next, 0);
+  for (int channel : {0, 1}) {
+    Tensor in = filled({n}, DType::f32, [](int64_t) { return 0.0; });
+    comm.recv_on(in, prev, channel);
+    std::vector<double> got = values(in);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < n; ++i) wrong += got[i] != double(f(prev, channel, i));
+    EXPECT_EQ(wrong, 0) << "channel " << channel;
+  }
+  comm.wait_sends();
+  EXPECT_EQ(comm.stats().send.bytes, 8 * n);
+  EXPECT_EQ(comm.stats().recv.bytes, 8 * n);
+}
+
 TEST(Topology, LayoutsOn4And8Ranks) {
   for (const Layout& l : kLayouts) {
     SCOPED_TRACE(cat(l.name, " on ", l.world, " ranks"));

@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "model/dense.h"
 #include "model/v4.h"
+#include "optim/adamw.h"
 #include "parallel/data_parallel.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_parallel.h"
@@ -191,6 +192,63 @@ void check_v4_against_one_process(int stages, int64_t M) {
 
 TEST(PipelineParallel, V4FourStagesSixMicroBatches) { check_v4_against_one_process(4, 6); }
 TEST(PipelineParallel, V4TwoStagesFourMicroBatches) { check_v4_against_one_process(2, 4); }
+
+// The interleaved schedule: V chunks per rank (virtual stages c P + rank of an 8-layer model), the chunks'
+// backwards interleaved; every gradient, the loss, the clipping norm (summed virtual stage by virtual stage) and a
+// forward-only pass bitwise equal to one process.
+void check_interleaved(int stages, int chunks, int64_t M) {
+  ASSERT_TRUE(g_world) << "run under mpirun";
+  std::unique_ptr<Communicator> pp = g_world->split(g_world->rank() / stages, g_world->rank());
+  const ModelConfig cfg = testing::dense_test_config(23, 16, 8, 24, 16);
+  int64_t n_targets = 0;
+  const std::vector<TokenBatch> micro = testing::micro_batches(
+      M, [&](int64_t m) { return testing::random_token_batch(2, 12, cfg.vocab_size, 60 + uint64_t(m)); }, n_targets);
+  const double scale = 1.0 / double(n_targets);
+  DenseModel whole(cfg);
+  whole.init(3);
+  GradientStack stack;
+  double whole_loss = 0;
+  pairwise_gradients(whole, 0, M, stack, [&](int64_t m) { whole_loss += whole.forward_backward(micro[m], scale); });
+
+  std::vector<std::unique_ptr<Model>> parts;
+  const std::vector<int64_t> layers(size_t(stages * chunks), cfg.n_layers / (stages * chunks));
+  for (int c = 0; c < chunks; ++c) {
+    auto part = std::make_unique<DenseModel>(cfg);
+    part->set_pipeline_stage(c * stages + pp->rank(), layers);
+    parts.push_back(std::move(part));
+  }
+  InterleavedStages model(std::move(parts));
+  model.init(3);
+  InterleavedOneFOneB schedule(model, *pp, micro, 0, M, scale);
+  schedule.run();
+  EXPECT_EQ(schedule.loss_sum(), pp->rank() == stages - 1 ? whole_loss : 0.0);
+  expect_stage_gradients(model, whole, pp->rank());
+  EXPECT_EQ(clip_grad_norm(model.params(), 0.0, pp.get(), model.chunk_sizes()), clip_grad_norm(whole.params(), 0.0));
+  EXPECT_EQ(interleaved_forward_loss(model, *pp, micro[0]), whole.forward(micro[0]));
+}
+
+TEST(PipelineParallel, InterleavedTwoStagesTwoChunks) { check_interleaved(2, 2, 4); }
+TEST(PipelineParallel, InterleavedTwoStagesFourChunksTwoMicroBatches) { check_interleaved(2, 4, 2); }
+TEST(PipelineParallel, InterleavedFourStagesTwoChunks) { check_interleaved(4, 2, 8); }
+
+TEST(PipelineParallel, InterleavedNeedsMicroBatchesByStages) {
+  ASSERT_TRUE(g_world) << "run under mpirun";
+  std::unique_ptr<Communicator> pp = g_world->split(g_world->rank() / 2, g_world->rank());
+  const ModelConfig cfg = testing::dense_test_config(23, 16, 4, 24, 16);
+  std::vector<std::unique_ptr<Model>> parts;
+  for (int c = 0; c < 2; ++c) {
+    auto part = std::make_unique<DenseModel>(cfg);
+    part->set_pipeline_stage(c * 2 + pp->rank(), 4);
+    parts.push_back(std::move(part));
+  }
+  InterleavedStages model(std::move(parts));
+  int64_t n = 0;
+  const std::vector<TokenBatch> micro =
+      testing::micro_batches(3, [&](int64_t m) { return testing::random_token_batch(2, 12, 23, uint64_t(m)); }, n);
+  EXPECT_NE(testing::error_of([&] { InterleavedOneFOneB(model, *pp, micro, 0, 3, 1.0); })
+                .find("the micro-batches per data-parallel rank (3) must be a multiple of parallel.pp (2)"),
+            std::string::npos);
+}
 
 TEST(PipelineParallel, MoreStagesThanLayersIsAnError) {
   DenseModel m(four_layers());
