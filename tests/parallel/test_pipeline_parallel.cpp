@@ -40,6 +40,17 @@ void expect_stage_gradients(Model& stage, Model& whole, int rank) {
   }
 }
 
+// The single-process reference: the model initialised from seed 3, its gradients summed over `micro` in the
+// pairwise tree; returns the loss sum.
+double one_process_gradients(DenseModel& whole, const std::vector<TokenBatch>& micro, double scale) {
+  whole.init(3);
+  GradientStack stack;
+  double loss = 0;
+  pairwise_gradients(whole, 0, int64_t(micro.size()), stack,
+                     [&](int64_t m) { loss += whole.forward_backward(micro[size_t(m)], scale); });
+  return loss;
+}
+
 void check_against_one_process(int stages, int64_t M) {
   ASSERT_TRUE(g_world) << "run under mpirun";
   Communicator& world = *g_world;
@@ -52,10 +63,7 @@ void check_against_one_process(int stages, int64_t M) {
   const double scale = 1.0 / double(n_targets);
 
   DenseModel whole(cfg);
-  whole.init(3);
-  GradientStack stack;
-  double whole_loss = 0;
-  pairwise_gradients(whole, 0, M, stack, [&](int64_t m) { whole_loss += whole.forward_backward(micro[m], scale); });
+  const double whole_loss = one_process_gradients(whole, micro, scale);
 
   DenseModel stage(cfg);
   stage.set_pipeline_stage(pp->rank(), pp->size());
@@ -135,9 +143,7 @@ TEST(PipelineParallel, UnevenStages) {
       testing::micro_batches(
           3, [&](int64_t m) { return testing::random_token_batch(2, 12, cfg.vocab_size, 90 + uint64_t(m)); }, n_targets);
   DenseModel whole(cfg);
-  whole.init(3);
-  GradientStack stack;
-  pairwise_gradients(whole, 0, 3, stack, [&](int64_t m) { whole.forward_backward(micro[m], 1.0 / double(n_targets)); });
+  one_process_gradients(whole, micro, 1.0 / double(n_targets));
   DenseModel stage(cfg);
   stage.set_pipeline_stage(pp->rank(), std::vector<int64_t>{3, 1});
   EXPECT_EQ(stage.end_layer() - stage.first_layer(), pp->rank() == 0 ? 3 : 1);
@@ -205,10 +211,7 @@ void check_interleaved(int stages, int chunks, int64_t M) {
       M, [&](int64_t m) { return testing::random_token_batch(2, 12, cfg.vocab_size, 60 + uint64_t(m)); }, n_targets);
   const double scale = 1.0 / double(n_targets);
   DenseModel whole(cfg);
-  whole.init(3);
-  GradientStack stack;
-  double whole_loss = 0;
-  pairwise_gradients(whole, 0, M, stack, [&](int64_t m) { whole_loss += whole.forward_backward(micro[m], scale); });
+  const double whole_loss = one_process_gradients(whole, micro, scale);
 
   std::vector<std::unique_ptr<Model>> parts;
   const std::vector<int64_t> layers(size_t(stages * chunks), cfg.n_layers / (stages * chunks));
