@@ -106,6 +106,7 @@ double Muon::update_scale(const Param& p) const {
 
 void Muon::step(double lr) {
   ++step_;
+  int64_t split_matrices_done = 0;
   for (size_t i = 0; i < params_.size(); ++i) {
     Param* p = params_[i];
     TS_CHECK(p->grad.defined() && p->grad.shape() == p->value.shape() && p->grad.dtype() == p->value.dtype(),
@@ -120,11 +121,21 @@ void Muon::step(double lr) {
       ops::axpy(1.0, p->grad, U);
       ops::axpy(cfg_.momentum, M, U);
     }
-    // A tensor-parallel shard: the whole matrix's update is gathered and orthogonalised (every rank of the shard
-    // group the same), and this rank keeps its slice.
-    Tensor O = p->splits_matrix()
-                   ? p->slice_of(newton_schulz(gather_shard(*p, U), cfg_.ns_schedule, cfg_.bf16_iterations))
-                   : newton_schulz(U, cfg_.ns_schedule, cfg_.bf16_iterations);
+    Tensor O;
+    if (p->splits_matrix()) {
+      // A tensor-parallel shard: the whole matrix's update is gathered, orthogonalised by one rank of the shard
+      // group (round-robin over the split matrices, so the group shares the work), sent to the others, and each
+      // keeps its slice.
+      Communicator& group = *p->shard_group;
+      const Tensor whole = gather_shard(*p, U);
+      const int owner = int(split_matrices_done++ % group.size());
+      Tensor orthogonal = group.rank() == owner ? newton_schulz(whole, cfg_.ns_schedule, cfg_.bf16_iterations)
+                                                : Tensor::empty(whole.shape(), whole.dtype(), whole.device());
+      group.broadcast(orthogonal, owner);
+      O = p->slice_of(orthogonal);
+    } else {
+      O = newton_schulz(U, cfg_.ns_schedule, cfg_.bf16_iterations);
+    }
     if (cfg_.weight_decay != 0.0) ops::scale(p->value, 1.0 - lr * cfg_.weight_decay);
     ops::axpy(-lr * update_scale(*p), O, p->value);
   }

@@ -1,6 +1,8 @@
 // Muon (DeepSeek-V4 Algorithm 1): Nesterov momentum, Newton-Schulz orthogonalisation of the update, an RMS
 // rescaling by update_rms * sqrt(max(n, m)) and decoupled weight decay. Applies to 2-D matrices (n, m) and to
-// expert stacks (E, n, m), which are E independent matrices orthogonalised as one batch.
+// expert stacks (E, n, m), which are E independent matrices orthogonalised as one batch. A tensor-parallel shard
+// (Param::splits_matrix) is orthogonalised as the whole matrix: gathered over its shard group, orthogonalised by one
+// rank of the group in turn (round-robin over the step's split matrices) and broadcast; each rank keeps its slice.
 #pragma once
 #include <array>
 #include <vector>
