@@ -6,32 +6,58 @@
 
 namespace tessera {
 
-static void pairwise(Model& model, const std::vector<Tensor>& grads, int64_t lo, int64_t hi, size_t depth,
-                     GradientStack& stack, const std::function<void(int64_t)>& run) {
+PairwiseAccumulator::PairwiseAccumulator(std::vector<Tensor> grads, int64_t lo, int64_t hi, GradientStack& storage)
+    : grads_(std::move(grads)), saved_(storage) {
+  TS_CHECK(hi > lo, "pairwise gradient sum: empty range [", lo, ", ", hi, ")");
+  plan(lo, hi, 0);
+}
+
+// The steps of the recursion: a node sums its left subtree into the gradients, saves it, sums its right subtree
+// into the gradients (its first leaf zeroes them) and adds the saved left.
+void PairwiseAccumulator::plan(int64_t lo, int64_t hi, size_t depth) {
   if (hi - lo == 1) {
-    model.zero_grad();
-    run(lo);
+    ops_.push_back({Op::leaf, lo});
     return;
   }
   const int64_t mid = (lo + hi) / 2;
-  pairwise(model, grads, lo, mid, depth + 1, stack, run);
-  std::vector<Tensor>& left = stack.levels.at(depth);
-  if (left.size() != grads.size()) {
-    left.clear();
-    for (const Tensor& g : grads) left.push_back(Tensor::empty(g.shape(), g.dtype(), g.device()));
+  plan(lo, mid, depth + 1);
+  ops_.push_back({Op::save, int64_t(depth)});
+  plan(mid, hi, depth + 1);
+  ops_.push_back({Op::add, int64_t(depth)});
+}
+
+void PairwiseAccumulator::begin_leaf(int64_t m) {
+  TS_CHECK(next_ < ops_.size() && ops_[next_].kind == Op::leaf && ops_[next_].arg == m,
+           "pairwise gradient sum: micro-batch ", m, " is not the next leaf");
+  ++next_;
+  for (const Tensor& g : grads_) ops::zero(g);
+}
+
+void PairwiseAccumulator::end_leaf() {
+  while (next_ < ops_.size() && ops_[next_].kind != Op::leaf) {
+    const Op op = ops_[next_++];
+    if (saved_.levels.size() <= size_t(op.arg)) saved_.levels.resize(size_t(op.arg) + 1);
+    std::vector<Tensor>& left = saved_.levels[size_t(op.arg)];
+    if (op.kind == Op::save) {
+      if (left.size() != grads_.size()) {
+        left.clear();
+        for (const Tensor& g : grads_) left.push_back(Tensor::empty(g.shape(), g.dtype(), g.device()));
+      }
+      for (size_t i = 0; i < grads_.size(); ++i) ops::copy(grads_[i], left[i]);
+    } else {
+      for (size_t i = 0; i < grads_.size(); ++i) ops::axpy(1.0, left[i], grads_[i]);  // right + left
+    }
   }
-  for (size_t i = 0; i < grads.size(); ++i) ops::copy(grads[i], left[i]);
-  pairwise(model, grads, mid, hi, depth + 1, stack, run);
-  // levels was sized up front: `left` still refers to it (a right subtree deeper than the left would otherwise
-  // reallocate it under the reference).
-  for (size_t i = 0; i < grads.size(); ++i) ops::axpy(1.0, left[i], grads[i]);  // right + left
 }
 
 void pairwise_gradients(Model& model, int64_t lo, int64_t hi, GradientStack& stack,
                         const std::function<void(int64_t)>& run) {
-  TS_CHECK(hi > lo, "pairwise_gradients: empty range [", lo, ", ", hi, ")");
-  if (stack.levels.size() < 64) stack.levels.resize(64);  // deeper than any tree of int64 leaves
-  pairwise(model, model.gradient_accumulators(), lo, hi, 0, stack, run);
+  PairwiseAccumulator sum(model.gradient_accumulators(), lo, hi, stack);
+  for (int64_t m = lo; m < hi; ++m) {
+    sum.begin_leaf(m);
+    run(m);
+    sum.end_leaf();
+  }
   model.finish_gradients();
 }
 

@@ -23,9 +23,32 @@ class V4Model;
 // update of the whole global batch).
 void all_reduce_expert_load(V4Model& model, Communicator& group);
 
-// Saved partial sums for pairwise_gradients, one set per tree level, reused from step to step.
+// Saved partial sums of a pairwise gradient sum, one set per tree level, reused from step to step.
 struct GradientStack {
   std::vector<std::vector<Tensor>> levels;
+};
+
+// The pairwise sum over micro-batches [lo, hi) of some gradients, with the leaves arriving one at a time in order:
+// begin_leaf(m) zeroes the gradients, the caller accumulates micro-batch m into them, end_leaf folds it into the
+// tree (sum(lo, mid) + sum(mid, hi), mid = (lo + hi) / 2). After the last leaf the gradients hold the sum. The
+// saved partial sums live in `storage` (reused from step to step). Driven from outside so that an interleaved
+// pipeline, whose chunks' backwards interleave, can keep one tree per chunk.
+class PairwiseAccumulator {
+ public:
+  PairwiseAccumulator(std::vector<Tensor> grads, int64_t lo, int64_t hi, GradientStack& storage);
+  void begin_leaf(int64_t m);
+  void end_leaf();
+
+ private:
+  struct Op {
+    enum Kind { leaf, save, add } kind;
+    int64_t arg;  // leaf: its micro-batch; save/add: the tree depth
+  };
+  void plan(int64_t lo, int64_t hi, size_t depth);
+  std::vector<Tensor> grads_;
+  GradientStack& saved_;  // per depth: a left subtree's sum
+  std::vector<Op> ops_;
+  size_t next_ = 0;
 };
 
 // Leaves the pairwise sum of the gradients of micro-batches [lo, hi) in the model's parameter gradients:

@@ -235,49 +235,6 @@ namespace tessera {
 
 // ---- interleaved 1F1B
 
-PairwiseAccumulator::PairwiseAccumulator(std::vector<Tensor> grads, int64_t lo, int64_t hi) : grads_(std::move(grads)) {
-  TS_CHECK(hi > lo, "PairwiseAccumulator: empty range [", lo, ", ", hi, ")");
-  plan(lo, hi, 0);
-}
-
-// The steps of pairwise_gradients' recursion: a node sums its left subtree, saves it, sums its right subtree into
-// the gradients and adds the saved left.
-void PairwiseAccumulator::plan(int64_t lo, int64_t hi, size_t depth) {
-  if (hi - lo == 1) {
-    ops_.push_back({Op::leaf, lo});
-    return;
-  }
-  const int64_t mid = (lo + hi) / 2;
-  plan(lo, mid, depth + 1);
-  ops_.push_back({Op::save, int64_t(depth)});
-  plan(mid, hi, depth + 1);
-  ops_.push_back({Op::add, int64_t(depth)});
-}
-
-void PairwiseAccumulator::begin_leaf(int64_t m) {
-  TS_CHECK(next_ < ops_.size() && ops_[next_].kind == Op::leaf && ops_[next_].arg == m, "PairwiseAccumulator: ",
-           "micro-batch ", m, " is not the next leaf");
-  ++next_;
-  for (const Tensor& g : grads_) ops::zero(g);
-}
-
-void PairwiseAccumulator::end_leaf() {
-  while (next_ < ops_.size() && ops_[next_].kind != Op::leaf) {
-    const Op op = ops_[next_++];
-    if (saved_.size() <= size_t(op.arg)) saved_.resize(size_t(op.arg) + 1);
-    std::vector<Tensor>& left = saved_[size_t(op.arg)];
-    if (op.kind == Op::save) {
-      if (left.size() != grads_.size()) {
-        left.clear();
-        for (const Tensor& g : grads_) left.push_back(Tensor::empty(g.shape(), g.dtype(), g.device()));
-      }
-      for (size_t i = 0; i < grads_.size(); ++i) ops::copy(grads_[i], left[i]);
-    } else {
-      for (size_t i = 0; i < grads_.size(); ++i) ops::axpy(1.0, left[i], grads_[i]);  // right + left
-    }
-  }
-}
-
 InterleavedStages::InterleavedStages(std::vector<std::unique_ptr<Model>> chunks) : chunks_(std::move(chunks)) {
   TS_CHECK(!chunks_.empty(), "InterleavedStages: no chunks");
   for (const auto& c : chunks_)
@@ -347,12 +304,13 @@ InterleavedOneFOneB::InterleavedOneFOneB(InterleavedStages& model, Communicator&
   TS_CHECK(lo < hi && hi <= int64_t(micro.size()), "InterleavedOneFOneB: micro-batches [", lo, ", ", hi, ")");
   TS_CHECK(n_ % P_ == 0, "interleaved 1F1B: the micro-batches per data-parallel rank (", n_,
            ") must be a multiple of parallel.pp (", P_, ")");
+  stacks_.resize(size_t(V_));  // before the trees refer to them
   for (int c = 0; c < V_; ++c) {
     PipelineStageModel& s = model.stage(size_t(c));
     TS_CHECK(s.pipeline_stage() == c * P_ + rank_ && s.pipeline_stages() == P_ * V_, "InterleavedOneFOneB: chunk ",
              c, " is virtual stage ", s.pipeline_stage(), " of ", s.pipeline_stages(), ", expected ", c * P_ + rank_,
              " of ", P_ * V_);
-    trees_.emplace_back(model.chunk(size_t(c)).gradient_accumulators(), lo, hi);
+    trees_.emplace_back(model.chunk(size_t(c)).gradient_accumulators(), lo, hi, stacks_[size_t(c)]);
   }
 }
 

@@ -14,6 +14,7 @@
 #include "model/param.h"
 #include "optim/optimizer.h"
 #include "parallel/communicator.h"
+#include "parallel/data_parallel.h"
 
 namespace tessera {
 
@@ -63,28 +64,6 @@ class OneFOneB {
   Tensor input_;   // the next forward's input, when received ahead (1F1B's send_backward_recv_forward)
   Tensor dy_;      // the next backward's output gradient, received with the forward's send
   double loss_sum_ = 0;
-};
-
-// The pairwise sum over micro-batches [lo, hi) of some gradients (the tree of pairwise_gradients,
-// parallel/data_parallel.h), with the leaves arriving one at a time in order from outside: begin_leaf zeroes the
-// gradients, the caller accumulates one micro-batch into them, end_leaf folds it into the tree. After the last
-// leaf the gradients hold the sum, bitwise what pairwise_gradients leaves.
-class PairwiseAccumulator {
- public:
-  PairwiseAccumulator(std::vector<Tensor> grads, int64_t lo, int64_t hi);
-  void begin_leaf(int64_t m);
-  void end_leaf();
-
- private:
-  struct Op {
-    enum Kind { leaf, save, add } kind;
-    int64_t arg;  // leaf: its micro-batch; save/add: the tree depth
-  };
-  void plan(int64_t lo, int64_t hi, size_t depth);
-  std::vector<Tensor> grads_;
-  std::vector<std::vector<Tensor>> saved_;  // per depth: the left subtree's sum
-  std::vector<Op> ops_;
-  size_t next_ = 0;
 };
 
 // A rank's V model chunks of an interleaved pipeline (virtual stages): chunk c is virtual stage c P + rank of
@@ -138,6 +117,7 @@ class InterleavedOneFOneB {
   int64_t lo_, n_;
   double loss_scale_;
   int rank_, P_, V_;
+  std::vector<GradientStack> stacks_;        // per chunk: its tree's saved partial sums
   std::vector<PairwiseAccumulator> trees_;  // per chunk
   double loss_sum_ = 0;
 };

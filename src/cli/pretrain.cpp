@@ -21,10 +21,10 @@
 #include "model/v4.h"
 #include "ops/ops.h"
 #include "parallel/data_parallel.h"
-#include "parallel/shards.h"
+#include "model/dense.h"
 #include "model/inspect.h"
 #include "parallel/pipeline_parallel.h"
-#include "model/dense.h"
+#include "parallel/shards.h"
 
 namespace tessera {
 namespace fs = std::filesystem;
@@ -398,7 +398,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   if (resuming) cfg.run_dir = opts.resume_dir;
   if (!opts.run_dir.empty()) cfg.run_dir = opts.run_dir;
 
-  // Parallel layout: validated against the world size; data and expert parallelism are what is built so far.
+  // Parallel layout: validated against the world size, and the combinations not built yet refused.
   const int world_size = world ? world->size() : 1;
   const Topology topo = Topology::make(cfg.parallel, world_size);
   if (topo.tp() > 1) {
@@ -723,20 +723,21 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     if (interleaved) {
       interleaved_schedule.emplace(*interleaved, *pp, micro, first, first + per_rank, 1.0 / double(n_targets));
       interleaved_schedule->run();
+    } else {
+      pairwise_gradients(model, first, first + per_rank, grad_stack, [&](int64_t mi) {
+        if (schedule) {
+          schedule->run_through_backward(mi);
+          return;
+        }
+        if (v4) {
+          if (cached) cache.apply(*v4, step, mi);  // indices from the parameters of step - dt
+          else v4->clear_routing_override();
+        }
+        // n_targets counts every micro-batch of the global batch: exact normalisation on every rank.
+        loss_sum += model.forward_backward(micro[mi], 1.0 / double(n_targets));
+        if (v4) add_v4_stats();
+      });
     }
-    if (!interleaved) pairwise_gradients(model, first, first + per_rank, grad_stack, [&](int64_t mi) {
-      if (schedule) {
-        schedule->run_through_backward(mi);
-        return;
-      }
-      if (v4) {
-        if (cached) cache.apply(*v4, step, mi);  // indices from the parameters of step - dt
-        else v4->clear_routing_override();
-      }
-      // n_targets counts every micro-batch of the global batch: exact normalisation on every rank.
-      loss_sum += model.forward_backward(micro[mi], 1.0 / double(n_targets));
-      if (v4) add_v4_stats();
-    });
     qat_scope.reset();  // QAT: master weights back
     if (pp) {
       // The losses are the last stage's: every stage gets their sum (the others add zeros: exact). V4: the MTP's
@@ -744,7 +745,8 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
       // (each stage's layers, zeros elsewhere) combined.
       Tensor t = Tensor::empty({4}, DType::f64, Device::cpu);
       double* sums = t.data<double>();
-      sums[0] = schedule ? schedule->loss_sum() : interleaved_schedule->loss_sum(), sums[1] = mtp_sum, sums[2] = double(mtp_targets), sums[3] = balance;
+      sums[0] = schedule ? schedule->loss_sum() : interleaved_schedule->loss_sum();
+      sums[1] = mtp_sum, sums[2] = double(mtp_targets), sums[3] = balance;
       pp->all_reduce(t, ReduceOp::sum);
       loss_sum = sums[0], mtp_sum = sums[1], mtp_targets = int64_t(sums[2]), balance = sums[3];
       if (v4) {

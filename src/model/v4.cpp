@@ -1210,6 +1210,7 @@ double V4Model::forward_backward_logits(const TokenBatch& batch, const LogitsGra
 double V4Model::stage_forward(int64_t slot, const TokenBatch& batch, const Tensor& input, const Tensor& output,
                               double loss_scale) {
   const double loss = run_forward(batch, loss_scale != 0, loss_scale, input, output, nullptr, nullptr);
+  live_slot_ = -1;                   // the layers now hold this forward's state
   if (loss_scale == 0) return loss;  // no backward: nothing to keep
   TS_CHECK(!parked_.count(slot), "stage_forward: slot ", slot, " is already waiting for its backward");
   // The forward state of the layers is this micro-batch's until the next forward; for a backward after that, the
