@@ -38,6 +38,7 @@ Optimizer::Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator*
     : cfg_(cfg),
       group_(shard_group && shard_group->size() > 1 ? shard_group : nullptr),
       expert_group_(expert_group && expert_group->size() > 1 ? expert_group : nullptr),
+      experts_apart_(expert_group != nullptr),
       adamw_list_(pick(params, cfg, false)),
       muon_list_(pick(params, cfg, true)),
       all_params_(concat(adamw_list_, muon_list_)),
@@ -45,10 +46,11 @@ Optimizer::Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator*
       adamw_(owned(adamw_list_), cfg.adamw),
       muon_(owned(muon_list_), cfg.muon) {}
 
-// Expert shards are replicated over the ranks holding the same experts; tensor-parallel shards, like whole
-// parameters, over the data-parallel group (each tp rank's group owns the same parameters: equal shard sizes).
+// Routed experts given an expert group are replicated over it (the ranks holding the same experts; their state
+// unsharded when it has one rank); tensor-parallel shards, like whole parameters, over the data-parallel group
+// (each tp rank's group owns the same parameters: equal shard sizes).
 Communicator* Optimizer::group_for(const Param* p) const {
-  return p->sharded() && !p->splits_matrix() ? expert_group_ : group_;
+  return p->routed_expert && experts_apart_ ? expert_group_ : group_;
 }
 
 // Owner of each parameter within its group: the least-loaded rank so far (by elements; ties to the lowest rank),

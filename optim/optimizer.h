@@ -28,8 +28,8 @@ class Communicator;
 // (one broadcast per owner). Each parameter's update is the same computation as unsharded: bitwise identical.
 class Optimizer {
  public:
-  // `expert_group`: under expert parallelism with sharding, the group that shards the state of the expert shards
-  // (Param::sharded): the ranks holding the same experts (the expert-data-parallel group).
+  // `expert_group`: with sharding under expert or tensor parallelism, the group that shards the state of the routed
+  // experts (Param::routed_expert): the ranks holding the same experts (the expert-data-parallel group).
   Optimizer(ParamList params, const OptimizerConfig& cfg, Communicator* shard_group = nullptr,
             Communicator* expert_group = nullptr);
   // One update of every parameter at learning rate lr (Muon uses the same lr, as V4's Algorithm 1). Sharded: a
@@ -68,7 +68,8 @@ class Optimizer {
  private:
   OptimizerConfig cfg_;
   Communicator* group_ = nullptr;         // shards the state of replicated parameters
-  Communicator* expert_group_ = nullptr;  // shards the state of expert shards
+  Communicator* expert_group_ = nullptr;  // shards the state of the routed experts
+  bool experts_apart_ = false;            // an expert group was given (even of one rank): experts use it
   ParamList adamw_list_, muon_list_;  // every parameter (the logical groups)
   ParamList all_params_;              // adamw_list_ then muon_list_
   std::vector<int> owner_;            // per parameter of all_params_: its owner's rank in group_for(it)

@@ -49,7 +49,8 @@ std::vector<Optimizer::State> gather_state_shards(const std::vector<Optimizer::S
   std::vector<Optimizer::State> out;
   for (const Optimizer::State& s : state) {
     auto p = by_name.find(s.key.substr(s.key.rfind('/') + 1));
-    out.push_back({s.key, p != by_name.end() ? gather_shard(*p->second, s.tensor) : s.tensor});
+    const bool gather = p != by_name.end() && s.tensor.defined();
+    out.push_back({s.key, gather ? gather_shard(*p->second, s.tensor) : s.tensor});
   }
   return out;
 }

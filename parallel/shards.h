@@ -20,7 +20,10 @@ Tensor gather_shard(const Param& p, const Tensor& local);
 // group calls it with the same list). The gathered Params live in `storage`.
 ParamList gather_shards(const ParamList& params, std::deque<Param>& storage);
 
-// Optimizer state with the entries of sharded parameters (keys RULE/MOMENT/NAME) gathered likewise.
+// Optimizer state with the entries of sharded parameters (keys RULE/MOMENT/NAME) gathered likewise; undefined
+// entries (a sharded optimizer keeps each entry on one rank of its group: Optimizer::gather_state) stay undefined.
+// The ranks of a shard group hold the same entries (they share the data-parallel or expert-data-parallel
+// coordinate that decides where an entry lives), so each gather is entered by the whole group.
 std::vector<Optimizer::State> gather_state_shards(const std::vector<Optimizer::State>& state, const ParamList& params);
 
 }  // namespace tessera

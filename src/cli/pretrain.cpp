@@ -405,8 +405,6 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     auto refuse = [&](const std::string& key, const std::string& why) {
       TS_FAIL(recipe.path(), ": parallel.tp = ", topo.tp(), " does not work with ", key, " yet (", why, ")");
     };
-    if (cfg.model.is_v4())
-      refuse("model.arch = \"deepseek_v4\"", "its compressed attention, indexer and hyper-connections are not split");
     if (cfg.device != Device::cpu) refuse("training.device = cuda", "the MPI communicator moves host tensors");
     if (cfg.qat != "off") refuse("training.qat", "the 128 x 128 quantisation blocks would cut across the shards");
   }
@@ -521,17 +519,28 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   }
   if (tp) {
     try {
-      if (!interleaved) dynamic_cast<DenseModel&>(model).set_tensor_parallel(*tp);
+      if (v4) v4->set_tensor_parallel(*tp);
+      else if (!interleaved) dynamic_cast<DenseModel&>(model).set_tensor_parallel(*tp);
       for (size_t c = 0; interleaved && c < interleaved->n_chunks(); ++c)
         dynamic_cast<DenseModel&>(interleaved->chunk(c)).set_tensor_parallel(*tp);
     } catch (const Error& e) {
       TS_FAIL(recipe.path(), ": ", e.what());
     }
-    log_info(cat("tensor parallel over ", tp->size(), " ranks: this rank holds ", cfg.model.n_heads / tp->size(),
-                 " of the ", cfg.model.n_heads, " attention heads, ", cfg.model.ffn_dim / tp->size(), " of the ",
-                 cfg.model.ffn_dim, " MLP hidden units and ", cfg.model.vocab_size / tp->size(), " of the ",
-                 cfg.model.vocab_size, " vocabulary rows"));
+    const int64_t P = tp->size();
+    const ModelConfig& mc = cfg.model;
+    log_info(v4 ? cat("tensor parallel over ", P, " ranks: this rank holds ", mc.n_heads / P, " of the ", mc.n_heads,
+                      " attention heads, ", mc.index_n_heads / P, " of the ", mc.index_n_heads, " indexer heads, ",
+                      mc.n_shared_experts * mc.moe_inter_dim / P, " of the ", mc.n_shared_experts * mc.moe_inter_dim,
+                      " shared-expert hidden units and ", mc.vocab_size / P, " of the ", mc.vocab_size,
+                      " vocabulary rows; its routed experts compute 1/", P, " of the tokens")
+                : cat("tensor parallel over ", P, " ranks: this rank holds ", mc.n_heads / P, " of the ", mc.n_heads,
+                      " attention heads, ", mc.ffn_dim / P, " of the ", mc.ffn_dim, " MLP hidden units and ",
+                      mc.vocab_size / P, " of the ", mc.vocab_size, " vocabulary rows"));
   }
+  // The routed experts' gradients are summed over the expert-data-parallel group when it differs from the
+  // data-parallel one: under expert parallelism, and under tensor parallelism (each tp rank's experts compute a
+  // slice of the tokens).
+  Communicator* edp = v4 && (ep || tp) ? groups->edp.get() : nullptr;
   ParamList params = model.params(), saved = model.saved_tensors();
   model.init(cfg.seed);
   if (!cfg.init_checkpoint.empty() && !resuming) {
@@ -543,7 +552,7 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   }
   // ZeRO-1: the state of replicated parameters sharded over the data-parallel group, that of expert shards over
   // the ranks holding the same experts.
-  Optimizer opt(params, cfg.optimizer, cfg.zero1 ? dp : nullptr, cfg.zero1 && ep ? groups->edp.get() : nullptr);
+  Optimizer opt(params, cfg.optimizer, cfg.zero1 ? dp : nullptr, cfg.zero1 ? edp : nullptr);
   const qat::Mode qat_mode = qat::parse_mode(cfg.qat);  // QAT (training.qat)
   if (qat_mode != qat::Mode::off) {
     const qat::FakeQuantWeights probe(params, qat_mode);
@@ -574,23 +583,23 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     log_info(cat("data parallel over ", dp->size(), " ranks (", topo.str(), "): ", cfg.grad_accum / dp->size(),
                  " micro-batch(es) of ", cfg.batch_size, " rows per rank and step, gradients summed in buckets"));
   // Gradients summed over the data-parallel group (tensor-parallel shards too: a rank's shard is the same part on
-  // every data-parallel rank); under expert parallelism the experts' over the ranks holding the same experts (the
+  // every data-parallel rank); with `edp` the routed experts' over the ranks holding the same experts (the
   // expert-data-parallel group), their sum over the ep group done by the model.
   ParamList dense_params, expert_params;
-  for (Param* p : params) (p->sharded() && !p->splits_matrix() ? expert_params : dense_params).push_back(p);
+  for (Param* p : params) (edp && p->routed_expert ? expert_params : dense_params).push_back(p);
   std::unique_ptr<GradientBuckets> grad_buckets =
       dp ? std::make_unique<GradientBuckets>(*dp, dense_params) : nullptr;
   // This rank's collectives over all its groups, for the metrics.
   auto comm_stats = [&] {
     CommStats s = dp ? dp->stats() : CommStats{};
     if (ep) s += ep->stats();
-    if (ep && groups->edp->size() > 1) s += groups->edp->stats();
+    if (edp && edp->size() > 1) s += edp->stats();
     if (pp) s += pp->stats();
     if (tp) s += tp->stats();
     return s;
   };
   std::unique_ptr<GradientBuckets> expert_buckets =
-      ep && groups->edp->size() > 1 ? std::make_unique<GradientBuckets>(*groups->edp, expert_params) : nullptr;
+      edp && edp->size() > 1 ? std::make_unique<GradientBuckets>(*edp, expert_params) : nullptr;
   GradientStack grad_stack;
 
   // On a GPU the reference is the H100/H200 dense bf16 peak (989 TFLOP/s); on the CPU the measured fp32 GEMM rate.

@@ -50,19 +50,11 @@ void DenseModel::set_tensor_parallel(Communicator& group) {
   // Megatron's layout: q/k/v, w1/w3 and the vocabulary rows column-parallel (split along dim 0, their outputs),
   // wo and w2 row-parallel (along dim 1, their inputs), so each attention head and each hidden unit of the MLP
   // lives on one rank and a layer needs one all-reduce after attention and one after the MLP.
-  auto shard = [&](Param& p, int dim) {
-    if (!p.value.defined()) return;  // another pipeline stage's
-    Shape s = p.value.shape();
-    p.shard_group = &group, p.shard_dim = dim, p.shard_size = s[dim];
-    s[dim] /= P;
-    p.shard_offset = group.rank() * s[dim];
-    p.value = Tensor::zeros(s, p.value.dtype()), p.grad = Tensor::zeros(s, p.value.dtype());
-  };
-  shard(tok_embeddings_, 0);
-  shard(output_, 0);
+  split_param(tok_embeddings_, 0, group);
+  split_param(output_, 0, group);
   for (Layer& l : layers_) {
-    for (Param* p : {&l.wq, &l.wk, &l.wv, &l.w1, &l.w3}) shard(*p, 0);
-    for (Param* p : {&l.wo, &l.w2}) shard(*p, 1);
+    for (Param* p : {&l.wq, &l.wk, &l.wv, &l.w1, &l.w3}) split_param(*p, 0, group);
+    for (Param* p : {&l.wo, &l.w2}) split_param(*p, 1, group);
   }
   B_ = T_ = 0;
 }

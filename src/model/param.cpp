@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "parallel/communicator.h"
+
 namespace tessera {
 
 const char* param_kind_name(ParamKind k) {
@@ -48,6 +50,18 @@ void copy_along(const Tensor& big, int dim, int64_t offset, const Tensor& small,
     if (into_big) std::memcpy(at, s + o * block, size_t(block));
     else std::memcpy(s + o * block, at, size_t(block));
   }
+}
+
+void split_param(Param& p, int dim, Communicator& group) {
+  if (!p.value.defined()) return;
+  Shape s = p.value.shape();
+  const int64_t P = group.size();
+  TS_CHECK(s[dim] % P == 0, "split_param: ", p.name, " ", p.value.str(), " along dimension ", dim, " over ", P,
+           " ranks");
+  p.shard_group = &group, p.shard_dim = dim, p.shard_size = s[dim];
+  s[dim] /= P;
+  p.shard_offset = group.rank() * s[dim];
+  p.value = Tensor::zeros(s, p.value.dtype()), p.grad = Tensor::zeros(s, p.value.dtype());
 }
 
 Tensor Param::slice_of(const Tensor& logical) const {

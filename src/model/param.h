@@ -28,6 +28,10 @@ struct Param {
   int shard_dim = 0;
   int64_t shard_offset = 0, shard_size = 0;  // shard_size 0: not sharded
   bool sharded() const { return shard_size > 0; }
+  // A routed expert's weights (V4's experts.w1/w2/w3 stacks). Under expert or tensor parallelism each rank computes
+  // them on its own tokens only, so their gradients are summed over the expert-data-parallel group
+  // (parallel/topology.h), the other parameters' over the data-parallel group.
+  bool routed_expert = false;
   // A shard that cuts through matrices (tensor parallelism), so that Muon has to gather it to orthogonalise the
   // whole matrix; expert shards hold whole matrices.
   bool splits_matrix() const { return sharded() && shard_dim >= value.ndim() - 2; }
@@ -40,6 +44,11 @@ using ParamList = std::vector<Param*>;
 
 // A zero-initialised parameter (value and gradient) of the given shape.
 Param make_param(const std::string& name, ParamKind kind, const Shape& shape, DType dtype);
+
+// Makes `p` this rank's part of its logical tensor: an equal part along dimension `dim` for each rank of `group`,
+// in rank order (values zeroed, to be set by init or a checkpoint). Nothing to do for a parameter another pipeline
+// stage holds (undefined value).
+void split_param(Param& p, int dim, Communicator& group);
 
 // Between two contiguous host tensors that agree in every dimension but `dim`: copies `small` into indices
 // [offset, offset + small.size(dim)) along dim of `big` (into_big), or that part of `big` into `small`. What

@@ -6,6 +6,7 @@
 #include <numbers>
 
 #include "core/rng.h"
+#include "model/vocab_parallel.h"
 #include "parallel/communicator.h"
 #include "ops/ops.h"
 #include "ops/v4_ops.h"
@@ -55,6 +56,12 @@ double max_of(const Tensor& device_t, bool abs) {
   return m;
 }
 
+// Sums t over the tensor-parallel group in place (nothing without one): a part each rank computed from its heads,
+// hidden units or tokens becomes the whole, the same on every rank.
+void sum_over(Communicator* tp, const Tensor& t) {
+  if (tp && t.defined()) tp->all_reduce(t);
+}
+
 // Constant tensors of the batch: n ones per token, and the (n, n) zero and identity mixing matrices.
 struct Constants {
   Tensor ones, zeros_nn, eye_nn, zeros_nd;
@@ -72,6 +79,10 @@ struct Context {
   std::vector<Tensor> all_visible;        // per layout: HCA's (B, T, max_visible) indices, built on first use
   Constants k;
   bool backward = false;
+  // Tensor parallelism (V4Model::set_tensor_parallel): the group, and the tokens [tok_begin, tok_end) whose rows
+  // this rank's routed experts compute (all N without it).
+  Communicator* tp = nullptr;
+  int64_t tok_begin = 0, tok_end = 0;
   double loss_scale = 0;   // forward_backward's scale
   double aux_scale = 0;    // gradient multiplier of the per-batch auxiliary losses: loss_scale * N_tgt
   double indexer_kl_sum = 0, balance_loss = 0;
@@ -256,10 +267,14 @@ struct Attention {
     else ops::rope_forward(x, positions, inv_freq, true, x);
   }
 
+  // The heads and output groups this rank holds: all of them, or its part under tensor parallelism.
+  int64_t local_heads() const { return wq_b.value.size(0) / cfg->head_dim; }
+  int64_t local_groups() const { return wo_a.value.size(0); }
+
   Tensor forward(Context& ctx, const Tensor& h_) {
     h = h_;
     const ModelConfig& c = *cfg;
-    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, H = c.n_heads, hd = c.head_dim, g = c.o_groups;
+    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, H = local_heads(), hd = c.head_dim, g = local_groups();
     const DType dt = h.dtype();
     // Low-rank query with a weighted norm on the latent and a weightless norm per head.
     cqa = linear(h, wq_a);
@@ -306,7 +321,9 @@ struct Attention {
     z = Tensor::empty({N, g, c.o_lora_rank}, dt);
     ops::transpose01(z_t, z);
     z = z.reshape({N, g * c.o_lora_rank});
-    return linear(z, wo_b);
+    Tensor y = linear(z, wo_b);
+    sum_over(ctx.tp, y);  // row-parallel wo_b: each rank's groups' part
+    return y;
   }
 
   // HCA: every visible compressed entry, in order. cidx undefined when no query sees any. Built on the host from
@@ -329,7 +346,7 @@ struct Attention {
   // CSA: the lightning indexer's top-k of the visible entries.
   void select_by_indexer(Context& ctx, const BlockLayout& L) {
     const ModelConfig& c = *cfg;
-    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, HI = c.index_n_heads, cI = c.index_head_dim;
+    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, HI = iweights.value.size(0), cI = c.index_head_dim;
     const DType dt = h.dtype();
     qi = linear(cq, iwq_b).reshape({B, T, HI, cI});
     rope(qi, ctx.positions, false);
@@ -340,9 +357,10 @@ struct Attention {
     ops::hadamard(ki, ki);
     if (c.indexer_fp4) ops::fake_quant_fp4(ki, 32, ki);
     iw = linear(h, iweights);
-    ops::scale(iw, 1.0 / std::sqrt(double(cI) * double(HI)));
+    ops::scale(iw, 1.0 / std::sqrt(double(cI) * double(c.index_n_heads)));
     iscores = Tensor::empty({B, T, L.NB}, dt);
     ops::indexer_scores_forward(qi, ki, iw.reshape({B, T, HI}), L.vis_begin, L.vis_end, iscores);
+    sum_over(ctx.tp, iscores);  // a sum over the indexer heads, split over tensor parallelism
     int64_t K = std::min(c.index_topk, L.max_visible);
     if (K == 0) return;
     cidx = Tensor::empty({B, T, K}, DType::i32);
@@ -360,6 +378,7 @@ struct Attention {
     const DType dt = h.dtype();
     Tensor cprob = Tensor::empty({ctx.B, ctx.T, K}, dt);
     ops::sparse_attention_cprob(q, ckv, cidx, lse, 1.0 / std::sqrt(double(cfg->head_dim)), cprob);
+    sum_over(ctx.tp, cprob);  // a sum over the heads
     sel_scores = Tensor::empty({N, K}, DType::f64, Device::cpu);
     sel_target = on_host(cprob).reshape({N, K}).to(DType::f64);
     Tensor is64 = on_host(iscores).to(DType::f64);
@@ -375,7 +394,7 @@ struct Attention {
 
   void indexer_backward(Context& ctx, const BlockLayout& L) {
     const ModelConfig& c = *cfg;
-    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, K = cidx.size(2), NB = L.NB, HI = c.index_n_heads;
+    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, K = cidx.size(2), NB = L.NB, HI = iweights.value.size(0);
     const int64_t cI = c.index_head_dim;
     Tensor dsel = Tensor::empty(sel_scores.shape(), sel_scores.dtype());
     ops::indexer_kl(sel_scores, sel_target, ctx.loss_scale * c.indexer_loss_weight, dsel);
@@ -389,6 +408,7 @@ struct Attention {
     Tensor dqi = Tensor::empty(qi.shape(), qi.dtype()), dki = Tensor::empty(ki.shape(), ki.dtype());
     Tensor dw = Tensor::empty({B, T, HI}, h.dtype());
     ops::indexer_scores_backward(qi, ki, iw.reshape({B, T, HI}), L.vis_begin, L.vis_end, dscores, dqi, dki, dw);
+    sum_over(ctx.tp, dki);  // each rank's indexer heads' part
     // The FP4 simulation passes the gradient straight through; the Hadamard rotation is its own transpose.
     ops::hadamard(dqi, dqi);
     rope(dqi, ctx.positions, true);
@@ -396,14 +416,14 @@ struct Attention {
     ops::hadamard(dki, dki);
     rope(dki.reshape({B, NB, 1, cI}), L.positions, true);
     icomp->backward(h, L, dki, Tensor());  // h detached
-    ops::scale(dw, 1.0 / std::sqrt(double(cI) * double(HI)));
+    ops::scale(dw, 1.0 / std::sqrt(double(cI) * double(c.index_n_heads)));
     ops::gemm(dw.reshape({N, HI}), true, h, false, iweights.grad, 1.0, 1.0);
   }
 
   // dy (N, d) -> dh (N, d), parameter grads.
   Tensor backward(Context& ctx, const Tensor& dy) {
     const ModelConfig& c = *cfg;
-    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, H = c.n_heads, hd = c.head_dim, g = c.o_groups;
+    const int64_t B = ctx.B, T = ctx.T, N = ctx.N, H = local_heads(), hd = c.head_dim, g = local_groups();
     const DType dt = h.dtype();
     Tensor dz = Tensor::empty(z.shape(), dt);
     ops::linear_backward(z, wo_b.value, dy, dz, wo_b.grad);
@@ -419,6 +439,10 @@ struct Attention {
     Tensor dckv = ckv.defined() ? Tensor::empty(ckv.shape(), dt) : Tensor();
     ops::sparse_attention_backward(q, kv.reshape({B, T, hd}), ckv, cidx, sink.value, ctx.batch.doc, c.window,
                                    1.0 / std::sqrt(double(hd)), out, lse, dout, dq, dkv, dckv, sink.grad);
+    // The shared key/value head and the compressed entries serve every head: sum the heads' parts over tensor
+    // parallelism, after which everything below is the same on every rank.
+    sum_over(ctx.tp, dkv);
+    sum_over(ctx.tp, dckv);
     Tensor dh = Tensor::zeros({N, c.dim}, dt);
     if (comp) {
       const BlockLayout& L = ctx.layout(ratio);
@@ -440,6 +464,7 @@ struct Attention {
                           dqraw.reshape({N * H, hd}), Tensor());
     Tensor dcq = Tensor::empty(cq.shape(), dt);
     ops::linear_backward(cq, wq_b.value, dqraw, dcq, wq_b.grad);
+    sum_over(ctx.tp, dcq);  // column-parallel wq_b: each rank's heads' part
     Tensor dcqa = Tensor::empty(cqa.shape(), dt);
     ops::rmsnorm_backward(cqa, q_norm.value, rstd_cq, dcq, dcqa, q_norm.grad);
     linear_backward_acc(h, wq_a.value, dcqa, dh, wq_a.grad);
@@ -493,6 +518,7 @@ struct MoE {
     w1 = make_param(p + "experts.w1", ParamKind::matrix, {E, F, d}, dt);
     w2 = make_param(p + "experts.w2", ParamKind::matrix, {E, d, F}, dt);
     w3 = make_param(p + "experts.w3", ParamKind::matrix, {E, F, d}, dt);
+    w1.routed_expert = w2.routed_expert = w3.routed_expert = true;
     n_local = E;
     if (Fs > 0) {
       sw1 = make_param(p + "shared.w1", ParamKind::matrix, {Fs, d}, dt);
@@ -509,17 +535,10 @@ struct MoE {
     n_local = E / P;
     first_expert = group.rank() * n_local;
     for (Param* w : {&w1, &w2, &w3}) {
+      split_param(*w, 0, group);
       Shape shape = w->value.shape();
-      shape[0] = n_local;
-      const DType dt = w->value.dtype();
-      w->value = Tensor::zeros(shape, dt);
-      w->grad = Tensor::zeros(shape, dt);
-      w->shard_group = &group;
-      w->shard_dim = 0;
-      w->shard_offset = first_expert;
-      w->shard_size = E;
       shape.insert(shape.begin(), P);
-      (w == &w1 ? src_w1 : w == &w2 ? src_w2 : src_w3) = Tensor::zeros(shape, dt);
+      by_source(w) = Tensor::zeros(shape, w->value.dtype());
     }
   }
   // The weight gradients by source rank, folded by V4Model::finish_gradients (undefined without expert parallelism).
@@ -586,20 +605,21 @@ struct MoE {
                                             c.balance_loss_weight, ctx.aux_scale,
                                             ctx.backward ? dscores.reshape({ctx.B, ctx.T, E}) : Tensor());
     // Dispatch: tokens grouped by expert, in token order within an expert (host-side bookkeeping; the row lists
-    // go to the device once).
+    // go to the device once). Under tensor parallelism the tokens are routed on every rank alike, and each rank's
+    // experts compute the rows of its slice [tok_begin, tok_end) of them.
     const int32_t* ix = idx_host.data<int32_t>();
-    offsets.assign(E + 1, 0);
     for (int64_t i = 0; i < N * k; ++i)
+      if (ix[i] >= 0) ++load[ix[i]];
+    const int64_t slot_begin = ctx.tok_begin * k, slot_end = ctx.tok_end * k;
+    offsets.assign(E + 1, 0);
+    for (int64_t i = slot_begin; i < slot_end; ++i)
       if (ix[i] >= 0) ++offsets[ix[i] + 1];
-    for (int64_t e = 0; e < E; ++e) {
-      load[e] += offsets[e + 1];
-      offsets[e + 1] += offsets[e];
-    }
+    for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
     const int64_t M = offsets[E];
     rows = Tensor::empty({M}, DType::i32, Device::cpu);
     slots = Tensor::empty({M}, DType::i32, Device::cpu);
     std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-    for (int64_t i = 0; i < N * k; ++i)
+    for (int64_t i = slot_begin; i < slot_end; ++i)
       if (ix[i] >= 0) {
         int64_t at = fill[ix[i]]++;
         rows.data<int32_t>()[at] = int32_t(i / k);
@@ -681,6 +701,8 @@ struct MoE {
       ops::linear_forward(ss, sw2.value, y);
     }
     ops::scatter_add_rows(ye, rows, wflat.reshape({M}), y);
+    // Tensor parallelism: the shared expert's hidden units and the routed rows of each rank's tokens.
+    sum_over(ctx.tp, y);
     if (preact.defined()) preact_max_abs = std::max(preact_max_abs, max_of(preact, true));
     return y;
   }
@@ -729,6 +751,10 @@ struct MoE {
       ep->all_to_all_v(dxr, recv_counts, dxe, send_counts);
     }
     ops::scatter_add_rows(dxe, rows, Tensor(), dh);
+    // Tensor parallelism: each rank's tokens' gate-weight gradients and its part of dh (shared hidden units, its
+    // tokens' routed rows); the router's backward below then runs alike on every rank.
+    sum_over(ctx.tp, dweights);
+    sum_over(ctx.tp, dh);
     // Router: gate weights, added to the balance loss's gradient from the forward.
     ops::route_weights_backward(scores, idx, dweights.reshape({N, k}), score_func != ops::ScoreFunc::softmax,
                                 c.route_scale, dscores);
@@ -819,10 +845,12 @@ struct Head {
     hn = Block::norm(y, norm, eps, rstd);
     return linear(hn, output);
   }
-  // dlogits -> dX (the output head's weight gradient accumulates).
-  Tensor backward(const Tensor& dlogits, Param& output) {
+  // dlogits -> dX (the output head's weight gradient accumulates). Under tensor parallelism dlogits and the head
+  // are this rank's vocabulary columns and rows, and the parts of dhn are summed over `tp`.
+  Tensor backward(const Tensor& dlogits, Param& output, Communicator* tp) {
     Tensor dhn = Tensor::empty(hn.shape(), hn.dtype());
     ops::linear_backward(hn, output.value, dlogits, dhn, output.grad);
+    sum_over(tp, dhn);
     Tensor dy = Tensor::empty(y.shape(), y.dtype());
     ops::rmsnorm_backward(y, norm.value, rstd, dhn, dy, norm.grad);
     return hc.backward_collapse(dy);
@@ -1087,6 +1115,66 @@ void V4Model::set_expert_parallel(Communicator& group) {
   for (MoE* f : impl_->moes()) f->shard_experts(group);
 }
 
+void V4Model::set_tensor_parallel(Communicator& group) {
+  TS_CHECK(!tp_, "set_tensor_parallel: already set");
+  TS_CHECK(device_ == Device::cpu, "tensor parallelism runs on host tensors; the model is on ", device_name(device_));
+  const ModelConfig& c = cfg_;
+  const int64_t P = group.size();
+  bool has_csa = false;
+  for (int64_t l = 0; l < c.n_layers; ++l) has_csa |= c.layer_ratio(l) > 0 && c.layer_ratio(l) == c.csa_ratio;
+  for (auto [key, n] : {std::pair{"n_heads", c.n_heads}, std::pair{"o_groups", c.o_groups},
+                        std::pair{"index_n_heads", has_csa ? c.index_n_heads : P},
+                        std::pair{"n_shared_experts x moe_inter_dim", c.n_shared_experts * c.moe_inter_dim},
+                        std::pair{"vocab_size", c.vocab_size}})
+    if (n % P != 0)
+      TS_FAIL("tensor parallelism: model.", key, " (", n, ") must be a multiple of parallel.tp (", P,
+              "): each tp rank holds an equal part");
+  tp_ = &group;
+  v0_ = group.rank() * (c.vocab_size / P);
+  Impl& m = *impl_;
+  split_param(m.tok_embeddings, 0, group);
+  split_param(m.output, 0, group);
+  // Column-parallel (rows: outputs) for wq_b, the sinks, the indexer's query and weights and the shared expert's
+  // w1 / w3; wo_a by whole output groups; row-parallel (columns: inputs) for wo_b and the shared w2.
+  auto split_block = [&](Block& b) {
+    Attention& a = b.attn;
+    for (Param* p : {&a.wq_b, &a.sink, &a.wo_a}) split_param(*p, 0, group);
+    split_param(a.wo_b, 1, group);
+    if (a.csa)
+      for (Param* p : {&a.iwq_b, &a.iweights}) split_param(*p, 0, group);
+    MoE& f = b.ffn;
+    if (f.has_shared()) {
+      for (Param* p : {&f.sw1, &f.sw3}) split_param(*p, 0, group);
+      split_param(f.sw2, 1, group);
+    }
+  };
+  for (Block& b : m.layers) split_block(b);
+  if (m.mtp_block) split_block(*m.mtp_block);
+}
+
+void V4Model::embed(const Tensor& ids, const Tensor& out) {
+  if (tp_) vocab_parallel_embedding_forward(ids, impl_->tok_embeddings.value, v0_, out, *tp_);
+  else ops::embedding_forward(ids, impl_->tok_embeddings.value, out);
+}
+
+void V4Model::embed_backward(const Tensor& ids, const Tensor& dout) {
+  if (tp_) vocab_parallel_embedding_backward(ids, dout, v0_, impl_->tok_embeddings.grad);
+  else ops::embedding_backward(ids, dout, impl_->tok_embeddings.grad);
+}
+
+void V4Model::cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor& losses, double loss_scale,
+                            const Tensor& dlogits) {
+  if (tp_) vocab_parallel_cross_entropy(logits, targets, v0_, *tp_, losses, loss_scale, dlogits);
+  else ops::cross_entropy(logits, targets, losses, loss_scale, dlogits);
+}
+
+void V4Model::max_over_tp(std::vector<double>& v) {
+  Tensor t = Tensor::empty({int64_t(v.size())}, DType::f64, Device::cpu);
+  std::copy(v.begin(), v.end(), t.data<double>());
+  tp_->all_reduce(t, ReduceOp::max);
+  std::copy(t.data<double>(), t.data<double>() + v.size(), v.begin());
+}
+
 std::vector<Tensor> V4Model::gradient_accumulators() {
   std::vector<Tensor> out;
   std::vector<MoE*> moes = impl_->moes();
@@ -1188,6 +1276,7 @@ std::vector<Tensor> V4Model::routing_lookahead(const TokenBatch& batch) {
 
 double V4Model::forward(const TokenBatch& batch, Tensor* logits) {
   TS_CHECK(n_stages_ == 1, "V4Model::forward: a pipeline stage runs stage_forward");
+  TS_CHECK(!logits || !tp_, "V4Model::forward: under tensor parallelism each rank holds a part of the logits");
   return run_forward(batch, false, 0.0, Tensor(), Tensor(), logits, nullptr);
 }
 
@@ -1199,7 +1288,7 @@ double V4Model::forward_backward(const TokenBatch& batch, double loss_scale) {
 }
 
 double V4Model::forward_backward_logits(const TokenBatch& batch, const LogitsGrad& loss_grad) {
-  TS_CHECK(n_stages_ == 1, "V4Model::forward_backward_logits: not with pipeline parallelism");
+  TS_CHECK(n_stages_ == 1 && !tp_, "V4Model::forward_backward_logits: not with pipeline or tensor parallelism");
   // loss_scale 0: the auxiliary losses (MTP, balance, indexer KL) get no gradient; the caller's loss replaces the
   // cross-entropy's gradient.
   const double loss = run_forward(batch, true, 0.0, Tensor(), Tensor(), nullptr, &loss_grad);
@@ -1262,6 +1351,9 @@ double V4Model::run_forward(const TokenBatch& any_batch, bool backward, double l
   const TokenBatch& batch = ctx.batch;
   const TokenBatch& host_batch = ctx.host_batch;
   ctx.B = B, ctx.T = T, ctx.N = N;
+  ctx.tp = tp_;
+  ctx.tok_begin = tp_ ? tp_->rank() * N / tp_->size() : 0;
+  ctx.tok_end = tp_ ? (tp_->rank() + 1) * N / tp_->size() : N;
   ctx.backward = backward;
   ctx.loss_scale = loss_scale;
   Tensor positions = Tensor::empty({N}, DType::i32, Device::cpu);
@@ -1307,13 +1399,13 @@ double V4Model::run_forward(const TokenBatch& any_batch, bool backward, double l
   Tensor X;
   if (m.first_stage) {  // the embedding, copied into the n streams
     m.emb = Tensor::empty({N, d}, dt);
-    ops::embedding_forward(batch.ids.reshape({N}), m.tok_embeddings.value, m.emb);
+    embed(batch.ids.reshape({N}), m.emb);
     m.X0 = Tensor::empty({N, n, d}, dt);
     ops::hc_expand_forward(ctx.k.zeros_nd, m.emb, ctx.k.ones, ctx.k.zeros_nn, m.X0);
     X = m.X0;
     if (mtp) {
       m.e_raw = Tensor::empty({N, d}, dt);
-      ops::embedding_forward(m.mtp_ids, m.tok_embeddings.value, m.e_raw);
+      embed(m.mtp_ids, m.e_raw);
     }
   } else {
     auto [x_in, e_in] = boundary_parts(input, N, n, d, mtp);
@@ -1338,6 +1430,7 @@ double V4Model::run_forward(const TokenBatch& any_batch, bool backward, double l
   stats_.indexer_kl_sum = ctx.indexer_kl_sum;
   m.ran = true;
   if (!m.last_stage) {
+    if (tp_) max_over_tp(stats_.swiglu_input_max_abs);
     if (output.defined()) {
       auto [x_out, e_out] = boundary_parts(output, N, n, d, mtp);
       ops::copy(X, x_out);
@@ -1350,7 +1443,7 @@ double V4Model::run_forward(const TokenBatch& any_batch, bool backward, double l
   Tensor targets = batch.targets.reshape({N});
   // With backward, one fused call gives the losses and their gradient (the logits are not needed afterwards).
   m.dlogits = backward ? Tensor::empty(m.logits.shape(), dt) : Tensor();
-  ops::cross_entropy(m.logits, targets, m.losses, loss_scale, loss_grad ? Tensor() : m.dlogits);
+  cross_entropy(m.logits, targets, m.losses, loss_scale, loss_grad ? Tensor() : m.dlogits);
   if (loss_grad) (*loss_grad)(m.logits, m.dlogits);
   stats_.main_loss_sum = sum_of(m.losses);
   stats_.main_targets = n_targets;
@@ -1373,12 +1466,13 @@ double V4Model::run_forward(const TokenBatch& any_batch, bool backward, double l
     m.mtp_logits = m.mtp_head->forward(Xo, m.output);
     m.mtp_losses = Tensor::empty({N}, dt);
     m.mtp_dlogits = backward ? Tensor::empty(m.mtp_logits.shape(), dt) : Tensor();
-    ops::cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, loss_scale * c.mtp_loss_weight, m.mtp_dlogits);
+    cross_entropy(m.mtp_logits, m.mtp_targets, m.mtp_losses, loss_scale * c.mtp_loss_weight, m.mtp_dlogits);
     stats_.mtp_loss_sum = sum_of(m.mtp_losses);
     record(n_moe - 1, m.mtp_block->ffn);
   }
   stats_.balance_loss = ctx.balance_loss;
   stats_.indexer_kl_sum = ctx.indexer_kl_sum;
+  if (tp_) max_over_tp(stats_.swiglu_input_max_abs);
   stats_.objective = (n_targets > 0 ? (stats_.main_loss_sum + c.mtp_loss_weight * stats_.mtp_loss_sum +
                                        c.indexer_loss_weight * stats_.indexer_kl_sum) /
                                           double(n_targets)
@@ -1404,11 +1498,11 @@ void V4Model::run_backward(const Tensor& grad_output, const Tensor& grad_input) 
     de = de_out;
   } else {
   const Tensor& X = m.X_final;
-  Tensor dXf = m.head->backward(m.dlogits, m.output);
+  Tensor dXf = m.head->backward(m.dlogits, m.output, ctx.tp);
   ops::axpy(1.0, dXf, dX);
   if (mtp) {
     const Tensor& dml = m.mtp_dlogits;
-    Tensor dXo = m.mtp_head->backward(dml, m.output);
+    Tensor dXo = m.mtp_head->backward(dml, m.output, ctx.tp);
     Tensor dXm = m.mtp_block->backward(ctx, dXo);
     // X_k = e_proj e + h_proj rmsnorm(X_main,k).
     Tensor dep = Tensor::empty({N, d}, dt);
@@ -1433,10 +1527,10 @@ void V4Model::run_backward(const Tensor& grad_output, const Tensor& grad_input) 
   }
   // The embedding's gradient: the MTP's rows first, then the input tokens' (the n copies of the embedding), the
   // order of one process.
-  if (mtp) ops::embedding_backward(m.mtp_ids, de, m.tok_embeddings.grad);
+  if (mtp) embed_backward(m.mtp_ids, de);
   Tensor demb = Tensor::empty({N, d}, dt);
   ops::hc_collapse_forward(dX, ctx.k.ones, demb);
-  ops::embedding_backward(ctx.batch.ids.reshape({N}), demb, m.tok_embeddings.grad);
+  embed_backward(ctx.batch.ids.reshape({N}), demb);
 }
 
 // ------------------------------------------------------------------------------------------------ anticipatory routing

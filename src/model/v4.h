@@ -52,6 +52,17 @@ class V4Model final : public Model, public PipelineStageModel {
   // apart and keeps a weight gradient per source (gradient_accumulators), which finish_gradients sums in the
   // data-parallel tree: the result of one process (docs/parallelism.md "Expert parallelism").
   void set_expert_parallel(Communicator& group);
+  // Tensor parallelism over `group` (kept by reference; host tensors; call before init or loading weights;
+  // docs/parallelism.md "Tensor parallelism of the V4 model"): each rank holds n_heads / P query heads (wq_b rows,
+  // sinks) with their output groups (wo_a, and wo_b's columns: one all-reduce after attention), index_n_heads / P
+  // indexer heads (the scores summed over the group before the top-k), a 1 / P part of the shared expert's hidden
+  // units and of the vocabulary (embedding and head rows; vocab-parallel cross-entropy for the main and MTP heads).
+  // The hyper-connections, norms, the low-rank query, the shared key/value head, the compressors, the router and the
+  // MTP projections are replicated. The routed experts compute the rows of a 1 / P slice of the tokens on each rank
+  // (their gradients summed over the expert-data-parallel group, which holds the tensor-parallel ranks); the MoE's
+  // output is one all-reduce, with the shared expert's. Every rank of the group must run the same calls.
+  void set_tensor_parallel(Communicator& group);
+  Communicator* tensor_parallel() const { return tp_; }
   // Pipeline parallelism (PipelineStageModel; docs/parallelism.md "Pipeline parallelism"): the embedding on the first
   // stage, the head and the MTP module on the last. The stages exchange the n residual streams and, with MTP, the
   // embedding rows of the next tokens (width hc_mult * dim + dim), whose gradient comes back to the embedding. A
@@ -127,6 +138,13 @@ class V4Model final : public Model, public PipelineStageModel {
   // embedding on the first stage, else grad_input.
   void run_backward(const Tensor& grad_output, const Tensor& grad_input);
 
+  // The embedding lookup, its backward and the cross-entropy: vocab-parallel under tensor parallelism.
+  void embed(const Tensor& ids, const Tensor& out);
+  void embed_backward(const Tensor& ids, const Tensor& dout);
+  void cross_entropy(const Tensor& logits, const Tensor& targets, const Tensor& losses, double loss_scale,
+                     const Tensor& dlogits);
+  void max_over_tp(std::vector<double>& v);
+
   ModelConfig cfg_;
   DType dtype_;
   Device device_;
@@ -134,6 +152,8 @@ class V4Model final : public Model, public PipelineStageModel {
   Stats stats_;
   std::vector<std::vector<int64_t>> expert_load_;
   Communicator* ep_ = nullptr;
+  Communicator* tp_ = nullptr;
+  int64_t v0_ = 0;  // the first vocabulary row this rank holds (tensor parallelism)
   int stage_ = 0, n_stages_ = 1;
   struct Parked {
     Tensor input;  // the stage's input (undefined on the first stage)

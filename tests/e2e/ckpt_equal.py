@@ -1,7 +1,9 @@
-"""ckpt_equal.py A.h5 B.h5 [--rtol R]: exit 0 when the two Tessera checkpoints hold bitwise identical model/* and
+"""ckpt_equal.py A.h5 B.h5 [--rtol R [--rtol-for REGEX R2]...]: exit 0 when the two Tessera checkpoints hold bitwise identical model/* and
 optim/* datasets (same names, dtypes, shapes and bytes) and the same step, seed, optimizer step count and data
 fingerprint; otherwise print each difference and exit 1. With --rtol R, float datasets may differ by at most
-R * max|B| (per dataset: max |A - B| / max |B|), as runs whose sums are ordered differently do (parallel layouts)."""
+R * max|B| (per dataset: max |A - B| / max |B|), as runs whose sums are ordered differently do (parallel layouts);
+datasets whose name matches REGEX (re.search) by R2 instead (the first match)."""
+import re
 import sys
 
 import h5py
@@ -19,9 +21,10 @@ def datasets(f):
     return out
 
 
-def main(a_path, b_path, rtol=None):
+def main(a_path, b_path, rtol=None, rtol_for=()):
     diffs = []
     worst = [0.0]
+    worst_for = {}  # REGEX -> the worst relative difference among the datasets it applies to
     with h5py.File(a_path, "r") as fa, h5py.File(b_path, "r") as fb:
         a, b = datasets(fa), datasets(fb)
         if not any(n.startswith("model/") for n in a) or not any(n.startswith("optim/") for n in a):
@@ -37,9 +40,14 @@ def main(a_path, b_path, rtol=None):
                 x64, y64 = x.astype(np.float64), y.astype(np.float64)
                 scale = max(float(np.max(np.abs(y64))) if y64.size else 0.0, 1e-30)
                 rel = float(np.max(np.abs(x64 - y64))) / scale if x64.size else 0.0
-                worst[0] = max(worst[0], rel)
-                if not rel <= rtol:
-                    diffs.append(f"{name}: max |diff| / max |B| = {rel:.3g} > {rtol:g}")
+                group = next((pattern for pattern, _ in rtol_for if re.search(pattern, name)), None)
+                limit = dict(rtol_for).get(group, rtol)
+                if group is None:
+                    worst[0] = max(worst[0], rel)
+                else:
+                    worst_for[group] = max(worst_for.get(group, 0.0), rel)
+                if not rel <= limit:
+                    diffs.append(f"{name}: max |diff| / max |B| = {rel:.3g} > {limit:g}")
             elif not np.array_equal(x, y) or x.tobytes() != y.tobytes():
                 n = int(np.count_nonzero(x.view(np.uint8) != y.view(np.uint8)))
                 diffs.append(f"{name}: {n} differing bytes (max |diff| {np.max(np.abs(x - y)):.3g})")
@@ -48,7 +56,8 @@ def main(a_path, b_path, rtol=None):
             if va is None or vb is None or va != vb:
                 diffs.append(f"attribute {key}: {va} vs {vb}")
         print(f"compared {len(a)} datasets of {a_path} and {b_path}" +
-              (f"; worst relative difference {worst[0]:.3g} (limit {rtol:g})" if rtol is not None else ""))
+              (f"; worst relative difference {worst[0]:.3g} (limit {rtol:g})" if rtol is not None else "") +
+              "".join(f"; {pattern}: worst {worst_for.get(pattern, 0.0):.3g} (limit {r:g})" for pattern, r in rtol_for))
     for d in diffs:
         print("  differs:", d)
     return 1 if diffs else 0
@@ -56,10 +65,15 @@ def main(a_path, b_path, rtol=None):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    rtol = None
-    if len(args) == 4 and args[2] == "--rtol":
-        rtol = float(args[3])
-        args = args[:2]
+    rtol, rtol_for = None, []
+    while len(args) > 2:
+        if args[2] == "--rtol" and len(args) >= 4:
+            rtol, args = float(args[3]), args[:2] + args[4:]
+        elif args[2] == "--rtol-for" and len(args) >= 5 and rtol is not None:
+            rtol_for.append((args[3], float(args[4])))
+            args = args[:2] + args[5:]
+        else:
+            sys.exit(__doc__)
     if len(args) != 2:
         sys.exit(__doc__)
-    sys.exit(main(args[0], args[1], rtol))
+    sys.exit(main(args[0], args[1], rtol, rtol_for))

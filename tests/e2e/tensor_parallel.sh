@@ -33,8 +33,4 @@ expect_fail indivisible_kv_heads "model.toml: tensor parallelism: model.n_kv_hea
 expect_fail tp_qat "parallel.tp = 2 does not work with training.qat yet" -- \
   mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/model.toml" --set parallel.dp=1 parallel.tp=2 \
   training.qat=fp8 job.run_dir="$WORK/tpqat"
-TINY="$REPO/recipes/models/v4-tiny.toml" write_recipe "$WORK/v4.toml" "$WORK/corpus.txt" "$WORK/unused"
-expect_fail v4_tp "parallel.tp = 2 does not work with model.arch = \"deepseek_v4\" yet" -- \
-  mpirun --oversubscribe -np 2 "$TESSERA" train "$WORK/v4.toml" --set parallel.dp=1 parallel.tp=2 \
-  job.run_dir="$WORK/v4tp"
 finish
