@@ -12,12 +12,9 @@
 
 #include "core/error.h"
 #include "model/dense.h"
-#include "optim/adamw.h"
-#include "optim/muon.h"
-#include "parallel/data_parallel.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_parallel.h"
-#include "tests/unit/test_util.h"
+#include "tests/parallel/shard_checks.h"
 
 namespace tessera {
 Communicator* g_world = nullptr;
@@ -29,18 +26,6 @@ ModelConfig config() {
   return c;
 }
 
-// max |got - want| over the tensor, relative to max |want|.
-double relative_error(const Tensor& got, const Tensor& want) {
-  std::vector<double> g = testing::values_of(got), w = testing::values_of(want);
-  EXPECT_EQ(g.size(), w.size());
-  double diff = 0, scale = 0;
-  for (size_t k = 0; k < g.size() && k < w.size(); ++k) {
-    diff = std::max(diff, std::abs(g[k] - w[k]));
-    scale = std::max(scale, std::abs(w[k]));
-  }
-  return scale > 0 ? diff / scale : diff;
-}
-
 // The whole model's gradients of loss/targets over `micro`, and the loss sum.
 double whole_model_gradients(DenseModel& whole, const std::vector<TokenBatch>& micro, double scale) {
   whole.init(3);
@@ -50,12 +35,11 @@ double whole_model_gradients(DenseModel& whole, const std::vector<TokenBatch>& m
 }
 
 void expect_shard_gradients(DenseModel& part, DenseModel& whole, const std::string& where) {
-  std::map<std::string, Param*> ref;
-  for (Param* p : whole.params()) ref[p->name] = p;
+  const std::map<std::string, Param*> ref = testing::by_name(whole.params());
   int sharded = 0;
   for (Param* p : part.params()) {
     sharded += p->sharded();
-    EXPECT_LT(relative_error(p->grad, p->slice_of(ref.at(p->name)->grad)), 1e-5) << p->name << " " << where;
+    EXPECT_LT(testing::relative_error(p->grad, p->slice_of(ref.at(p->name)->grad)), 1e-5) << p->name << " " << where;
   }
   EXPECT_GT(sharded, 0);
 }
@@ -76,32 +60,16 @@ void check_tensor_parallel(int tp_size) {
   DenseModel part(cfg);
   part.set_tensor_parallel(*tp);
   part.init(3);
-  std::map<std::string, Param*> ref;
-  for (Param* p : whole.params()) ref[p->name] = p;
+  const std::map<std::string, Param*> ref = testing::by_name(whole.params());
   for (Param* p : part.params())  // init draws the whole tensor and keeps this rank's part
-    EXPECT_EQ(relative_error(p->value, p->slice_of(ref.at(p->name)->value)), 0.0) << p->name;
+    EXPECT_EQ(testing::relative_error(p->value, p->slice_of(ref.at(p->name)->value)), 0.0) << p->name;
   double loss = 0;
   for (const TokenBatch& b : micro) loss += part.forward_backward(b, scale);
   EXPECT_NEAR(loss, whole_loss, 1e-5 * std::abs(whole_loss));
   EXPECT_NEAR(part.forward(micro[0]), whole.forward(micro[0]), 1e-5 * std::abs(whole_loss));
   expect_shard_gradients(part, whole, "at tp " + std::to_string(tp_size));
 
-  // The clipping norm of the shards is the whole model's.
-  const double whole_norm = clip_grad_norm(whole.params(), 0.0), part_norm = clip_grad_norm(part.params(), 0.0);
-  EXPECT_NEAR(part_norm, whole_norm, 1e-6 * whole_norm);
-
-  // Muon on the shards: each rank's part of the whole matrices' update (the gradients set equal first, so that the
-  // comparison is of Muon alone).
-  ParamList whole_matrices, part_matrices;
-  for (Param* p : part.params())
-    if (p->kind == ParamKind::matrix) {
-      p->grad.copy_from(p->slice_of(ref.at(p->name)->grad));
-      part_matrices.push_back(p), whole_matrices.push_back(ref.at(p->name));
-    }
-  Muon whole_muon(whole_matrices, MuonConfig{}), part_muon(part_matrices, MuonConfig{});
-  for (int step = 0; step < 2; ++step) whole_muon.step(0.01), part_muon.step(0.01);
-  for (Param* p : part_matrices)
-    EXPECT_LT(relative_error(p->value, p->slice_of(ref.at(p->name)->value)), 1e-5) << p->name << " after Muon";
+  testing::expect_clipping_and_muon_on_parts(part.params(), whole.params(), 1e-5, "");
 }
 
 TEST(TensorParallel, TwoRanks) { check_tensor_parallel(2); }

@@ -13,10 +13,9 @@
 #include <memory>
 
 #include "core/error.h"
-#include "optim/muon.h"
-#include "parallel/data_parallel.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_parallel.h"
+#include "tests/parallel/shard_checks.h"
 #include "tests/unit/v4_test_model.h"
 
 namespace tessera {
@@ -34,26 +33,9 @@ ModelConfig config() {
   return c;
 }
 
-double relative_error(const Tensor& got, const Tensor& want) {
-  std::vector<double> g = testing::values_of(got), w = testing::values_of(want);
-  EXPECT_EQ(g.size(), w.size());
-  double diff = 0, scale = 0;
-  for (size_t k = 0; k < g.size() && k < w.size(); ++k) {
-    diff = std::max(diff, std::abs(g[k] - w[k]));
-    scale = std::max(scale, std::abs(w[k]));
-  }
-  return scale > 0 ? diff / scale : diff;
-}
-
-std::map<std::string, Param*> by_name(const ParamList& ps) {
-  std::map<std::string, Param*> out;
-  for (Param* p : ps) out[p->name] = p;
-  return out;
-}
-
 // The reference's values (parameters and buffers) in the split model: each rank its part.
 void copy_values(V4Model& from, V4Model& to) {
-  std::map<std::string, Param*> ref = by_name(from.saved_tensors());
+  std::map<std::string, Param*> ref = testing::by_name(from.saved_tensors());
   for (Param* p : to.saved_tensors()) p->value.copy_from(p->slice_of(ref.at(p->name)->value));
 }
 
@@ -105,12 +87,12 @@ void expect_same_run(const TrainedRun& got, const TrainedRun& want, const std::s
 // `expert_sum` (the ranks that computed other tokens for the same experts), when given.
 void expect_shard_gradients(V4Model& part, V4Model& whole, Communicator* expert_sum, double tolerance,
                             const std::string& where) {
-  std::map<std::string, Param*> ref = by_name(whole.params());
+  std::map<std::string, Param*> ref = testing::by_name(whole.params());
   int split = 0;
   for (Param* p : part.params()) {
     split += p->sharded();
     if (p->routed_expert && expert_sum) expert_sum->all_reduce(p->grad);
-    EXPECT_LT(relative_error(p->grad, p->slice_of(ref.at(p->name)->grad)), tolerance) << p->name << where;
+    EXPECT_LT(testing::relative_error(p->grad, p->slice_of(ref.at(p->name)->grad)), tolerance) << p->name << where;
   }
   EXPECT_GT(split, 0);
 }
@@ -141,21 +123,7 @@ void check_tensor_parallel(int tp_size, bool with_ep) {
   // Evaluation (no backward) agrees too.
   EXPECT_NEAR(part.forward(micro[0]), whole.forward(micro[0]), 1e-9 * std::abs(want.losses[0])) << where;
 
-  // The clipping norm of the parts is the whole model's; Muon on the parts gives each rank's part of the whole
-  // matrices' update (the gradients set equal first, so that the comparison is of Muon alone).
-  const double whole_norm = clip_grad_norm(whole.params(), 0.0), part_norm = clip_grad_norm(part.params(), 0.0);
-  EXPECT_NEAR(part_norm, whole_norm, 1e-9 * whole_norm) << where;
-  std::map<std::string, Param*> ref = by_name(whole.params());
-  ParamList whole_matrices, part_matrices;
-  for (Param* p : part.params())
-    if (p->kind == ParamKind::matrix) {
-      p->grad.copy_from(p->slice_of(ref.at(p->name)->grad));
-      part_matrices.push_back(p), whole_matrices.push_back(ref.at(p->name));
-    }
-  Muon whole_muon(whole_matrices, MuonConfig{}), part_muon(part_matrices, MuonConfig{});
-  for (int step = 0; step < 2; ++step) whole_muon.step(0.01), part_muon.step(0.01);
-  for (Param* p : part_matrices)
-    EXPECT_LT(relative_error(p->value, p->slice_of(ref.at(p->name)->value)), 1e-9) << p->name << " after Muon" << where;
+  testing::expect_clipping_and_muon_on_parts(part.params(), whole.params(), 1e-9, where);
 }
 
 TEST(TensorParallelV4, TwoRanks) { check_tensor_parallel(2, false); }
