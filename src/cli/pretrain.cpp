@@ -528,8 +528,10 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     }
     const int64_t P = tp->size();
     const ModelConfig& mc = cfg.model;
+    const std::string indexer =
+        mc.has_csa_layers() ? cat(mc.index_n_heads / P, " of the ", mc.index_n_heads, " indexer heads, ") : "";
     log_info(v4 ? cat("tensor parallel over ", P, " ranks: this rank holds ", mc.n_heads / P, " of the ", mc.n_heads,
-                      " attention heads, ", mc.index_n_heads / P, " of the ", mc.index_n_heads, " indexer heads, ",
+                      " attention heads, ", indexer,
                       mc.n_shared_experts * mc.moe_inter_dim / P, " of the ", mc.n_shared_experts * mc.moe_inter_dim,
                       " shared-expert hidden units and ", mc.vocab_size / P, " of the ", mc.vocab_size,
                       " vocabulary rows; its routed experts compute 1/", P, " of the tokens")
@@ -537,9 +539,9 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
                       " attention heads, ", mc.ffn_dim / P, " of the ", mc.ffn_dim, " MLP hidden units and ",
                       mc.vocab_size / P, " of the ", mc.vocab_size, " vocabulary rows"));
   }
-  // The routed experts' gradients are summed over the expert-data-parallel group when it differs from the
-  // data-parallel one: under expert parallelism, and under tensor parallelism (each tp rank's experts compute a
-  // slice of the tokens).
+  // Under expert or tensor parallelism the routed experts' gradients are summed over the expert-data-parallel
+  // group (dp x tp / ep ranks holding the same experts, each having computed other tokens for them), the rest over
+  // the data-parallel group.
   Communicator* edp = v4 && (ep || tp) ? groups->edp.get() : nullptr;
   ParamList params = model.params(), saved = model.saved_tensors();
   model.init(cfg.seed);
@@ -563,8 +565,9 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
   }
   log_info(cat("optimizer groups (", cfg.optimizer.name, "):\n", opt.describe_groups()));
   if (opt.sharded())
-    log_info(cat("optimizer state sharded over the ", dp->size(), " data-parallel ranks (parallel.zero1): rank 0 holds ",
-                 opt.state_elements(), " elements"));
+    log_info(cat("optimizer state sharded (parallel.zero1) over the ", dp->size(), " data-parallel ranks",
+                 edp ? cat(", the routed experts' over the ", edp->size(), " expert-data-parallel ranks") : "",
+                 ": rank 0 holds ", opt.state_elements(), " elements"));
   int64_t start_step = 0;
   fs::path metrics_path = fs::path(cfg.run_dir) / "metrics.jsonl";
   if (!resume_from.empty()) {
@@ -935,10 +938,10 @@ int run_pretrain(const TrainOptions& opts, Communicator* world) {
     // collective).
     std::deque<Param> gathered;
     const ParamList to_save = save ? gather_shards(saved, gathered) : saved;
-    // The optimizer state's shard entries are gathered where the whole entries are: on expert-data-parallel rank 0
-    // (expert shards), data-parallel rank 0 (tensor-parallel shards).
-    if (save && ((ep && groups->coords.edp == 0) || (tp && groups->coords.dp == 0)))
-      opt_state = gather_state_shards(opt_state, params);
+    // The optimizer state's shard entries, gathered on every rank that holds them (all ranks, or under zero1 the
+    // expert-data-parallel rank 0 for the routed experts and the data-parallel rank 0 for the rest): the ranks of a
+    // shard group hold the same entries, so each gather is entered by its whole group.
+    if (save && (ep || tp)) opt_state = gather_state_shards(opt_state, params);
     // Pipeline parallelism: every stage's tensors go to the first stage of data-parallel replica 0 (rank 0).
     std::deque<Param> received;
     PipelineGathered stages;

@@ -78,6 +78,11 @@ struct ModelConfig {
   int64_t attn_head_dim() const { return is_v4() ? head_dim : dim / n_heads; }
   int64_t layer_ratio(int64_t layer) const { return compress_ratios.empty() ? 0 : compress_ratios[layer]; }
   bool layer_is_csa(int64_t layer) const { return layer_ratio(layer) == csa_ratio; }
+  bool has_csa_layers() const {  // a main layer with the lightning indexer
+    for (int64_t l = 0; l < n_layers; ++l)
+      if (layer_ratio(l) > 0 && layer_is_csa(l)) return true;
+    return false;
+  }
   bool layer_is_hash(int64_t layer) const { return layer < n_hash_layers; }
   // Throws tessera::Error naming the offending field.
   void validate() const;

@@ -82,7 +82,7 @@ struct Context {
   // Tensor parallelism (V4Model::set_tensor_parallel): the group, and the tokens [tok_begin, tok_end) whose rows
   // this rank's routed experts compute (all N without it).
   Communicator* tp = nullptr;
-  int64_t tok_begin = 0, tok_end = 0;
+  int64_t tok_begin = 0, tok_end = -1;  // -1: all N
   double loss_scale = 0;   // forward_backward's scale
   double aux_scale = 0;    // gradient multiplier of the per-batch auxiliary losses: loss_scale * N_tgt
   double indexer_kl_sum = 0, balance_loss = 0;
@@ -610,7 +610,7 @@ struct MoE {
     const int32_t* ix = idx_host.data<int32_t>();
     for (int64_t i = 0; i < N * k; ++i)
       if (ix[i] >= 0) ++load[ix[i]];
-    const int64_t slot_begin = ctx.tok_begin * k, slot_end = ctx.tok_end * k;
+    const int64_t slot_begin = ctx.tok_begin * k, slot_end = (ctx.tok_end < 0 ? N : ctx.tok_end) * k;
     offsets.assign(E + 1, 0);
     for (int64_t i = slot_begin; i < slot_end; ++i)
       if (ix[i] >= 0) ++offsets[ix[i] + 1];
@@ -1120,10 +1120,8 @@ void V4Model::set_tensor_parallel(Communicator& group) {
   TS_CHECK(device_ == Device::cpu, "tensor parallelism runs on host tensors; the model is on ", device_name(device_));
   const ModelConfig& c = cfg_;
   const int64_t P = group.size();
-  bool has_csa = false;
-  for (int64_t l = 0; l < c.n_layers; ++l) has_csa |= c.layer_ratio(l) > 0 && c.layer_ratio(l) == c.csa_ratio;
   for (auto [key, n] : {std::pair{"n_heads", c.n_heads}, std::pair{"o_groups", c.o_groups},
-                        std::pair{"index_n_heads", has_csa ? c.index_n_heads : P},
+                        std::pair{"index_n_heads", c.has_csa_layers() ? c.index_n_heads : P},
                         std::pair{"n_shared_experts x moe_inter_dim", c.n_shared_experts * c.moe_inter_dim},
                         std::pair{"vocab_size", c.vocab_size}})
     if (n % P != 0)
@@ -1352,8 +1350,7 @@ double V4Model::run_forward(const TokenBatch& any_batch, bool backward, double l
   const TokenBatch& host_batch = ctx.host_batch;
   ctx.B = B, ctx.T = T, ctx.N = N;
   ctx.tp = tp_;
-  ctx.tok_begin = tp_ ? tp_->rank() * N / tp_->size() : 0;
-  ctx.tok_end = tp_ ? (tp_->rank() + 1) * N / tp_->size() : N;
+  if (tp_) ctx.tok_begin = tp_->rank() * N / tp_->size(), ctx.tok_end = (tp_->rank() + 1) * N / tp_->size();
   ctx.backward = backward;
   ctx.loss_scale = loss_scale;
   Tensor positions = Tensor::empty({N}, DType::i32, Device::cpu);

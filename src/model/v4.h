@@ -58,9 +58,10 @@ class V4Model final : public Model, public PipelineStageModel {
   // indexer heads (the scores summed over the group before the top-k), a 1 / P part of the shared expert's hidden
   // units and of the vocabulary (embedding and head rows; vocab-parallel cross-entropy for the main and MTP heads).
   // The hyper-connections, norms, the low-rank query, the shared key/value head, the compressors, the router and the
-  // MTP projections are replicated. The routed experts compute the rows of a 1 / P slice of the tokens on each rank
-  // (their gradients summed over the expert-data-parallel group, which holds the tensor-parallel ranks); the MoE's
-  // output is one all-reduce, with the shared expert's. Every rank of the group must run the same calls.
+  // MTP projections are replicated. The routed experts compute the rows of a 1 / P slice of the tokens on each rank,
+  // so their gradients are partial sums over tokens, completed over the expert-data-parallel group (dp x tp / ep
+  // ranks; with ep = tp the ep exchange itself brings each expert both slices); the MoE's output is one all-reduce,
+  // with the shared expert's. Every rank of the group must run the same calls.
   void set_tensor_parallel(Communicator& group);
   Communicator* tensor_parallel() const { return tp_; }
   // Pipeline parallelism (PipelineStageModel; docs/parallelism.md "Pipeline parallelism"): the embedding on the first

@@ -40,8 +40,7 @@ def main(a_path, b_path, rtol=None, rtol_for=()):
                 x64, y64 = x.astype(np.float64), y.astype(np.float64)
                 scale = max(float(np.max(np.abs(y64))) if y64.size else 0.0, 1e-30)
                 rel = float(np.max(np.abs(x64 - y64))) / scale if x64.size else 0.0
-                group = next((pattern for pattern, _ in rtol_for if re.search(pattern, name)), None)
-                limit = dict(rtol_for).get(group, rtol)
+                group, limit = next(((pattern, r) for pattern, r in rtol_for if re.search(pattern, name)), (None, rtol))
                 if group is None:
                     worst[0] = max(worst[0], rel)
                 else:

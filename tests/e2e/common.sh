@@ -263,8 +263,10 @@ for ra, rb in zip(a, b):
         if key not in ra:
             continue
         x, y = ra[key], rb.get(key)
-        numbers = lambda v: isinstance(v, (int, float)) or (isinstance(v, list) and all(isinstance(e, (int, float)) for e in v))
-        if rtol == 0 or not numbers(y) or type(x) != type(y) or (isinstance(x, list) and len(x) != len(y)):
+        number = lambda v: isinstance(v, (int, float))
+        numbers = lambda v: number(v) or (isinstance(v, list) and all(number(e) for e in v))
+        comparable = numbers(x) and numbers(y) and isinstance(x, list) == isinstance(y, list)
+        if rtol == 0 or not comparable or (isinstance(x, list) and len(x) != len(y)):
             same = x == y
         else:  # a number, or a list of them (per-layer values) compared element by element
             pairs = zip(x, y) if isinstance(x, list) else [(x, y)]
@@ -303,6 +305,6 @@ resume_in_layout() {
     || { cat "$WORK/$name-b.log" >&2; check_failed "$name: did not resume from step 10"; return 0; }
   same_metrics "$name" "$(dirname "$(dirname "$one_final")")" "$WORK/$name" $STEPS - loss val_loss
   "$PY" "$CKPT_EQUAL" "$one_final" "$WORK/$name/checkpoints/$(basename "$one_final")" ${RTOL:+--rtol $RTOL} \
-    "${LOOSER[@]}" \
+    ${LOOSER[@]+"${LOOSER[@]}"} \
     || check_failed "$name: final checkpoint differs from the uninterrupted one-process run"
 }

@@ -39,7 +39,7 @@ for model in dense v4; do
       || { cat "$WORK/$model-dp$n.log" >&2; fail "$model: the dp=$n run failed"; }
     grep -q "data parallel over $n ranks" "$WORK/$model-dp$n.log" || check_failed "$model: no data-parallel log line"
     if [[ $zero1 == true ]]; then
-      grep -q "optimizer state sharded over the $n data-parallel ranks" "$WORK/$model-dp$n.log" \
+      grep -q "optimizer state sharded (parallel.zero1) over the $n data-parallel ranks" "$WORK/$model-dp$n.log" \
         || check_failed "$model: no sharded-optimizer log line"
     fi
     compare_runs "$model dp=$n zero1=$zero1" "$WORK/$model-1" "$WORK/$model-dp$n"

@@ -9,11 +9,14 @@
 # sums them, so the runs agree to rounding, not bitwise. Per-step losses, MTP losses, held-out losses, gradient
 # norms, the SwiGLU / router maxima and the expert loads within 1e-4 (measured: 1.6e-5 at worst, for a router
 # maximum; the losses within 1.5e-7, the loads identical). The final checkpoints (weights and optimizer state)
-# within 1e-4 of each tensor's largest value (measured 9.0e-5 at worst), except two families that turn rounding
-# into larger steps: the mHC gates' fn / base / scale, whose gradients are small sums of large terms (layer 0's
-# streams are n copies of one embedding) that AdamW normalises element by element and Muon orthogonalises, within
-# 3e-2 (measured 1.5e-2, layers.0.hc_attn.base: 4.9e-5 absolute in a tensor of largest value 3.2e-3); and the routed
-# experts, whose rarely used ones get small, low-rank updates that Muon scales up, within 2e-3 (measured 4.7e-4).
+# within 1e-4 of each tensor's largest value (measured 9.0e-5 at worst), except where rounding becomes larger steps
+# (docs/parallelism.md "Tensor parallelism of the V4 model"): layer 0's mHC attention gates, whose pre and mixing
+# parts the loss does not depend on (its n streams are copies of one embedding: the attention's RMSNorm removes the
+# scale of their collapse, and doubly stochastic mixing leaves them as they are), so that their gradients are
+# rounding, which AdamW and Muon turn into full steps: within 3e-2 (measured 1.5e-2,
+# layers.0.hc_attn.base, 4.9e-5 absolute in a tensor of largest value 3.2e-3); the other mHC gates' fn / base /
+# scale, small sums of large terms, within 5e-3 (measured 2.5e-3); the routed experts, whose rarely
+# used ones get small, low-rank updates that Muon scales up, within 2e-3 (measured 4.7e-4).
 # One missing all-reduce moves values by O(1): tests/parallel/test_tensor_parallel_v4.cpp checks every gradient
 # within 1e-9 in f64.
 # The indexer selects every visible block (model.index_topk = 16 = 64 / 4): rounding otherwise flips near ties of
@@ -24,7 +27,8 @@ source "$(dirname "$0")/common.sh"
 require_h5py
 mpi_env
 RTOL=1e-4
-LOOSER=(--rtol-for 'hc_(attn|ffn|head)\.(fn|base|scale)$' 3e-2 --rtol-for 'experts\.w[123]$' 2e-3)
+LOOSER=(--rtol-for 'layers\.0\.hc_attn\.(fn|base|scale)$' 3e-2 --rtol-for 'hc_(attn|ffn|head)\.(fn|base|scale)$' 5e-3
+        --rtol-for 'experts\.w[123]$' 2e-3)
 layout_test_start v4-tiny model.index_topk=16
 KEYS=(loss val_loss grad_norm mtp_loss expert_load_max_over_mean swiglu_input_max_abs router_logit_max)
 

@@ -9,6 +9,7 @@
 // the wrong offset is off by O(1)).
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <map>
 #include <memory>
 
@@ -83,6 +84,21 @@ void expect_same_run(const TrainedRun& got, const TrainedRun& want, const std::s
   EXPECT_EQ(got.loads, want.loads) << where;
 }
 
+// The gradients of the replicated parameters are bitwise the same on every rank of `tp`: nothing re-synchronises
+// them, so any difference would grow step by step (the routed experts' partial sums over token slices excepted).
+void expect_replicated_gradients_equal(V4Model& part, Communicator& tp, const std::string& where) {
+  for (Param* p : part.params()) {
+    if (p->sharded() || p->routed_expert) continue;
+    const int64_t n = p->grad.numel();
+    Tensor all = Tensor::empty({tp.size() * n}, p->grad.dtype());
+    tp.all_gather(p->grad.reshape({n}), all);
+    const size_t bytes = size_t(n) * dtype_size(p->grad.dtype());
+    for (int r = 0; r < tp.size(); ++r)
+      EXPECT_EQ(std::memcmp(static_cast<const char*>(all.raw()) + r * bytes, p->grad.raw(), bytes), 0)
+          << p->name << " differs between tp ranks " << r << " and " << tp.rank() << where;
+  }
+}
+
 // Each rank's part of every gradient against the whole model's; the routed experts' gradients first summed over
 // `expert_sum` (the ranks that computed other tokens for the same experts), when given.
 void expect_shard_gradients(V4Model& part, V4Model& whole, Communicator* expert_sum, double tolerance,
@@ -118,6 +134,7 @@ void check_tensor_parallel(int tp_size, bool with_ep) {
   copy_values(whole, part);
   const TrainedRun got = train(part, micro, scale);
   expect_same_run(got, want, where);
+  expect_replicated_gradients_equal(part, *tp, where);
   // Without expert parallelism every rank holds every expert and computed its slice of the tokens.
   expect_shard_gradients(part, whole, ep ? nullptr : tp.get(), 1e-9, where);
   // Evaluation (no backward) agrees too.
@@ -156,6 +173,7 @@ TEST(TensorParallelV4, WithPipelineStages) {
     for (double l : want.losses) whole_sum += l;
     EXPECT_NEAR(schedule.loss_sum(), whole_sum, 1e-6 * std::abs(whole_sum));
   }
+  expect_replicated_gradients_equal(stage, *tp, cat(" at tp 2 x pp 2, stage ", pp->rank()));
   expect_shard_gradients(stage, whole, tp.get(), 1e-4, cat(" at tp 2 x pp 2, stage ", pp->rank()));
 }
 
