@@ -1,6 +1,6 @@
 // Sharded parameters (Param::sharded): expert parallelism splits the routed expert stacks by whole experts over
 // the ep group (V4Model::set_expert_parallel), tensor parallelism splits matrices by rows or columns over the tp
-// group (DenseModel::set_tensor_parallel). What the trainer and the optimizer need around that: the logical
+// group (DenseModel::set_tensor_parallel, V4Model::set_tensor_parallel). What the trainer and the optimizer need around that: the logical
 // tensors, gathered from the shards over each parameter's shard_group.
 #pragma once
 #include <deque>
